@@ -1,0 +1,70 @@
+"""fisherfunc: Fisher information of PyTorch models as pure functions over pytrees.
+
+Per-sample gradients come from ``torch.func.vmap(torch.func.grad(...))``; they are squared and
+summed into groups (channels, heads, token rows...) described by a spec pytree, inside the
+vectorised computation. Running estimates live in immutable :class:`FisherState` tuples.
+No module hooks, no hidden mutation.
+
+Reading order: :mod:`~fisherfunc.losses` (per-sample losses) → :mod:`~fisherfunc.rules` and
+:mod:`~fisherfunc.spec` (groups) → :mod:`~fisherfunc.per_sample` (the vectorised engine) →
+:mod:`~fisherfunc.estimate` (one-shot) → :mod:`~fisherfunc.state` and :mod:`~fisherfunc.step`
+(EMA) → :mod:`~fisherfunc.keys` (flat keys).
+"""
+
+from . import losses as losses
+from .batch import BatchError as BatchError
+from .estimate import Accumulator as Accumulator
+from .estimate import PerSampleFisher as PerSampleFisher
+from .estimate import accumulate as accumulate
+from .estimate import fisher as fisher
+from .estimate import per_sample_fisher as per_sample_fisher
+from .infer import infer_spec as infer_spec
+from .keys import from_keyed as from_keyed
+from .keys import to_keyed as to_keyed
+from .rules import Buckets as Buckets
+from .rules import Channel as Channel
+from .rules import Elementwise as Elementwise
+from .rules import Heads as Heads
+from .rules import Rows as Rows
+from .rules import Rule as Rule
+from .rules import Skip as Skip
+from .rules import SpecError as SpecError
+from .rules import Whole as Whole
+from .state import FisherState as FisherState
+from .state import clear as clear
+from .state import estimate as estimate
+from .state import init_state as init_state
+from .state import metadata as metadata
+from .step import FisherStep as FisherStep
+from .step import make_fisher_step as make_fisher_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Accumulator",
+    "BatchError",
+    "Buckets",
+    "Channel",
+    "Elementwise",
+    "FisherState",
+    "FisherStep",
+    "Heads",
+    "PerSampleFisher",
+    "Rows",
+    "Rule",
+    "Skip",
+    "SpecError",
+    "Whole",
+    "accumulate",
+    "clear",
+    "estimate",
+    "fisher",
+    "from_keyed",
+    "infer_spec",
+    "init_state",
+    "losses",
+    "make_fisher_step",
+    "metadata",
+    "per_sample_fisher",
+    "to_keyed",
+]

@@ -1,0 +1,76 @@
+"""Batches: pytrees of tensors sharing a leading batch dimension ``B``.
+
+Checks run before any heavy work; chunks are views (no copies) taken along the batch dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import optree
+import torch
+from torch import Tensor
+
+from .spec import path_name
+
+__all__ = ["BatchError", "batch_size", "take", "cast_floating", "iter_batches"]
+
+Batch = Any  # a tensor, tuple, dict (or any pytree) of tensors with a leading batch dimension
+
+
+class BatchError(ValueError):
+    """A batch is malformed (leaves of different batch sizes, empty, no tokens...)."""
+
+
+def batch_size(batch: Batch) -> int:
+    """The shared leading dimension of every leaf of ``batch``.
+
+    Raises:
+        BatchError: if a leaf is not a tensor, is a scalar, the leaves disagree on the batch size,
+            or the batch is empty.
+    """
+    paths, leaves, _ = optree.tree_flatten_with_path(batch)
+    if not leaves:
+        raise BatchError("the batch has no tensors")
+    sizes: dict[str, int] = {}
+    for path, leaf in zip(paths, leaves):
+        name = path_name(path) if path else "batch"
+        if not isinstance(leaf, Tensor):
+            raise BatchError(f"batch entry '{name}' is a {type(leaf).__name__}, not a torch.Tensor")
+        if leaf.ndim == 0:
+            raise BatchError(f"batch entry '{name}' is a scalar; every entry needs a leading batch dimension")
+        sizes[name] = leaf.shape[0]
+    distinct = set(sizes.values())
+    if len(distinct) > 1:
+        listing = ", ".join(f"'{k}': {v}" for k, v in sizes.items())
+        raise BatchError(f"batch entries have different batch sizes ({listing})")
+    size = distinct.pop()
+    if size == 0:
+        raise BatchError("the batch is empty (batch size 0)")
+    return size
+
+
+def take(batch: Batch, start: int, stop: int) -> Batch:
+    """Samples ``start:stop`` of every leaf (views, no copies)."""
+    return optree.tree_map(lambda x: x[start:stop], batch)
+
+
+def cast_floating(tree: Any, dtype: torch.dtype) -> Any:
+    """Cast the floating-point leaves of ``tree`` to ``dtype``; other leaves pass through."""
+    return optree.tree_map(
+        lambda x: x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != dtype else x,
+        tree,
+    )
+
+
+def iter_batches(batches: Batch | Iterable[Batch]) -> Iterator[Batch]:
+    """Yield batches from one batch or an iterable of batches.
+
+    One batch is a tensor, a tuple (named tuples included) or a mapping; anything else that is
+    iterable (a list, a generator, a ``DataLoader``) is an iterable of batches.
+    """
+    if isinstance(batches, (Tensor, tuple, Mapping)):
+        yield batches
+        return
+    yield from batches

@@ -1,0 +1,127 @@
+"""Per-sample squared gradients, reduced to groups inside the vectorised computation.
+
+For one sample ``b`` with summed loss ``L_b`` and token count ``n_b``::
+
+    g_b = ∇_θ L_b(θ)                    (torch.func.grad over functional params)
+    s_b[rule] = rule.reduce(g_b ⊙ g_b)  (inside vmap: the full g_b never leaves this function)
+
+``torch.func.vmap`` maps this over a chunk of samples, so at most ``chunk × |θ|`` per-sample
+gradient memory exists at once, and only the ``chunk × groups`` reduced values leave it.
+
+This module is the *direct* path (differentiate the weights). A factorised path (output probes,
+DESIGN §6) computes the same :data:`ChunkFn` contract from layer inputs and output gradients and
+can replace it for the layers it covers; :mod:`fisherfunc.estimate` only sees the contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import optree
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+
+from .batch import cast_floating
+from .spec import ResolvedSpec
+
+__all__ = ["ChunkFn", "Prepared", "prepare", "direct_chunk_fn", "compute_dtype", "no_autocast"]
+
+PerSampleLoss = Callable[[Any, Any], tuple[Tensor, Tensor | int | float]]
+#: ``(chunk) -> (groups, tokens)``: per-sample group sums ``[c, *group_shape]`` of the active
+#: parameters, in spec order, and per-sample token counts ``[c]``.
+ChunkFn = Callable[[Any], tuple[tuple[Tensor, ...], Tensor]]
+
+
+def compute_dtype(params: list[Tensor]) -> torch.dtype:
+    """float64 if any differentiated parameter is float64, else float32 (whatever the model's dtype)."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+@contextlib.contextmanager
+def no_autocast(device_types: set[str]) -> Iterator[None]:
+    """Disable autocast on the given device types (results must not depend on an outer autocast)."""
+    with contextlib.ExitStack() as stack:
+        for device_type in sorted(device_types):
+            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        yield
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prepared:
+    """Params split into differentiated and fixed leaves, cast to the compute dtype.
+
+    Attributes:
+        spec: the resolved spec.
+        active: the differentiated leaves (``spec.active`` order), detached, in ``dtype``.
+        leaves: all leaves (floating ones cast to ``dtype``), detached.
+        dtype: the compute dtype.
+        device_types: device types of the params (for disabling autocast).
+    """
+
+    spec: ResolvedSpec
+    active: tuple[Tensor, ...]
+    leaves: tuple[Tensor, ...]
+    dtype: torch.dtype
+    device_types: frozenset[str]
+
+    def params_with(self, active: tuple[Tensor, ...]) -> Any:
+        """The full params tree with the active leaves replaced by ``active``."""
+        leaves = list(self.leaves)
+        for i, value in zip(self.spec.active, active):
+            leaves[i] = value
+        return optree.tree_unflatten(self.spec.treespec, leaves)
+
+
+def prepare(spec: ResolvedSpec, params: Any) -> Prepared:
+    """Split and cast ``params`` for the engine (no copies of the caller's tensors are modified)."""
+    leaves = spec.treespec.flatten_up_to(params)
+    dtype = compute_dtype([leaves[i] for i in spec.active])
+    cast = tuple(
+        (leaf.detach().to(dtype) if leaf.is_floating_point() else leaf.detach()) for leaf in leaves
+    )
+    return Prepared(
+        spec=spec,
+        active=tuple(cast[i] for i in spec.active),
+        leaves=cast,
+        dtype=dtype,
+        device_types=frozenset(leaf.device.type for leaf in leaves),
+    )
+
+
+def direct_chunk_fn(loss: PerSampleLoss, prepared: Prepared, *, randomness: str = "error") -> ChunkFn:
+    """The direct path: ``vmap(grad(loss))`` over the active params, squared and reduced per sample.
+
+    Args:
+        loss: per-sample loss ``(params, sample) -> (loss_sum, num_tokens)``.
+        prepared: params split into active/fixed leaves.
+        randomness: passed to ``vmap`` (``"different"`` for independent dropout masks per sample).
+
+    Returns:
+        A :data:`ChunkFn`.
+    """
+    rules = [prepared.spec.rules[i] for i in prepared.spec.active]
+    dtype = prepared.dtype
+
+    def sample_loss(active: tuple[Tensor, ...], sample: Any) -> tuple[Tensor, Tensor]:
+        value, tokens = loss(prepared.params_with(active), sample)
+        if not isinstance(value, Tensor) or value.ndim != 0:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"the per-sample loss must return a scalar loss_sum, got {shape}")
+        return value, torch.as_tensor(tokens, dtype=dtype)
+
+    def per_sample(active: tuple[Tensor, ...], sample: Any) -> tuple[tuple[Tensor, ...], Tensor]:
+        g, tokens = grad(sample_loss, has_aux=True)(active, sample)
+        # s[rule] = rule.reduce(g ⊙ g): reduced here, inside vmap, so g never leaves.
+        return tuple(rule.reduce(gi.square()) for rule, gi in zip(rules, g)), tokens
+
+    batched = vmap(per_sample, in_dims=(None, 0), randomness=randomness)
+
+    def chunk_fn(chunk: Any) -> tuple[tuple[Tensor, ...], Tensor]:
+        with no_autocast(set(prepared.device_types)):
+            return batched(prepared.active, cast_floating(chunk, dtype))
+
+    return chunk_fn
