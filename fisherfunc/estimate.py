@@ -11,8 +11,8 @@ group sums; the result does not depend on how the data is split into batches or 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from collections.abc import Iterable
+from typing import Any, Literal, NamedTuple
 
 import optree
 import torch
@@ -20,14 +20,26 @@ from torch import Tensor
 
 from .batch import BatchError, batch_size, iter_batches, take
 from .per_sample import ChunkFn, PerSampleLoss, Prepared, direct_chunk_fn, prepare
+from .probes import auto_chunk_fn
 from .rules import SpecError
 from .spec import ResolvedSpec, resolve_spec
 
-__all__ = ["PerSampleFisher", "Accumulator", "fisher", "per_sample_fisher", "accumulate", "resolve_for"]
+__all__ = [
+    "PerSampleFisher",
+    "Accumulator",
+    "fisher",
+    "per_sample_fisher",
+    "accumulate",
+    "resolve_for",
+    "check_chunk_size",
+]
 
 Params = Any
 Batch = Any
 Spec = Any
+#: ``"auto"``: output probes for the weights that qualify, direct gradients elsewhere (exact either
+#: way, see :mod:`fisherfunc.probes`); ``"direct"``: ``vmap(grad)`` of every parameter.
+Path = Literal["auto", "direct"]
 
 
 class PerSampleFisher(NamedTuple):
@@ -68,8 +80,10 @@ def resolve_for(loss: PerSampleLoss, params: Params, spec: Spec | None) -> Resol
     return resolve_spec(spec, params)
 
 
-def _check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+def check_chunk_size(chunk_size: int | None) -> None:
+    """Validate ``chunk_size``: a positive int (not a bool) or ``None``."""
+    valid = chunk_size is None or (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1)
+    if not valid:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
@@ -86,6 +100,19 @@ def _precheck(loss: PerSampleLoss, batch: Batch) -> tuple[int, Tensor | None]:
     return size, tokens
 
 
+def check_path(path: str) -> None:
+    """Validate the computation path."""
+    if path not in ("auto", "direct"):
+        raise ValueError(f"path must be 'auto' or 'direct', got {path!r}")
+
+
+def _chunk_fn(loss: PerSampleLoss, prepared: Prepared, batch: Batch, path: Path) -> ChunkFn:
+    """The per-chunk computation for one batch (probe shapes are discovered from its first sample)."""
+    if path == "direct":
+        return direct_chunk_fn(loss, prepared)
+    return auto_chunk_fn(loss, prepared, optree.tree_map(lambda x: x[0], batch))
+
+
 def _stream(chunk_fn: ChunkFn, batch: Batch, size: int, chunk_size: int | None) -> Iterable[tuple[tuple[Tensor, ...], Tensor]]:
     step = size if chunk_size is None else chunk_size
     for start in range(0, size, step):
@@ -93,9 +120,10 @@ def _stream(chunk_fn: ChunkFn, batch: Batch, size: int, chunk_size: int | None) 
 
 
 def _batch_sums(
-    loss: PerSampleLoss, prepared: Prepared, batch: Batch, chunk_size: int | None, chunk_fn: ChunkFn
+    loss: PerSampleLoss, prepared: Prepared, batch: Batch, chunk_size: int | None, path: Path
 ) -> tuple[list[Tensor], float, int]:
     size, _ = _precheck(loss, batch)
+    chunk_fn = _chunk_fn(loss, prepared, batch, path)
     sums: list[Tensor] | None = None
     tokens = torch.zeros((), dtype=prepared.dtype)
     for groups, n in _stream(chunk_fn, batch, size, chunk_size):
@@ -116,20 +144,20 @@ def accumulate(
     *,
     spec: Spec | None = None,
     chunk_size: int | None = None,
-    chunk_fn_factory: Callable[[PerSampleLoss, Prepared], ChunkFn] = direct_chunk_fn,
+    path: Path = "auto",
 ) -> Accumulator:
     """Exact sums over one batch or an iterable of batches (see :class:`Accumulator`).
 
     Two accumulators over disjoint data add up to the accumulator of their union.
     """
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
+    check_path(path)
     resolved = resolve_for(loss, params, spec)
     prepared = prepare(resolved, params)
-    chunk_fn = chunk_fn_factory(loss, prepared)
     sums: list[Tensor] | None = None
     tokens, samples = 0.0, 0
     for batch in iter_batches(batches):
-        part, n, b = _batch_sums(loss, prepared, batch, chunk_size, chunk_fn)
+        part, n, b = _batch_sums(loss, prepared, batch, chunk_size, path)
         sums = part if sums is None else [s + p for s, p in zip(sums, part)]
         tokens, samples = tokens + n, samples + b
     if sums is None:
@@ -144,6 +172,7 @@ def fisher(
     *,
     spec: Spec | None = None,
     chunk_size: int | None = None,
+    path: Path = "auto",
 ) -> Any:
     """Token-normalised group Fisher of one batch or of an iterable of batches.
 
@@ -158,6 +187,8 @@ def fisher(
         spec: group rules (prefix tree, or callable); ``None`` infers them from ``loss.model``.
         chunk_size: samples per vectorised chunk (``None``: a whole batch at once). Peak
             per-sample gradient memory is ``chunk_size × |θ|``.
+        path: ``"auto"`` (output probes for the linear-like weights that qualify, direct
+            gradients elsewhere) or ``"direct"`` (``vmap(grad)`` of every parameter). Both are exact.
 
     Returns:
         Group tree with the params' structure; leaf shapes are the rules' group shapes, ``None``
@@ -170,7 +201,7 @@ def fisher(
     >>> F["weight"].shape   # one value per output channel
     torch.Size([3])
     """
-    acc = accumulate(loss, params, batches, spec=spec, chunk_size=chunk_size)
+    acc = accumulate(loss, params, batches, spec=spec, chunk_size=chunk_size, path=path)
     return _divide(acc.sums, acc.tokens)
 
 
@@ -185,6 +216,7 @@ def per_sample_fisher(
     *,
     spec: Spec | None = None,
     chunk_size: int | None = None,
+    path: Path = "auto",
 ) -> PerSampleFisher:
     """Group Fisher of each sample of one batch: ``rule.reduce(g_b ⊙ g_b)`` and ``n_b``.
 
@@ -197,15 +229,17 @@ def per_sample_fisher(
         batch: one batch (leading dimension ``B``).
         spec: group rules; ``None`` infers them from ``loss.model``.
         chunk_size: samples per vectorised chunk (``None``: the whole batch).
+        path: ``"auto"`` (probes where possible) or ``"direct"``; see :func:`fisher`.
 
     Returns:
         :class:`PerSampleFisher` with ``groups`` leaves ``[B, *group_shape]`` and ``tokens [B]``.
     """
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
+    check_path(path)
     resolved = resolve_for(loss, params, spec)
     prepared = prepare(resolved, params)
     size, _ = _precheck(loss, batch)
-    chunk_fn = direct_chunk_fn(loss, prepared)
+    chunk_fn = _chunk_fn(loss, prepared, batch, path)
     parts = list(_stream(chunk_fn, batch, size, chunk_size))
     groups = [torch.cat([p[0][i] for p in parts]) for i in range(len(resolved.active))]
     tokens = torch.cat([p[1] for p in parts])

@@ -17,13 +17,36 @@ import optree
 import torch
 
 from .batch import Batch
-from .estimate import accumulate, resolve_for
+from .estimate import Path, accumulate, check_chunk_size, check_path, resolve_for
 from .per_sample import PerSampleLoss
-from .rules import SpecError
-from .spec import resolve_spec
+from .rules import SpecError, is_rule
+from .spec import ResolvedSpec, _few, path_name
 from .state import FisherState, check_decay, ema_update, init_state
 
 __all__ = ["FisherStep", "make_fisher_step"]
+
+
+def _check_state(state: FisherState, resolved: ResolvedSpec, decay: float) -> None:
+    """Refuse a state made for another decay, other parameters or other rules, naming what differs."""
+    if state.decay != decay:
+        raise SpecError(f"the state has decay {state.decay}, but this fisher_step uses decay {decay}")
+    paths, rules, treespec = optree.tree_flatten_with_path(state.spec, is_leaf=is_rule)
+    made_for = {path_name(p): r for p, r in zip(paths, rules, strict=True)}
+    missing = [n for n in resolved.names if n not in made_for]
+    extra = [n for n in made_for if n not in resolved.names]
+    if missing or extra:
+        parts = ([f"params have {_few(missing)} that the state lacks"] if missing else []) + (
+            [f"the state has {_few(extra)} that params lack"] if extra else []
+        )
+        raise SpecError("the state was made for other parameters: " + "; ".join(parts))
+    for name, rule in zip(resolved.names, resolved.rules, strict=True):
+        if made_for[name] != rule:
+            raise SpecError(
+                f"parameter '{name}': the state was made with {made_for[name]!r}, but this fisher_step uses {rule!r}"
+            )
+    if treespec != resolved.treespec:
+        raise SpecError(f"the state's tree structure {treespec} differs from the params' {resolved.treespec}")
+    resolved.flatten_groups(state.ema, what="state.ema")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -35,12 +58,14 @@ class FisherStep:
         spec: group rules (``None``: inferred from ``loss.model`` on each call).
         decay: EMA decay ``β`` in ``[0, 1)``.
         chunk_size: samples per vectorised chunk (``None``: whole batch).
+        path: ``"auto"`` (output probes where possible) or ``"direct"``; both exact.
     """
 
     loss: PerSampleLoss
     spec: Any
     decay: float
     chunk_size: int | None
+    path: Path = "auto"
 
     def init(self, params: Any, *, dtype: torch.dtype | None = None) -> FisherState:
         """A fresh state for ``params`` (zero EMA, step 0); ``dtype`` sets the stored dtype."""
@@ -62,12 +87,8 @@ class FisherStep:
         if not isinstance(state, FisherState):
             raise TypeError(f"state must be a FisherState (from fisher_step.init(params)), got {type(state).__name__}")
         resolved = resolve_for(self.loss, params, self.spec)
-        if state.decay != self.decay:
-            raise SpecError(f"the state has decay {state.decay}, but this fisher_step uses decay {self.decay}")
-        if not resolve_spec(state.spec, params).same_as(resolved):
-            raise SpecError("the state was made for other parameters or rules than this fisher_step uses")
-        resolved.flatten_groups(state.ema, what="state.ema")
-        acc = accumulate(self.loss, params, batch, spec=resolved, chunk_size=self.chunk_size)
+        _check_state(state, resolved, self.decay)
+        acc = accumulate(self.loss, params, batch, spec=resolved, chunk_size=self.chunk_size, path=self.path)
         batch_fisher = optree.tree_map(lambda s: s / acc.tokens, acc.sums)
         return ema_update(state, batch_fisher, acc.tokens, acc.samples)
 
@@ -78,6 +99,7 @@ def make_fisher_step(
     spec: Any = None,
     decay: float = 0.99,
     chunk_size: int | None = None,
+    path: Path = "auto",
 ) -> FisherStep:
     """Bind configuration into a pure ``fisher_step(params, batch, state) -> state``.
 
@@ -88,6 +110,8 @@ def make_fisher_step(
             ``None`` infers them from ``loss.model`` with :func:`~fisherfunc.infer_spec`.
         decay: EMA decay ``β`` in ``[0, 1)``; ``0`` makes every step the one-shot batch estimate.
         chunk_size: samples per vectorised chunk (``None``: whole batch at once).
+        path: ``"auto"`` (output probes for the linear-like weights that qualify, direct gradients
+            elsewhere) or ``"direct"`` (``vmap(grad)`` of every parameter). Both are exact.
 
     Returns:
         A :class:`FisherStep`: call it, and use ``.init(params)`` for the first state.
@@ -102,6 +126,6 @@ def make_fisher_step(
     (1, 4)
     """
     decay = check_decay(decay)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return FisherStep(loss=loss, spec=spec, decay=decay, chunk_size=chunk_size)
+    check_chunk_size(chunk_size)
+    check_path(path)
+    return FisherStep(loss=loss, spec=spec, decay=decay, chunk_size=chunk_size, path=path)
