@@ -28,6 +28,12 @@ def path_name(path: Sequence[Any]) -> str:
     return ".".join(str(p) for p in path) if path else "<root>"
 
 
+def _few(names: Sequence[str], limit: int = 5) -> str:
+    """Format names for an error message: ``'a', 'b', 'c' and 2 more``."""
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def _is_prefix(prefix: tuple, path: tuple) -> bool:
     return path[: len(prefix)] == prefix
 
@@ -110,6 +116,8 @@ def resolve_spec(spec: Spec | Callable[[Params], Spec], params: Params) -> Resol
     Raises:
         SpecError: naming the parameter path where the spec does not fit.
     """
+    if isinstance(spec, type) and issubclass(spec, Rule):
+        raise SpecError(f"spec is the rule class {spec.__name__}, not a rule: pass an instance, {spec.__name__}(...)")
     if callable(spec) and not is_rule(spec):
         spec = spec(params)
     paths, leaves, treespec = _flatten_params(params)
@@ -123,22 +131,32 @@ def resolve_spec(spec: Spec | Callable[[Params], Spec], params: Params) -> Resol
         if sl is None:
             raise SpecError(f"spec entry '{path_name(sp)}' is None; use fisherfunc.Skip() to exclude a parameter")
         if not is_rule(sl):
+            what = f"the class {sl.__name__}" if isinstance(sl, type) else f"a {type(sl).__name__}"
             raise SpecError(
-                f"spec entry '{path_name(sp)}' is a {type(sl).__name__}, not a group rule "
-                "(Channel, Heads, Rows, Buckets, Elementwise, Whole or Skip)"
+                f"spec entry '{path_name(sp)}' is {what}, not a group rule "
+                "(an instance of Channel, Heads, Rows, Buckets, Elementwise, Whole or Skip)"
             )
 
     rules: list[Rule] = []
+    uncovered: list[str] = []
     used = [False] * len(spec_paths)
     for path, name in zip(paths, names):
         match = [j for j, sp in enumerate(spec_paths) if _is_prefix(tuple(sp), tuple(path))]
-        if not match:
-            raise SpecError(f"parameter '{name}' has no rule in the spec (the spec does not cover this path)")
-        used[match[0]] = True
-        rules.append(spec_leaves[match[0]])
-    for j, ok in enumerate(used):
-        if not ok:
-            raise SpecError(f"spec entry '{path_name(spec_paths[j])}' matches no parameter")
+        if match:
+            used[match[0]] = True
+            rules.append(spec_leaves[match[0]])
+        else:
+            uncovered.append(name)
+    unused = [path_name(spec_paths[j]) for j, ok in enumerate(used) if not ok]
+    if uncovered:
+        # Name both sides: a spec of the wrong structure leaves parameters uncovered *and* entries unused.
+        others = f", nor those of {_few(uncovered[1:])}" if uncovered[1:] else ""
+        hint = f"; spec entries matching no parameter: {_few(unused)}" if unused else ""
+        raise SpecError(
+            f"parameter '{uncovered[0]}' has no rule in the spec (the spec does not cover this path{others}){hint}"
+        )
+    if unused:
+        raise SpecError(f"spec entry '{unused[0]}' matches no parameter")
 
     group_shapes: list[torch.Size | None] = []
     for name, leaf, rule in zip(names, leaves, rules):

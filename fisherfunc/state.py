@@ -11,6 +11,7 @@ are pytree nodes for optree and ``torch.utils._pytree``; every update returns a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -21,7 +22,7 @@ from torch import Tensor
 from .rules import is_rule
 from .spec import ResolvedSpec, path_name, resolve_spec
 
-__all__ = ["FisherState", "init_state", "estimate", "ema_update", "clear", "metadata", "check_decay"]
+__all__ = ["FisherState", "init_state", "estimate", "bias_correction", "ema_update", "clear", "metadata", "check_decay"]
 
 
 class FisherState(NamedTuple):
@@ -71,6 +72,8 @@ def init_state(params: Any, *, spec: Any, decay: float = 0.99, dtype: torch.dtyp
         dtype: dtype of the stored EMA (default float32, or float64 for float64 params).
     """
     decay = check_decay(decay)
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype of the stored EMA must be a floating-point dtype, got {dtype}")
     resolved = resolve_spec(spec, params)
     return FisherState(
         ema=_zeros(resolved, params, dtype),
@@ -121,8 +124,17 @@ def estimate(state: FisherState) -> Any:
     """
     if state.step == 0:
         raise ValueError("the state has taken no step yet; call fisher_step(params, batch, state) first")
-    correction = 1.0 - state.decay**state.step
+    correction = bias_correction(state.decay, state.step)
     return optree.tree_map(lambda m: m / correction, state.ema)
+
+
+def bias_correction(decay: float, step: int) -> float:
+    """``1 − β^t``, accurate to a few ulps for every ``β`` in ``[0, 1)``.
+
+    Written as ``−expm1(t · log β)``: the naive ``1.0 - decay**step`` cancels catastrophically for
+    ``β`` near 1 (``β = 1 − 10⁻⁹`` loses 7 digits), which would bias a float64 estimate.
+    """
+    return 1.0 if decay == 0.0 else -math.expm1(step * math.log(decay))
 
 
 def clear(states: Mapping[str, FisherState], tasks: str | Iterable[str] | None = None) -> dict[str, FisherState]:

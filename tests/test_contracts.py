@@ -1,0 +1,693 @@
+"""Contract tests run over every public function (optax-style).
+
+- every public name imports;
+- ``fisher``, ``per_sample_fisher``, ``fisher_step``, ``init_state``, ``estimate``, ``to_keyed``,
+  ``clear`` (and ``infer_spec``, ``from_keyed``) leave params, batch and state tensors bitwise
+  unchanged, never write into them, and change neither ``requires_grad``, ``.grad`` nor model mode;
+- ``FisherState`` is a NamedTuple that passes through optree and ``torch.utils._pytree``;
+- output dtype: float32 for float32/float16/bfloat16 params, float64 for float64 params;
+  output device: the params' device;
+- group trees have the params' structure, with ``None`` for ``Skip()``;
+- ``to_keyed``/``from_keyed`` round-trip exactly; keys are sorted and hierarchical;
+- ``clear`` returns a new dict and leaves the old states intact;
+- empty params trees raise a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import optree
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as torch_pytree
+from torch import Tensor, nn
+
+import fisherfunc as ff
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CORE_MODULES = ["rules", "spec", "batch", "losses", "per_sample", "estimate", "infer", "state", "step", "keys"]
+
+# --- cases ----------------------------------------------------------------------------------------
+
+
+class Case(NamedTuple):
+    model: nn.Module
+    loss: Any
+    params: Any
+    batch: Any
+    spec: Any
+
+
+class TokenNet(nn.Module):
+    def __init__(self, vocab: int = 11, dim: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.norm(self.emb(ids))
+        return self.head(h + torch.tanh(self.proj(h)))
+
+
+def mlp_case(dtype: torch.dtype = torch.float32, device: str = "cpu", train: bool = True) -> Case:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3)).to(device=device, dtype=dtype)
+    model.train(train)
+    spec = ff.infer_spec(
+        model,
+        overrides={"0.weight": ff.Heads(2), "0.bias": ff.Skip(), "2.weight": ff.Whole(), "3.bias": ff.Elementwise()},
+    )
+    batch = (torch.randn(6, 5, device=device, dtype=dtype), torch.randint(0, 3, (6,), device=device))
+    return Case(model, ff.losses.classification(model), dict(model.named_parameters()), batch, spec)
+
+
+def token_case(dtype: torch.dtype = torch.float32, device: str = "cpu", train: bool = True) -> Case:
+    torch.manual_seed(0)
+    model = TokenNet().to(device=device, dtype=dtype)
+    model.train(train)
+    spec = ff.infer_spec(model, overrides={"emb.weight": ff.Buckets(4), "proj.bias": ff.Skip()})
+    mask = torch.ones(4, 7, device=device)
+    mask[1, 5:] = 0
+    batch = {"ids": torch.randint(0, 11, (4, 7), device=device), "mask": mask}
+    return Case(
+        model, ff.losses.causal_lm(model, inputs="ids", mask="mask"), dict(model.named_parameters()), batch, spec
+    )
+
+
+def nested_case() -> Case:
+    """Params as a nested pytree (dict of dict and tuple), with a plain-callable loss."""
+    torch.manual_seed(0)
+    params = {
+        "enc": {"w": torch.randn(6, 4), "b": torch.randn(6)},
+        "head": (torch.randn(3, 6), torch.randn(3)),
+        "scale": torch.tensor(1.5),
+    }
+
+    def loss(p: Any, sample: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
+        x, y = sample
+        h = torch.tanh(p["enc"]["w"] @ x + p["enc"]["b"]) * p["scale"]
+        z = p["head"][0] @ h + p["head"][1]
+        return F.cross_entropy(z[None], y[None], reduction="sum"), 1
+
+    spec = {"enc": ff.Channel(), "head": (ff.Elementwise(), ff.Skip()), "scale": ff.Whole()}
+    batch = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    return Case(nn.Module(), loss, params, batch, spec)
+
+
+CASES = {"mlp": mlp_case, "tokens": token_case}
+
+
+# --- public names ---------------------------------------------------------------------------------
+
+
+def test_every_public_name_exists() -> None:
+    assert len(ff.__all__) == len(set(ff.__all__)), "duplicate names in fisherfunc.__all__"
+    for name in ff.__all__:
+        assert getattr(ff, name, None) is not None, f"fisherfunc.{name} is in __all__ but missing"
+    namespace: dict[str, Any] = {}
+    exec("from fisherfunc import *", namespace)
+    assert set(ff.__all__) <= set(namespace)
+
+
+def test_design_names_exist() -> None:
+    # The core of DESIGN.md §7 (save/load/merge, distributed and plot are not part of the core yet).
+    core = [
+        "Channel", "Heads", "Rows", "Buckets", "Elementwise", "Whole", "Skip", "infer_spec", "losses", "fisher",
+        "per_sample_fisher", "FisherState", "make_fisher_step", "init_state", "estimate", "to_keyed", "from_keyed",
+    ]  # fmt: skip
+    assert set(core) <= set(ff.__all__)
+
+
+@pytest.mark.parametrize("module", CORE_MODULES)
+def test_module_all_names_exist(module: str) -> None:
+    mod = importlib.import_module(f"fisherfunc.{module}")
+    assert mod.__doc__, f"fisherfunc.{module} has no module docstring"
+    for name in getattr(mod, "__all__", []):
+        assert hasattr(mod, name), f"fisherfunc.{module}.__all__ names {name!r}, which it does not define"
+
+
+@pytest.mark.parametrize("name", sorted(ff.__all__))
+def test_public_names_are_documented(name: str) -> None:
+    obj = getattr(ff, name)
+    assert inspect.getdoc(obj), f"fisherfunc.{name} has no docstring"
+
+
+@pytest.mark.parametrize(
+    "fn", [ff.fisher, ff.per_sample_fisher, ff.make_fisher_step, ff.init_state, ff.to_keyed, ff.from_keyed]
+)
+def test_configuration_is_keyword_only(fn: Callable) -> None:
+    # STYLE: configuration is keyword-only; only the data (loss, params, batches, tree) is positional.
+    positional = [
+        p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ]
+    assert set(positional) <= {"loss", "params", "batches", "batch", "tree", "keyed"}, positional
+
+
+def test_rules_are_frozen_leaves() -> None:
+    rules = [ff.Channel(), ff.Heads(2), ff.Rows(), ff.Buckets(3), ff.Elementwise(), ff.Whole(), ff.Skip()]
+    for rule in rules:
+        assert dataclasses.is_dataclass(rule) and isinstance(rule, ff.Rule)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            rule.group_type = "x"  # type: ignore[misc]
+        assert optree.tree_leaves(rule) == [rule]
+        assert torch_pytree.tree_leaves(rule) == [rule]
+        assert rule == type(rule)(**{f.name: getattr(rule, f.name) for f in dataclasses.fields(rule) if f.init})
+        hash(rule)
+
+
+# --- purity ---------------------------------------------------------------------------------------
+
+
+class Snapshot:
+    """Everything a pure function must leave alone: tensors (values, versions, flags) and model mode."""
+
+    def __init__(self, model: nn.Module, *trees: Any) -> None:
+        self.model = model
+        self.trees = trees
+        self.tensors = [t for tree in trees for t in optree.tree_leaves(tree) if isinstance(t, Tensor)]
+        self.tensors += list(model.parameters()) + list(model.buffers())
+        self.clones = [t.detach().clone() for t in self.tensors]
+        self.versions = [t._version for t in self.tensors]
+        self.flags = [(t.requires_grad, t.grad is None, t.dtype, t.device, t.shape) for t in self.tensors]
+        self.modes = [m.training for m in model.modules()]
+        self.named = dict(model.named_parameters())
+        self.structures = [optree.tree_structure(tree, none_is_leaf=True) for tree in trees]
+
+    def check(self) -> None:
+        for t, c, v, f in zip(self.tensors, self.clones, self.versions, self.flags, strict=True):
+            assert (t.requires_grad, t.grad is None, t.dtype, t.device, t.shape) == f
+            assert torch.equal(t.detach(), c), "an input tensor changed"
+            assert t._version == v, "an input tensor was written in place"
+        assert [m.training for m in self.model.modules()] == self.modes, "model mode changed"
+        now = dict(self.model.named_parameters())
+        assert now.keys() == self.named.keys() and all(now[k] is self.named[k] for k in now)
+        assert [optree.tree_structure(tree, none_is_leaf=True) for tree in self.trees] == self.structures
+
+
+def _state_and_step(case: Case) -> tuple[ff.FisherStep, ff.FisherState]:
+    fisher_step = ff.make_fisher_step(case.loss, spec=case.spec, decay=0.8)
+    return fisher_step, fisher_step(case.params, case.batch, fisher_step.init(case.params))
+
+
+OPERATIONS: dict[str, Callable[[Case], tuple[tuple, Callable[[], Any]]]] = {}
+
+
+def operation(fn: Callable[[Case], tuple[tuple, Callable[[], Any]]]) -> Callable:
+    """Register ``case -> (inputs to snapshot, call)``."""
+    OPERATIONS[fn.__name__] = fn
+    return fn
+
+
+@operation
+def fisher(case: Case) -> tuple[tuple, Callable]:
+    return (case.params, case.batch), lambda: ff.fisher(case.loss, case.params, case.batch, spec=case.spec)
+
+
+@operation
+def fisher_chunked_batches(case: Case) -> tuple[tuple, Callable]:
+    batches = [case.batch, case.batch]
+    return (case.params, batches), lambda: ff.fisher(case.loss, case.params, batches, spec=case.spec, chunk_size=4)
+
+
+@operation
+def fisher_inferred_spec(case: Case) -> tuple[tuple, Callable]:
+    return (case.params, case.batch), lambda: ff.fisher(case.loss, case.params, case.batch)
+
+
+@operation
+def per_sample_fisher(case: Case) -> tuple[tuple, Callable]:
+    return (case.params, case.batch), lambda: ff.per_sample_fisher(
+        case.loss, case.params, case.batch, spec=case.spec, chunk_size=3
+    )
+
+
+@operation
+def fisher_step(case: Case) -> tuple[tuple, Callable]:
+    step, state = _state_and_step(case)
+    return (case.params, case.batch, state), lambda: step(case.params, case.batch, state)
+
+
+@operation
+def init_state(case: Case) -> tuple[tuple, Callable]:
+    return (case.params,), lambda: ff.init_state(case.params, spec=case.spec, decay=0.5)
+
+
+@operation
+def estimate(case: Case) -> tuple[tuple, Callable]:
+    _, state = _state_and_step(case)
+    return (state,), lambda: ff.estimate(state)
+
+
+@operation
+def to_keyed_state(case: Case) -> tuple[tuple, Callable]:
+    _, state = _state_and_step(case)
+    return (state,), lambda: ff.to_keyed(state, task="t")
+
+
+@operation
+def to_keyed_tree(case: Case) -> tuple[tuple, Callable]:
+    tree = ff.fisher(case.loss, case.params, case.batch, spec=case.spec)
+    return (tree,), lambda: ff.to_keyed(tree, task="t", spec=case.spec)
+
+
+@operation
+def from_keyed(case: Case) -> tuple[tuple, Callable]:
+    keyed = ff.to_keyed(ff.fisher(case.loss, case.params, case.batch, spec=case.spec), task="t", spec=case.spec)
+    return (keyed, case.params), lambda: ff.from_keyed(keyed, task="t", like=case.params)
+
+
+@operation
+def clear(case: Case) -> tuple[tuple, Callable]:
+    _, state = _state_and_step(case)
+    states = {"a": state, "b": state._replace(step=2)}
+    return (states,), lambda: ff.clear(states, "a")
+
+
+@operation
+def infer_spec(case: Case) -> tuple[tuple, Callable]:
+    return (), lambda: ff.infer_spec(case.model)
+
+
+@pytest.mark.parametrize("op", sorted(OPERATIONS))
+@pytest.mark.parametrize("case_name", sorted(CASES))
+@pytest.mark.parametrize(("train", "frozen"), [(True, False), (False, True)], ids=["train", "eval-frozen"])
+def test_inputs_are_not_modified(op: str, case_name: str, train: bool, frozen: bool) -> None:
+    case = CASES[case_name](train=train)
+    if frozen:  # some parameters do not require grad: they must stay so, and still get Fisher
+        for p in list(case.params.values())[::2]:
+            p.requires_grad_(False)
+    inputs, call = OPERATIONS[op](case)
+    snap = Snapshot(case.model, *inputs)
+    first = call()
+    snap.check()
+    second = call()
+    snap.check()
+    # Same inputs, same outputs: nothing carried over between calls.
+    assert optree.tree_structure(first, none_is_leaf=True) == optree.tree_structure(second, none_is_leaf=True)
+    for a, b in zip(optree.tree_leaves(first), optree.tree_leaves(second), strict=True):
+        assert torch.equal(a, b) if isinstance(a, Tensor) else a == b
+
+
+def test_nested_params_are_not_modified() -> None:
+    case = nested_case()
+    snap = Snapshot(case.model, case.params, case.batch)
+    ff.fisher(case.loss, case.params, case.batch, spec=case.spec)
+    ff.per_sample_fisher(case.loss, case.params, case.batch, spec=case.spec)
+    fisher_step = ff.make_fisher_step(case.loss, spec=case.spec, decay=0.5)
+    fisher_step(case.params, case.batch, fisher_step.init(case.params))
+    snap.check()
+
+
+def test_outputs_do_not_alias_params() -> None:
+    # Elementwise has the parameter's shape: the result must still be a new tensor.
+    case = mlp_case()
+    out = ff.fisher(case.loss, case.params, case.batch, spec=ff.Elementwise())
+    for name, p in case.params.items():
+        assert out[name].untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
+        assert not out[name].requires_grad
+
+
+def test_fisher_step_returns_new_state() -> None:
+    case = mlp_case()
+    fisher_step = ff.make_fisher_step(case.loss, spec=case.spec, decay=0.8)
+    state0 = fisher_step.init(case.params)
+    state1 = fisher_step(case.params, case.batch, state0)
+    state2 = fisher_step(case.params, case.batch, state1)
+    assert state0.step == 0 and state1.step == 1 and state2.step == 2
+    assert all(float(t.abs().sum()) == 0 for t in optree.tree_leaves(state0.ema))
+    for a, b in zip(optree.tree_leaves(state1.ema), optree.tree_leaves(state2.ema), strict=True):
+        assert a is not b and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+
+
+# --- FisherState is a pytree ----------------------------------------------------------------------
+
+
+def _state() -> tuple[Case, ff.FisherState]:
+    case = mlp_case()
+    return case, _state_and_step(case)[1]
+
+
+def _tensor_leaves(tree: Any, leaves: Callable[[Any], list]) -> list[Tensor]:
+    return [x for x in leaves(tree) if isinstance(x, Tensor)]
+
+
+def test_state_is_a_named_tuple() -> None:
+    _, state = _state()
+    assert isinstance(state, tuple) and type(state) is ff.FisherState
+    assert ff.FisherState._fields == ("ema", "step", "tokens", "samples", "decay", "spec")
+    assert state._replace(step=7).step == 7 and state.step == 1
+
+
+@pytest.mark.parametrize(
+    ("tree_map", "leaves", "flatten", "unflatten"),
+    [
+        pytest.param(
+            optree.tree_map,
+            optree.tree_leaves,
+            optree.tree_flatten,
+            lambda spec, lv: optree.tree_unflatten(spec, lv),
+            id="optree",
+        ),
+        pytest.param(
+            torch_pytree.tree_map,
+            torch_pytree.tree_leaves,
+            torch_pytree.tree_flatten,
+            lambda spec, lv: torch_pytree.tree_unflatten(lv, spec),
+            id="torch-pytree",
+        ),
+    ],
+)
+def test_state_passes_through_tree_map(
+    tree_map: Callable, leaves: Callable, flatten: Callable, unflatten: Callable
+) -> None:
+    _, state = _state()
+    ema = [t for t in optree.tree_leaves(state.ema)]
+    # The tensor leaves of a state are exactly its EMA tensors (no copies, no extras).
+    assert {id(t) for t in _tensor_leaves(state, leaves)} == {id(t) for t in ema}
+    assert len(_tensor_leaves(state, leaves)) == len(ema)
+
+    # A map over the tensor leaves (other leaves — counts, decay, rules, and under torch's pytree
+    # the None of Skip() entries — passed through) returns a FisherState.
+    doubled = tree_map(lambda x: x * 2 if isinstance(x, Tensor) else x, state)
+    assert type(doubled) is ff.FisherState
+    assert (doubled.step, doubled.tokens, doubled.samples, doubled.decay, doubled.spec) == (
+        state.step, state.tokens, state.samples, state.decay, state.spec,
+    )  # fmt: skip
+    for name, m in state.ema.items():
+        assert (doubled.ema[name] is None) if m is None else torch.equal(doubled.ema[name], 2 * m)
+    assert ff.estimate(doubled)["3.weight"].shape == (3,)
+
+    # Flatten / unflatten round trip.
+    flat, spec = flatten(state)
+    back = unflatten(spec, flat)
+    assert type(back) is ff.FisherState and back.spec == state.spec and back.ema.keys() == state.ema.keys()
+
+    # Two states of the same params map together.
+    summed = tree_map(lambda a, b: a + b if isinstance(a, Tensor) else a, state, doubled)
+    assert torch.equal(summed.ema["3.weight"], 3 * state.ema["3.weight"])
+
+
+def test_state_is_an_input_to_torch_func() -> None:
+    _, state = _state()
+    w = state.ema["3.weight"]
+    out = torch.func.vmap(lambda x, s: x * s.ema["3.weight"].sum(), in_dims=(0, None))(torch.arange(3.0), state)
+    assert torch.equal(out, torch.arange(3.0) * w.sum())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=TypeError,
+    reason="FisherState has non-tensor leaves (step, tokens, samples, decay, spec rules): a tensor-only map fails",
+)
+def test_state_tensor_only_tree_map() -> None:
+    _, state = _state()
+    optree.tree_map(torch.zeros_like, state)
+
+
+# --- dtype and device -----------------------------------------------------------------------------
+
+DTYPES = [
+    pytest.param(torch.float32, torch.float32, id="float32"),
+    pytest.param(torch.float16, torch.float32, id="float16"),
+    pytest.param(torch.bfloat16, torch.float32, id="bfloat16"),
+    pytest.param(torch.float64, torch.float64, id="float64"),
+]
+
+
+def _outputs(case: Case) -> dict[str, Any]:
+    fisher_step = ff.make_fisher_step(case.loss, spec=case.spec, decay=0.8)
+    state = fisher_step(case.params, case.batch, fisher_step.init(case.params))
+    per_sample = ff.per_sample_fisher(case.loss, case.params, case.batch, spec=case.spec)
+    return {
+        "fisher": ff.fisher(case.loss, case.params, case.batch, spec=case.spec),
+        "per_sample_fisher": per_sample.groups,
+        "per_sample_tokens": per_sample.tokens,
+        "init_state": ff.init_state(case.params, spec=case.spec).ema,
+        "state": state.ema,
+        "estimate": ff.estimate(state),
+        "to_keyed": ff.to_keyed(state, task="t"),
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("dtype", "expected"), DTYPES)
+@pytest.mark.parametrize("case_name", sorted(CASES))
+def test_output_dtype_and_device(case_name: str, dtype: torch.dtype, expected: torch.dtype, device: str) -> None:
+    case = CASES[case_name](dtype=dtype, device=device)
+    device_of_params = {p.device for p in case.params.values()}
+    for what, tree in _outputs(case).items():
+        leaves = optree.tree_leaves(tree)
+        assert leaves, what
+        for leaf in leaves:
+            assert leaf.dtype == expected, f"{what}: {leaf.dtype} for {dtype} params"
+            assert {leaf.device} == device_of_params, f"{what}: on {leaf.device}"
+            assert torch.isfinite(leaf).all(), what
+    # Every param keeps its dtype.
+    assert {p.dtype for p in case.params.values()} == {dtype}
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        pytest.param(torch.bfloat16, torch.bfloat16, id="bfloat16"),
+        pytest.param(torch.float64, torch.float64, id="float64"),
+    ],
+)
+def test_state_storage_dtype_is_kept(dtype: torch.dtype, expected: torch.dtype) -> None:
+    case = mlp_case()
+    fisher_step = ff.make_fisher_step(case.loss, spec=case.spec, decay=0.8)
+    state = fisher_step(case.params, case.batch, fisher_step.init(case.params, dtype=dtype))
+    assert {t.dtype for t in optree.tree_leaves(state.ema)} == {expected}
+
+
+# --- group trees have the params' structure -------------------------------------------------------
+
+
+def _structure_cases() -> list[Any]:
+    return [
+        pytest.param(mlp_case, id="mlp"),
+        pytest.param(token_case, id="tokens"),
+        pytest.param(nested_case, id="nested"),
+    ]
+
+
+@pytest.mark.parametrize("make", _structure_cases())
+def test_group_trees_have_params_structure(make: Callable[[], Case]) -> None:
+    case = make()
+    resolved = ff.init_state(case.params, spec=case.spec).spec  # the full rule tree
+    param_paths = optree.tree_flatten_with_path(case.params)[0]
+    rule_leaves = optree.tree_leaves(resolved, is_leaf=lambda x: isinstance(x, ff.Rule))
+    rules = dict(zip(param_paths, rule_leaves, strict=True))
+    fisher_step = ff.make_fisher_step(case.loss, spec=case.spec, decay=0.5)
+    state = fisher_step(case.params, case.batch, fisher_step.init(case.params))
+    batch_size = optree.tree_leaves(case.batch)[0].shape[0]
+    trees = {
+        "fisher": (ff.fisher(case.loss, case.params, case.batch, spec=case.spec), ()),
+        "per_sample_fisher": (
+            ff.per_sample_fisher(case.loss, case.params, case.batch, spec=case.spec).groups,
+            (batch_size,),
+        ),
+        "init_state": (ff.init_state(case.params, spec=case.spec).ema, ()),
+        "state": (state.ema, ()),
+        "estimate": (ff.estimate(state), ()),
+        "rules": (resolved, None),
+    }
+    params_structure = optree.tree_structure(case.params, none_is_leaf=True)
+    params_paths, params_leaves, _ = optree.tree_flatten_with_path(case.params, none_is_leaf=True)
+    for what, (tree, lead) in trees.items():
+        is_leaf = (lambda x: isinstance(x, ff.Rule)) if lead is None else None
+        assert optree.tree_structure(tree, none_is_leaf=True, is_leaf=is_leaf) == params_structure, what
+        assert torch_pytree.tree_structure(tree) == torch_pytree.tree_structure(case.params), what
+        paths, leaves, _ = optree.tree_flatten_with_path(tree, none_is_leaf=True, is_leaf=is_leaf)
+        assert paths == params_paths, what
+        if lead is None:
+            continue
+        for path, leaf, param in zip(paths, leaves, params_leaves, strict=True):
+            rule = rules[path]
+            if isinstance(rule, ff.Skip):
+                assert leaf is None, f"{what}: skipped {path} should be None"
+            else:
+                assert leaf.shape == (*lead, *rule.group_shape(param.shape)), f"{what}: {path}"
+    # Containers keep their types and key order.
+    fisher = trees["fisher"][0]
+    assert type(fisher) is type(case.params) and list(fisher) == list(case.params)
+
+
+def test_nested_skip_is_none() -> None:
+    case = nested_case()
+    out = ff.fisher(case.loss, case.params, case.batch, spec=case.spec)
+    assert isinstance(out["head"], tuple) and out["head"][1] is None and out["head"][0].shape == (3, 6)
+    assert out["enc"]["w"].shape == (6,) and out["enc"]["b"].shape == (6,) and out["scale"].shape == ()
+
+
+# --- keys -----------------------------------------------------------------------------------------
+
+
+def _group_type(rule: ff.Rule) -> str:
+    return {
+        ff.Channel: "channel", ff.Heads: "head", ff.Rows: "token", ff.Buckets: "bucket", ff.Elementwise: "param",
+        ff.Whole: "tensor",
+    }[type(rule)]  # fmt: skip
+
+
+def _assert_identical(a: Any, b: Any) -> None:
+    assert optree.tree_structure(a, none_is_leaf=True) == optree.tree_structure(b, none_is_leaf=True)
+    for x, y in zip(optree.tree_leaves(a, none_is_leaf=True), optree.tree_leaves(b, none_is_leaf=True), strict=True):
+        if x is None or y is None:
+            assert x is None and y is None
+        else:
+            assert x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)
+
+
+def _assert_hierarchical(keys: list[str]) -> None:
+    assert keys == sorted(keys), "keys are not sorted"
+    parts = [k.split("|") for k in keys]
+    assert all(len(p) == 3 and all(p) for p in parts)
+    assert len(set(keys)) == len(keys)
+    # Hierarchical: the keys of one task, and of one (task, parameter), are contiguous.
+    for depth in (1, 2):
+        prefixes = ["|".join(p[:depth]) for p in parts]
+        seen: set[str] = set()
+        for i, prefix in enumerate(prefixes):
+            if i and prefix != prefixes[i - 1]:
+                assert prefix not in seen, f"keys of {prefix!r} are not contiguous"
+            seen.add(prefix)
+
+
+@pytest.mark.parametrize("make", _structure_cases())
+def test_keyed_round_trip(make: Callable[[], Case]) -> None:
+    case = make()
+    tree = ff.fisher(case.loss, case.params, case.batch, spec=case.spec)
+    full_spec = ff.init_state(case.params, spec=case.spec).spec
+    keyed = ff.to_keyed(tree, task="math", spec=full_spec)
+    _assert_hierarchical(list(keyed))
+
+    paths, leaves, _ = optree.tree_flatten_with_path(tree, none_is_leaf=True)
+    rules = optree.tree_leaves(full_spec, is_leaf=lambda x: isinstance(x, ff.Rule))
+    expected = {
+        "math|" + ".".join(map(str, path)) + "|" + _group_type(rule): leaf
+        for path, leaf, rule in zip(paths, leaves, rules, strict=True)
+        if leaf is not None
+    }
+    assert keyed.keys() == expected.keys()
+    for k, v in keyed.items():
+        assert v is expected[k]  # documented: values are the tree's tensors, not copies
+
+    # Without like=: a flat {param_name: tensor} per task.
+    flat = ff.from_keyed(keyed, task="math")
+    assert list(flat) == [k.split("|")[1] for k in keyed]
+    assert all(flat[k.split("|")[1]] is v for k, v in keyed.items())
+    again = ff.to_keyed(flat, task="math", spec={k.split("|")[1]: _rule_of(full_spec, k) for k in keyed})
+    assert list(again) == list(keyed) and all(again[k] is keyed[k] for k in keyed)
+
+    # With like= (the params, or the rule tree): the original tree, None for Skip() included.
+    _assert_identical(ff.from_keyed(keyed, task="math", like=case.params), tree)
+    _assert_identical(ff.from_keyed(keyed, task="math", like=full_spec), tree)
+
+    # Several tasks in one dict.
+    other = ff.to_keyed(optree.tree_map(lambda t: t * 2, tree), task="code", spec=full_spec)
+    both = ff.from_keyed({**keyed, **other}, like=case.params)
+    assert set(both) == {"math", "code"}
+    _assert_identical(both["math"], tree)
+    _assert_identical(both["code"], optree.tree_map(lambda t: t * 2, tree))
+    _assert_hierarchical(sorted({**keyed, **other}))
+
+
+def _rule_of(full_spec: Any, key: str) -> ff.Rule:
+    name = key.split("|")[1]
+    paths, rules, _ = optree.tree_flatten_with_path(full_spec, is_leaf=lambda x: isinstance(x, ff.Rule))
+    return dict(zip([".".join(map(str, p)) for p in paths], rules, strict=True))[name]
+
+
+def test_keyed_state_is_its_estimate() -> None:
+    case = token_case()
+    _, state = _state_and_step(case)
+    keyed = ff.to_keyed(state, task="t")
+    direct = ff.to_keyed(ff.estimate(state), task="t", spec=state.spec)
+    assert keyed.keys() == direct.keys()
+    assert all(torch.equal(keyed[k], direct[k]) for k in keyed)
+    _assert_identical(ff.from_keyed(keyed, task="t", like=case.params), ff.estimate(state))
+    assert {k.split("|")[2] for k in keyed} == {"bucket", "channel"}
+    assert not any("proj.bias" in k for k in keyed)  # Skip() has no key
+
+
+def test_single_rule_spec_keys() -> None:
+    tree = {"b": torch.ones(2), "a": torch.zeros(3)}
+    keyed = ff.to_keyed(tree, task="t", spec=ff.Channel())
+    assert list(keyed) == ["t|a|channel", "t|b|channel"]
+    _assert_identical(ff.from_keyed(keyed, task="t", like=tree), tree)
+
+
+def test_keys_never_collide() -> None:
+    # {"a": {"b": .}} and {"a.b": .} have the same dotted name: refused, never overwritten.
+    tree = {"a": {"b": torch.ones(1)}, "a.b": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"two entries map to the key 't\|a\.b\|channel'"):
+        ff.to_keyed(tree, task="t", spec=ff.Channel())
+
+
+# --- clear ----------------------------------------------------------------------------------------
+
+
+def test_clear_returns_new_dict_and_keeps_old_states() -> None:
+    case = mlp_case()
+    fisher_step, state_a = _state_and_step(case)
+    state_b = fisher_step(case.params, case.batch, state_a)
+    states = {"a": state_a, "b": state_b}
+    snap = Snapshot(case.model, states)
+
+    cleared = ff.clear(states, "a")
+    snap.check()
+    assert cleared is not states and states == {"a": state_a, "b": state_b}
+    assert states["a"] is state_a and states["a"].step == 1 and states["b"].step == 2
+    assert cleared["b"] is state_b
+    fresh = cleared["a"]
+    assert (fresh.step, fresh.tokens, fresh.samples) == (0, 0.0, 0)
+    assert (fresh.decay, fresh.spec) == (state_a.decay, state_a.spec)
+    for name, m in state_a.ema.items():
+        if m is None:
+            assert fresh.ema[name] is None
+        else:
+            z = fresh.ema[name]
+            assert z is not m and z.dtype == m.dtype and z.shape == m.shape and not z.any()
+    # The cleared state is a working fresh state.
+    assert fisher_step(case.params, case.batch, fresh).step == 1
+
+    for tasks in (None, ["a", "b"], ("b", "a")):
+        every = ff.clear(states, tasks)
+        snap.check()
+        assert every is not states and all(s.step == 0 for s in every.values())
+    assert ff.clear(states, []) == states and ff.clear(states, []) is not states
+
+
+# --- empty trees ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("params", [{}, [], (), {"a": {}}, {"a": [], "b": ()}], ids=repr)
+def test_empty_params_raise(params: Any) -> None:
+    case = mlp_case()
+    match = r"params is an empty tree"
+    for spec in (ff.Channel(), None):
+        with pytest.raises(ff.SpecError, match=match):
+            ff.fisher(case.loss, params, case.batch, spec=spec)
+        with pytest.raises(ff.SpecError, match=match):
+            ff.per_sample_fisher(case.loss, params, case.batch, spec=spec)
+        with pytest.raises(ff.SpecError, match=match):
+            ff.make_fisher_step(case.loss, spec=spec).init(params)
+    with pytest.raises(ff.SpecError, match=match):
+        ff.init_state(params, spec=ff.Channel())
+    state = ff.init_state(case.params, spec=case.spec, decay=0.5)
+    with pytest.raises(ff.SpecError, match=match):
+        ff.make_fisher_step(case.loss, spec=case.spec, decay=0.5)(params, case.batch, state)
+
+
+def test_empty_group_tree_keys() -> None:
+    assert ff.to_keyed({}, task="t", spec={}) == {}
+    assert ff.from_keyed({}) == {}
