@@ -43,7 +43,9 @@ def to_keyed(tree: Any, *, task: str, spec: Any = None) -> dict[str, Tensor]:
             needed for a ``FisherState``.
 
     Returns:
-        A dict sorted by key; values are the tree's tensors (not copied).
+        A dict in hierarchical order (by task, then parameter name, then group type — which is
+        not plain string order, since ``|`` sorts after letters); values are the tree's tensors
+        (not copied).
     """
     _check_part(task, "task")
     if isinstance(tree, FisherState):
@@ -65,7 +67,7 @@ def to_keyed(tree: Any, *, task: str, spec: Any = None) -> dict[str, Tensor]:
         if key in keyed:
             raise ValueError(f"two entries map to the key {key!r}")
         keyed[key] = value
-    return dict(sorted(keyed.items()))
+    return dict(sorted(keyed.items(), key=lambda item: item[0].split(SEPARATOR)))
 
 
 def from_keyed(keyed: Mapping[str, Tensor], *, task: str | None = None, like: Any = None) -> Any:

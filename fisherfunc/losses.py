@@ -158,6 +158,18 @@ class ModelLoss:
     def check(self, batch: Any) -> None:
         """Checks made before any heavy work: model mode and the batch's entries."""
         check_model(self.model)
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+                raise ValueError(
+                    f"dropout layer '{name or '<root>'}' is in training mode (p={module.p}): random masks "
+                    "make the per-sample gradients random. Call model.eval() to compute the Fisher of the "
+                    "deterministic model"
+                )
+        if not isinstance(batch, (tuple, list, Mapping)):
+            raise BatchError(
+                f"a batch for a fisherfunc.losses loss is a tuple or a mapping of tensors whose entries "
+                f"inputs={self.inputs!r} and targets={self.targets!r} name; got a {type(batch).__name__}"
+            )
         inputs = self.inputs.values() if isinstance(self.inputs, Mapping) else (
             self.inputs if isinstance(self.inputs, tuple) else (self.inputs,)
         )

@@ -804,3 +804,31 @@ def test_spec_none_with_plain_callable() -> None:
 def test_error_types_are_value_errors() -> None:
     # Callers that catch ValueError for bad input catch fisherfunc's own errors too.
     assert issubclass(ff.SpecError, ValueError) and issubclass(ff.BatchError, ValueError)
+
+
+def test_train_mode_dropout_is_refused_before_any_forward() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.3), CountingMLP())
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    params = dict(model.named_parameters())
+    with pytest.raises(ValueError, match=r"dropout layer '1' is in training mode \(p=0.3\).*model.eval\(\)"):
+        ff.fisher(ff.losses.classification(model), params, (x, y))
+    assert model[2].calls == 0
+    model.eval()
+    ff.fisher(ff.losses.classification(model), params, (x, y))  # eval mode works
+    assert model[2].calls > 0
+
+
+def test_bare_tensor_batch_for_a_model_loss() -> None:
+    model, params, (x, _) = mlp()
+    with pytest.raises(ff.BatchError, match="tuple or a mapping of tensors.*got a Tensor"):
+        ff.fisher(ff.losses.classification(model), params, x)
+    assert model.calls == 0
+
+
+def test_keys_sort_hierarchically_not_as_strings() -> None:
+    tree = {"w": torch.ones(2), "w2": torch.ones(2)}
+    spec = {"w": ff.Channel(0), "w2": ff.Channel(0)}
+    keyed = {**ff.to_keyed(tree, task="math-hard", spec=spec), **ff.to_keyed(tree, task="math", spec=spec)}
+    ordered = list(ff.to_keyed(tree, task="math", spec=spec)) + list(ff.to_keyed(tree, task="math-hard", spec=spec))
+    assert ordered == ["math|w|channel", "math|w2|channel", "math-hard|w|channel", "math-hard|w2|channel"]
+    assert sorted(keyed, key=lambda k: k.split("|")) == ordered
