@@ -110,13 +110,13 @@ def infer_spec(model: nn.Module, overrides: Mapping[str, Rule] | None = None) ->
             table.setdefault(f"{prefix}.{local}" if prefix else local, rule)
 
     spec: dict[str, Rule] = {}
-    used: set[str] = set()
+    used: set[str] = set()  # patterns matching some parameter, whether or not an earlier one won
     unplaced: list[str] = []
     for name, _ in model.named_parameters():
-        chosen = next((p for p in overrides if fnmatch.fnmatchcase(name, p)), None)
-        if chosen is not None:
-            used.add(chosen)
-            spec[name] = overrides[chosen]
+        matching = [p for p in overrides if fnmatch.fnmatchcase(name, p)]
+        used.update(matching)
+        if matching:
+            spec[name] = overrides[matching[0]]
         elif name in table:
             spec[name] = table[name]
         else:
