@@ -66,9 +66,14 @@ def workloads() -> dict[str, Callable[[], Workload]]:
 
     def cnn() -> Workload:
         model = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 8 * 8, 10),
         )
         return _classification("CNN conv(32,64)+linear, 3x32x32, B=64", model, torch.randn(64, 3, 32, 32), 10)
 
@@ -103,6 +108,16 @@ def naive_loop(w: Workload) -> dict[str, torch.Tensor]:
     return out
 
 
+def _methods(w: Workload, params: dict[str, torch.Tensor], spec: Any) -> dict[str, Callable[[], Any]]:
+    return {
+        "forward+backward": lambda: forward_backward(w),
+        "naive per-sample loop": lambda: naive_loop(w),
+        "fisherfunc group, auto (probes)": lambda: ff.accumulate(w.loss, params, w.batch, spec=spec),
+        "fisherfunc group, direct vmap(grad)": lambda: ff.accumulate(w.loss, params, w.batch, spec=spec, path="direct"),
+        "fisherfunc elementwise, auto": lambda: ff.accumulate(w.loss, params, w.batch, spec=ff.Elementwise()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="*", default=list(workloads()))
@@ -119,15 +134,7 @@ def main() -> None:
         w = workloads()[key]()
         params = {k: v.detach() for k, v in w.model.named_parameters()}
         spec_group = ff.infer_spec(w.model)
-        methods: dict[str, Callable[[], Any]] = {
-            "forward+backward": lambda: forward_backward(w),
-            "naive per-sample loop": lambda: naive_loop(w),
-            "fisherfunc group, auto (probes)": lambda: ff.accumulate(w.loss, params, w.batch, spec=spec_group),
-            "fisherfunc group, direct vmap(grad)": lambda: ff.accumulate(
-                w.loss, params, w.batch, spec=spec_group, path="direct"
-            ),
-            "fisherfunc elementwise, auto": lambda: ff.accumulate(w.loss, params, w.batch, spec=ff.Elementwise()),
-        }
+        methods = _methods(w, params, spec_group)
         # correctness first: elementwise sums against the naive loop
         ref = naive_loop(w)
         worst = 0.0

@@ -37,15 +37,15 @@ def main() -> None:
     accuracy = (model(x).argmax(1) == y).float().mean().item()
 
     # --- the library loop -----------------------------------------------------------------------
-    loss = ff.losses.classification(model)                  # batch = (inputs, labels)
+    loss = ff.losses.classification(model)  # batch = (inputs, labels)
     params = {k: v.detach() for k, v in model.named_parameters()}
-    fisher_step = ff.make_fisher_step(loss, decay=0.9)      # spec inferred: one value per channel
+    fisher_step = ff.make_fisher_step(loss, decay=0.9)  # spec inferred: one value per channel
     state = fisher_step.init(params)
     batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 1280, 64)]
     for batch in batches:
         state = fisher_step(params, batch, state)
-    F = ff.estimate(state)                                   # bias-corrected EMA
-    one_shot = ff.fisher(loss, params, batches)              # Σ over all samples / Σ tokens
+    F = ff.estimate(state)  # bias-corrected EMA
+    one_shot = ff.fisher(loss, params, batches)  # Σ over all samples / Σ tokens
 
     print(f"trained MLP: accuracy {accuracy:.3f}; {state.step} steps, {state.samples} samples")
     for name in ("0.weight", "2.weight"):

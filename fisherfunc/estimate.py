@@ -113,7 +113,9 @@ def _chunk_fn(loss: PerSampleLoss, prepared: Prepared, batch: Batch, path: Path)
     return auto_chunk_fn(loss, prepared, optree.tree_map(lambda x: x[0], batch))
 
 
-def _stream(chunk_fn: ChunkFn, batch: Batch, size: int, chunk_size: int | None) -> Iterable[tuple[tuple[Tensor, ...], Tensor]]:
+def _stream(
+    chunk_fn: ChunkFn, batch: Batch, size: int, chunk_size: int | None
+) -> Iterable[tuple[tuple[Tensor, ...], Tensor]]:
     step = size if chunk_size is None else chunk_size
     for start in range(0, size, step):
         yield chunk_fn(take(batch, start, min(start + step, size)))

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from .losses import check_model
-from .rules import Channel, Heads, Rule, Rows, SpecError
+from .rules import Channel, Heads, Rows, Rule, SpecError
 
 __all__ = ["infer_spec"]
 

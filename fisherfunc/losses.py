@@ -170,8 +170,10 @@ class ModelLoss:
                 f"a batch for a fisherfunc.losses loss is a tuple or a mapping of tensors whose entries "
                 f"inputs={self.inputs!r} and targets={self.targets!r} name; got a {type(batch).__name__}"
             )
-        inputs = self.inputs.values() if isinstance(self.inputs, Mapping) else (
-            self.inputs if isinstance(self.inputs, tuple) else (self.inputs,)
+        inputs = (
+            self.inputs.values()
+            if isinstance(self.inputs, Mapping)
+            else (self.inputs if isinstance(self.inputs, tuple) else (self.inputs,))
         )
         for key in inputs:
             _entry(batch, key, "input")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,8 +44,14 @@ def compute_dtype(params: list[Tensor]) -> torch.dtype:
 
 @contextlib.contextmanager
 def no_autocast(device_types: set[str]) -> Iterator[None]:
-    """Disable autocast on the given device types (results must not depend on an outer autocast)."""
-    with contextlib.ExitStack() as stack:
+    """The engine's numerics scope: autocast disabled on the given device types.
+
+    Results must not depend on an outer autocast. torch's notice that ``vmap`` falls back to a
+    loop for an operator without a batching rule (CPU flash attention, EmbeddingBag) is silenced
+    here: the result is exact either way, and there is nothing a user can do about it.
+    """
+    with contextlib.ExitStack() as stack, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
         for device_type in sorted(device_types):
             stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
         yield
@@ -80,9 +87,7 @@ def prepare(spec: ResolvedSpec, params: Any) -> Prepared:
     """Split and cast ``params`` for the engine (no copies of the caller's tensors are modified)."""
     leaves = spec.treespec.flatten_up_to(params)
     dtype = compute_dtype([leaves[i] for i in spec.active])
-    cast = tuple(
-        (leaf.detach().to(dtype) if leaf.is_floating_point() else leaf.detach()) for leaf in leaves
-    )
+    cast = tuple((leaf.detach().to(dtype) if leaf.is_floating_point() else leaf.detach()) for leaf in leaves)
     return Prepared(
         spec=spec,
         active=tuple(cast[i] for i in spec.active),

@@ -98,8 +98,11 @@ def _weight_of(func: Callable, args: tuple, kwargs: dict) -> tuple[Op, Tensor] |
 
 
 def _carries_values(out: Any) -> bool:
-    """Whether a call's output can depend on its inputs' values (metadata queries such as
-    ``.dtype`` or ``.is_floating_point()`` return no floating tensor and are not uses)."""
+    """Whether a call's output can carry its inputs' values.
+
+    Metadata queries such as ``.dtype`` or ``.is_floating_point()`` return no floating tensor, so
+    they are not uses of a weight.
+    """
     return any(isinstance(x, Tensor) and x.is_floating_point() for x in optree.tree_leaves(out))
 
 
@@ -191,7 +194,9 @@ def _square_sums(u: Tensor, v: Tensor, need: Need) -> Tensor:
     return (g * g).sum(1)
 
 
-def _site_groups(site: Site, rule: Rule, weight_shape: torch.Size, a: Tensor | None, ids: Tensor | None, d: Tensor) -> Tensor:
+def _site_groups(
+    site: Site, rule: Rule, weight_shape: torch.Size, a: Tensor | None, ids: Tensor | None, d: Tensor
+) -> Tensor:
     """``rule.reduce(G ⊙ G)`` for one sample of one factorised weight, from its factors."""
     if site.op == "embedding":
         assert ids is not None

@@ -35,6 +35,10 @@ class FisherState(NamedTuple):
         samples: samples seen.
         decay: the EMA decay ``β`` in ``[0, 1)``.
         spec: the resolved rule tree (the params' structure, rules as leaves).
+
+    The only tensors are the leaves of ``ema``; the other fields are plain Python values, so the
+    state keys itself (``to_keyed(state, task=...)``) and debiases itself (``estimate(state)``).
+    Map tensor functions over ``state.ema``, e.g. ``state._replace(ema=tree_map(f, state.ema))``.
     """
 
     ema: Any

@@ -94,7 +94,8 @@ SPECS = {
     "elementwise": ff.Elementwise(),
     "columns": lambda params: {k: (ff.Channel(1) if v.ndim == 2 else ff.Whole()) for k, v in params.items()},
     "heads": lambda params: {
-        k: (ff.Heads(v.shape[0], axis=0) if v.ndim == 2 and k != "embed.weight" else ff.Whole()) for k, v in params.items()
+        k: (ff.Heads(v.shape[0], axis=0) if v.ndim == 2 and k != "embed.weight" else ff.Whole())
+        for k, v in params.items()
     },
     "buckets": lambda params: {k: (ff.Buckets(4) if k == "embed.weight" else ff.Whole()) for k, v in params.items()},
 }

@@ -22,11 +22,6 @@ from fisherfunc.spec import resolve_spec
 from fisherfunc.testing import invariants as inv
 from fisherfunc.testing import strategies as fst
 
-pytestmark = pytest.mark.filterwarnings(
-    # torch under vmap: scaled_dot_product_attention has no batching rule yet (falls back to a loop).
-    "ignore:There is a performance drop because we have not yet implemented the batching rule:UserWarning"
-)
-
 RTOL = 1e-12  # relative, float64 everywhere
 
 # Derandomized and database-less: the same examples on every machine and every run.

@@ -47,10 +47,8 @@ import fisherfunc as ff
 F64_TOL = 1e-10
 F32_TOL = 1e-5
 # torch.func has no batching rule for a few ops (EmbeddingBag, CPU flash attention) and falls back
-# to a correct but slower loop, with a UserWarning; the values are still exact.
-FALLBACK_WARNING = "ignore:There is a performance drop:UserWarning"
-
-pytestmark = pytest.mark.filterwarnings(FALLBACK_WARNING)
+# to a correct but slower loop with a UserWarning; the library silences it inside its engine, and
+# warnings are errors here, so a leak would fail these tests.
 
 
 @pytest.fixture(autouse=True, scope="module")
