@@ -35,6 +35,7 @@ class FisherState(NamedTuple):
         samples: samples seen.
         decay: the EMA decay ``β`` in ``[0, 1)``.
         spec: the resolved rule tree (the params' structure, rules as leaves).
+        kind: the Fisher kind the steps compute (``"empirical"`` — dataset labels — for now).
 
     The only tensors are the leaves of ``ema``; the other fields are plain Python values, so the
     state keys itself (``to_keyed(state, task=...)``) and debiases itself (``estimate(state)``).
@@ -47,6 +48,7 @@ class FisherState(NamedTuple):
     samples: int
     decay: float
     spec: Any
+    kind: str = "empirical"
 
 
 def check_decay(decay: float) -> float:
@@ -170,5 +172,6 @@ def metadata(state: FisherState) -> dict[str, Any]:
         "tokens": state.tokens,
         "samples": state.samples,
         "decay": state.decay,
+        "kind": state.kind,
         "rules": {path_name(p): repr(r) for p, r in zip(paths, rules)},
     }
