@@ -1,22 +1,31 @@
-"""Time group Fisher against a plain forward+backward of the same batch, side by side.
+"""Time and check group Fisher against a forward+backward, a naive loop and the peer libraries.
 
-Every method runs on the same model and batch in one process; methods are interleaved within
-each repeat (so drift affects all alike) and the median over repeats is reported, as a ratio to
-the forward+backward median. fisherfunc's results are checked against the naive per-sample loop
-before timing.
+For each workload, in one process: every method runs on the same model and batch; results are
+checked against the naive per-sample ``torch.autograd`` loop first (a peer that disagrees or
+silently skips parameters is reported); then methods are timed **interleaved** within each repeat
+(so machine drift hits all alike) and the median over repeats is reported as a ratio to the
+forward+backward median. With ``--memory``, each method also runs in a fresh subprocess that
+reports its peak memory increase over the set-up model and batch (CPU: peak RSS; CUDA: peak
+allocated), again as a ratio to a forward+backward's.
 
-    python benchmarks/run.py                  # all CPU workloads, markdown table on stdout
-    python benchmarks/run.py --workloads mlp --repeats 5
+    python benchmarks/run.py                           # CPU workloads, markdown on stdout
+    python benchmarks/run.py --workloads mlp --repeats 5 --memory
+    python benchmarks/run.py --device cuda --workloads gpu-encoder
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,136 +34,257 @@ from torch import nn
 
 import fisherfunc as ff
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import PEERS  # noqa: E402
+
 
 @dataclass
 class Workload:
+    """A model, one batch, fisherfunc's per-sample loss and plain-torch losses for the others.
+
+    ``batch_loss(model, batch)`` is the summed loss (forward+backward, BackPACK, Opacus, naive
+    loop on one-sample slices); ``per_sample_losses(model, batch)`` is ``[B]`` (nngeometry).
+    """
+
     name: str
     model: nn.Module
-    batch: tuple[torch.Tensor, torch.Tensor]
+    batch: tuple[torch.Tensor, ...]
     loss: Any
-    batch_loss: Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
-    sample_loss: Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor], int], torch.Tensor]
+    batch_loss: Callable[[nn.Module, Any], torch.Tensor]
+    per_sample_losses: Callable[[nn.Module, Any], torch.Tensor]
 
 
 class TinyLM(nn.Module):
-    def __init__(self, vocab: int, d: int, heads: int) -> None:
+    """Embedding + ``layers`` pre-LN ``nn.TransformerEncoderLayer`` s + a linear head."""
+
+    def __init__(self, vocab: int, d: int, heads: int, layers: int = 1) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.layers = nn.Sequential(
+            *[
+                nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+                for _ in range(layers)
+            ]
+        )
         self.head = nn.Linear(d, vocab)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.layer(self.embed(ids)))
+        return self.head(self.layers(self.embed(ids)))
 
 
 def _classification(name: str, model: nn.Module, x: torch.Tensor, classes: int) -> Workload:
-    y = torch.randint(0, classes, (x.shape[0],))
+    y = torch.randint(0, classes, (x.shape[0],), device=x.device)
     return Workload(
         name,
         model,
         (x, y),
         ff.losses.classification(model),
         lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="sum"),
-        lambda m, b, i: F.cross_entropy(m(b[0][i : i + 1]), b[1][i : i + 1], reduction="sum"),
+        lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
     )
 
 
-def workloads() -> dict[str, Callable[[], Workload]]:
+def _causal_lm(name: str, model: nn.Module, ids: torch.Tensor) -> Workload:
+    # position t predicts token t + 1; per-sample loss = sum over the sequence
+    def per_sample(m: nn.Module, b: Any) -> torch.Tensor:
+        logits = m(b[0])[:, :-1]
+        return F.cross_entropy(logits.transpose(1, 2), b[0][:, 1:], reduction="none").sum(1)
+
+    return Workload(
+        name,
+        model,
+        (ids,),
+        ff.losses.causal_lm(model),
+        lambda m, b: F.cross_entropy(m(b[0])[:, :-1].transpose(1, 2), b[0][:, 1:], reduction="sum"),
+        per_sample,
+    )
+
+
+def workloads(device: torch.device) -> dict[str, Callable[[], Workload]]:
+    """Workload builders by key (built lazily, seeded)."""
+
     def mlp() -> Workload:
         model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
-        return _classification("MLP 784-512-512-10, B=128", model, torch.randn(128, 784), 10)
+        return _classification("MLP 784-512-512-10, B=128", model.to(device), torch.randn(128, 784, device=device), 10)
 
     def cnn() -> Workload:
         model = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(64 * 8 * 8, 10),
-        )
-        return _classification("CNN conv(32,64)+linear, 3x32x32, B=64", model, torch.randn(64, 3, 32, 32), 10)
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
+        )  # fmt: skip
+        x = torch.randn(64, 3, 32, 32, device=device)
+        return _classification("CNN conv(32,64)+linear, 3x32x32, B=64", model.to(device), x, 10)
 
     def transformer() -> Workload:
-        vocab = 1000
-        model = TinyLM(vocab, 256, 4).eval()
-        ids = torch.randint(0, vocab, (16, 64))
-        return Workload(
-            "Embedding + pre-LN layer d=256, 4 heads, T=64, B=16",
-            model,
-            (ids, ids),
-            ff.losses.causal_lm(model),
-            lambda m, b: F.cross_entropy(m(b[0])[:, :-1].reshape(-1, vocab), b[0][:, 1:].reshape(-1), reduction="sum"),
-            lambda m, b, i: F.cross_entropy(m(b[0][i : i + 1])[0, :-1], b[0][i, 1:], reduction="sum"),
-        )
+        model = TinyLM(1000, 256, 4).to(device).eval()
+        ids = torch.randint(0, 1000, (16, 64), device=device)
+        return _causal_lm("Embedding + pre-LN layer d=256, 4 heads, T=64, B=16", model, ids)
 
-    return {"mlp": mlp, "cnn": cnn, "transformer": transformer}
+    def encoder() -> Workload:
+        layer = nn.TransformerEncoderLayer(128, 4, 512, dropout=0.0, batch_first=True)
+        model = nn.Sequential(layer, nn.Flatten(), nn.Linear(128 * 32, 10)).to(device).eval()
+        x = torch.randn(32, 32, 128, device=device)
+        return _classification("nn.TransformerEncoderLayer d=128, 4 heads, T=32, B=32", model, x, 10)
 
+    def gpu_encoder() -> Workload:
+        model = TinyLM(8192, 768, 12, layers=12).to(device).eval()
+        ids = torch.randint(0, 8192, (32, 256), device=device)
+        return _causal_lm("12-layer pre-LN LM d=768, 12 heads, T=256, B=32", model, ids)
 
-def forward_backward(w: Workload) -> None:
-    w.model.zero_grad(set_to_none=True)
-    w.batch_loss(w.model, w.batch).backward()
+    return {"mlp": mlp, "cnn": cnn, "transformer": transformer, "encoder": encoder, "gpu-encoder": gpu_encoder}
 
 
-def naive_loop(w: Workload) -> dict[str, torch.Tensor]:
+# --- methods ---------------------------------------------------------------------------------------
+
+
+def _naive(w: Workload) -> dict[str, torch.Tensor]:
     params = dict(w.model.named_parameters())
     out = {k: torch.zeros_like(v) for k, v in params.items()}
     for i in range(w.batch[0].shape[0]):
-        grads = torch.autograd.grad(w.sample_loss(w.model, w.batch, i), list(params.values()))
-        for k, g in zip(params, grads):
+        sample = tuple(t[i : i + 1] for t in w.batch)
+        for k, g in zip(params, torch.autograd.grad(w.batch_loss(w.model, sample), list(params.values()))):
             out[k] += g.square()
     return out
 
 
-def _methods(w: Workload, params: dict[str, torch.Tensor], spec: Any) -> dict[str, Callable[[], Any]]:
-    return {
-        "forward+backward": lambda: forward_backward(w),
-        "naive per-sample loop": lambda: naive_loop(w),
-        "fisherfunc group, auto (probes)": lambda: ff.accumulate(w.loss, params, w.batch, spec=spec),
-        "fisherfunc group, direct vmap(grad)": lambda: ff.accumulate(w.loss, params, w.batch, spec=spec, path="direct"),
-        "fisherfunc elementwise, auto": lambda: ff.accumulate(w.loss, params, w.batch, spec=ff.Elementwise()),
+def _forward_backward(w: Workload) -> None:
+    w.model.zero_grad(set_to_none=True)
+    w.batch_loss(w.model, w.batch).backward()
+
+
+def methods(w: Workload) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
+    """Callables to time (fisherfunc's and each peer that sets up) and the peers that could not."""
+    params = {k: v.detach() for k, v in w.model.named_parameters()}
+    spec = ff.infer_spec(w.model)
+    out: dict[str, Callable[[], Any]] = {
+        "forward+backward": lambda: _forward_backward(w),
+        "naive per-sample loop": lambda: _naive(w),
+        "fisherfunc group (auto: probes)": lambda: ff.accumulate(w.loss, params, w.batch, spec=spec),
+        "fisherfunc group (direct vmap(grad))": lambda: ff.accumulate(
+            w.loss, params, w.batch, spec=spec, path="direct"
+        ),
+        "fisherfunc elementwise (auto)": lambda: ff.accumulate(w.loss, params, w.batch, spec=ff.Elementwise()),
     }
+    failed: dict[str, str] = {}
+    for name, (adapter, takes) in PEERS.items():
+        try:
+            out[name] = adapter(w.model, w.batch, w.batch_loss if takes == "batch" else w.per_sample_losses)
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot even set up is a result
+            failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}" if str(exc) else type(exc).__name__
+    return out, failed
+
+
+def check(name: str, fn: Callable[[], Any], reference: dict[str, torch.Tensor], spec: dict[str, ff.Rule]) -> str:
+    """Compare a method's ``Σ_b g_b²`` with the naive loop's; say what differs or is missing."""
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001
+        return f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+    if name.startswith("fisherfunc"):
+        result = result.sums
+        if "group" in name:  # the reference summed into the same groups
+            reference = {k: spec[k].reduce(v) for k, v in reference.items()}
+    if not isinstance(result, dict):
+        return "ok"
+    missing = [k for k in reference if k not in result]
+    worst = max(
+        (float((result[k] - reference[k]).abs().max() / reference[k].abs().max().clamp_min(1e-30)) for k in result),
+        default=0.0,
+    )
+    verdict = f"max rel. error {worst:.1e}" + (" (DISAGREES)" if worst > 1e-3 else "")
+    if missing:
+        verdict += f"; skips {len(missing)} of {len(reference)} tensors"
+    return verdict
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_probe(workload: str, method: str, device: torch.device) -> None:
+    """Print the peak memory increase (bytes) of one method over its set-up model and batch.
+
+    Runs in a fresh process: set up, warm up once, then reset the peak counter and run again.
+    CUDA: ``max_memory_allocated`` over ``memory_allocated`` before the run. CPU (Linux): the
+    resident-set high-water mark ``VmHWM``, reset by writing 5 to ``/proc/self/clear_refs``,
+    over ``VmRSS`` before the run.
+    """
+    torch.manual_seed(0)
+    w = workloads(device)[workload]()
+    fns, _ = methods(w)
+    fn = fns[method]
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _status_kib("VmRSS")
+        fn()
+        peak = (_status_kib("VmHWM") - base) * 1024
+    print(json.dumps({"peak_increase": peak}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", nargs="*", default=list(workloads()))
+    parser.add_argument("--workloads", nargs="*", default=["mlp", "cnn", "transformer", "encoder"])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess per method)")
+    parser.add_argument("--probe", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    device = torch.device(args.device)
+    if args.probe:
+        memory_probe(args.probe[0], args.probe[1], device)
+        return
 
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print("\n| workload | method | median ms | × forward+backward |\n|---|---|---|---|")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    print(f"{datetime.date.today()}, torch {torch.__version__}, {name}, {torch.get_num_threads()} CPU threads\n")
+    print("| workload | method | median ms | × fwd+bwd | peak mem × fwd+bwd | check vs naive loop |")
+    print("|---|---|---|---|---|---|")
     for key in args.workloads:
-        w = workloads()[key]()
-        params = {k: v.detach() for k, v in w.model.named_parameters()}
-        spec_group = ff.infer_spec(w.model)
-        methods = _methods(w, params, spec_group)
-        # correctness first: elementwise sums against the naive loop
-        ref = naive_loop(w)
-        worst = 0.0
-        for path in ("auto", "direct"):
-            got = ff.accumulate(w.loss, params, w.batch, spec=ff.Elementwise(), path=path).sums
-            worst = max([worst] + [float((got[k] - ref[k]).abs().max() / ref[k].abs().max()) for k in ref])
-        assert worst < 1e-4, f"{w.name}: fisherfunc disagrees with the naive loop (rel. error {worst:.2e})"
-        times: dict[str, list[float]] = {m: [] for m in methods}
-        for fn in methods.values():  # warm-up
+        torch.manual_seed(0)
+        w = workloads(device)[key]()
+        fns, failed = methods(w)
+        reference = _naive(w)
+        spec = ff.infer_spec(w.model)
+        verdicts = {m: check(m, fn, reference, spec) for m, fn in fns.items() if m != "forward+backward"}
+        timed = {m: fn for m, fn in fns.items() if not verdicts.get(m, "").startswith("fails")}
+        times: dict[str, list[float]] = {m: [] for m in timed}
+        for fn in timed.values():  # warm-up
             fn()
         for _ in range(args.repeats):
-            for m, fn in methods.items():
+            for m, fn in timed.items():
+                sync()
                 t0 = time.perf_counter()
                 fn()
+                sync()
                 times[m].append(time.perf_counter() - t0)
+        memory: dict[str, float] = {}
+        if args.memory:
+            for m in timed:
+                cmd = [sys.executable, __file__, "--device", args.device, "--probe", key, m]
+                res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                memory[m] = json.loads(res.stdout.strip().splitlines()[-1])["peak_increase"]
         base = statistics.median(times["forward+backward"])
-        for m, ts in times.items():
-            med = statistics.median(ts)
-            print(f"| {w.name} | {m} | {med * 1e3:.1f} | {med / base:.2f}× |")
-        print(f"| {w.name} | (check) max rel. error vs naive loop | {worst:.1e} | |")
+        for m in fns:
+            if m not in times:
+                print(f"| {w.name} | {m} | — | — | — | {verdicts[m]} |")
+                continue
+            med = statistics.median(times[m])
+            mem = f"{memory[m] / max(memory['forward+backward'], 1):.2f}×" if memory else "—"
+            print(f"| {w.name} | {m} | {med * 1e3:.1f} | {med / base:.2f}× | {mem} | {verdicts.get(m, 'baseline')} |")
+        for m, why in failed.items():
+            print(f"| {w.name} | {m} | — | — | — | not run: {why} |")
 
 
 if __name__ == "__main__":
