@@ -8,10 +8,18 @@ No module hooks, no hidden mutation.
 Reading order: :mod:`~fisherfunc.losses` (per-sample losses) → :mod:`~fisherfunc.rules` and
 :mod:`~fisherfunc.spec` (groups) → :mod:`~fisherfunc.per_sample` (the vectorised engine) →
 :mod:`~fisherfunc.estimate` (one-shot) → :mod:`~fisherfunc.state` and :mod:`~fisherfunc.step`
-(EMA) → :mod:`~fisherfunc.keys` (flat keys).
+(EMA) → :mod:`~fisherfunc.keys` (flat keys). :mod:`~fisherfunc.kinds` says which targets the
+gradients are taken at: the dataset's labels, labels sampled from the model, or all classes.
+States that survive: :mod:`~fisherfunc.storage` (dtype and device of a state, with
+:mod:`~fisherfunc.codec`), :mod:`~fisherfunc.io` (``save``/``load``), :mod:`~fisherfunc.merge`,
+:mod:`~fisherfunc.distributed` (data-parallel) and :mod:`~fisherfunc.nonfinite` (NaN/Inf batches).
 """
 
+from . import distributed as distributed
+from . import dropout as dropout
+from . import hf as hf
 from . import losses as losses
+from . import storage as storage
 from .batch import BatchError as BatchError
 from .estimate import Accumulator as Accumulator
 from .estimate import PerSampleFisher as PerSampleFisher
@@ -19,8 +27,14 @@ from .estimate import accumulate as accumulate
 from .estimate import fisher as fisher
 from .estimate import per_sample_fisher as per_sample_fisher
 from .infer import infer_spec as infer_spec
+from .io import StateFileError as StateFileError
+from .io import load as load
+from .io import save as save
 from .keys import from_keyed as from_keyed
 from .keys import to_keyed as to_keyed
+from .kinds import FisherKind as FisherKind
+from .merge import merge as merge
+from .nonfinite import NonFiniteError as NonFiniteError
 from .rules import Buckets as Buckets
 from .rules import Channel as Channel
 from .rules import Elementwise as Elementwise
@@ -46,25 +60,35 @@ __all__ = [
     "Buckets",
     "Channel",
     "Elementwise",
+    "FisherKind",
     "FisherState",
     "FisherStep",
     "Heads",
+    "NonFiniteError",
     "PerSampleFisher",
     "Rows",
     "Rule",
     "Skip",
     "SpecError",
+    "StateFileError",
     "Whole",
     "accumulate",
     "clear",
+    "distributed",
+    "dropout",
     "estimate",
     "fisher",
     "from_keyed",
+    "hf",
     "infer_spec",
     "init_state",
+    "load",
     "losses",
     "make_fisher_step",
+    "merge",
     "metadata",
     "per_sample_fisher",
+    "save",
+    "storage",
     "to_keyed",
 ]

@@ -7,11 +7,16 @@ Token-normalised empirical Fisher over all samples ``b`` of all batches::
 Batches are streamed chunk by chunk (``chunk_size`` samples at a time) and each chunk's reduced
 values are summed immediately, so memory is ``chunk × |θ|`` for per-sample gradients plus the
 group sums; the result does not depend on how the data is split into batches or chunks.
+
+``kind`` chooses the targets of the squared gradients: the dataset's labels (``"empirical"``),
+labels sampled from the model (``"mc"``) or the expectation over its classes (``"exact"``); see
+:mod:`fisherfunc.kinds`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import optree
@@ -19,6 +24,8 @@ import torch
 from torch import Tensor
 
 from .batch import BatchError, batch_size, iter_batches, take
+from .kinds import DEFAULT_MAX_CLASSES, FisherKind, LabelSets, resolve_kind
+from .nonfinite import FiniteCheck, NonFiniteError, NonFinitePolicy, NonFiniteWarning, check_nonfinite
 from .per_sample import ChunkFn, PerSampleLoss, Prepared, direct_chunk_fn, prepare
 from .probes import auto_chunk_fn
 from .rules import SpecError
@@ -56,11 +63,16 @@ class PerSampleFisher(NamedTuple):
 
 
 class Accumulator(NamedTuple):
-    """Exact one-shot sums: ``Σ_b rule.reduce(g_b ⊙ g_b)`` (group tree), ``Σ_b n_b`` and ``B``."""
+    """Exact one-shot sums: ``Σ_b rule.reduce(g_b ⊙ g_b)`` (group tree), ``Σ_b n_b`` and ``B``.
+
+    ``skipped`` counts the batches left out as non-finite (``nonfinite="skip"``). Accumulators of
+    disjoint data merge exactly by adding every field (:func:`fisherfunc.merge`).
+    """
 
     sums: Any
     tokens: float
     samples: int
+    skipped: int = 0
 
 
 def resolve_for(loss: PerSampleLoss, params: Params, spec: Spec | None) -> ResolvedSpec:
@@ -106,11 +118,18 @@ def check_path(path: str) -> None:
         raise ValueError(f"path must be 'auto' or 'direct', got {path!r}")
 
 
-def _chunk_fn(loss: PerSampleLoss, prepared: Prepared, batch: Batch, path: Path) -> ChunkFn:
+def _chunk_fn(
+    loss: PerSampleLoss, prepared: Prepared, batch: Batch, path: Path, labels: LabelSets | None = None
+) -> ChunkFn:
     """The per-chunk computation for one batch (probe shapes are discovered from its first sample)."""
     if path == "direct":
-        return direct_chunk_fn(loss, prepared)
-    return auto_chunk_fn(loss, prepared, optree.tree_map(lambda x: x[0], batch))
+        return direct_chunk_fn(loss, prepared, labels=labels)
+    return auto_chunk_fn(loss, prepared, optree.tree_map(lambda x: x[0], batch), labels=labels)
+
+
+def _with_noise(batch: Batch, labels: LabelSets | None, generator: torch.Generator | None) -> Batch:
+    """What the chunks are sliced from: the batch, or ``(batch, noise)`` with all draws made up front."""
+    return batch if labels is None else (batch, labels.draw(batch, generator))
 
 
 def _stream(
@@ -122,17 +141,28 @@ def _stream(
 
 
 def _batch_sums(
-    loss: PerSampleLoss, prepared: Prepared, batch: Batch, chunk_size: int | None, path: Path
+    loss: PerSampleLoss,
+    prepared: Prepared,
+    batch: Batch,
+    chunk_size: int | None,
+    path: Path,
+    labels: LabelSets | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[list[Tensor], float, int]:
     size, _ = _precheck(loss, batch)
-    chunk_fn = _chunk_fn(loss, prepared, batch, path)
+    chunk_fn = _chunk_fn(loss, prepared, batch, path, labels)
     sums: list[Tensor] | None = None
     tokens = torch.zeros((), dtype=prepared.dtype)
-    for groups, n in _stream(chunk_fn, batch, size, chunk_size):
+    source = _with_noise(batch, labels, generator)
+    names = [prepared.spec.names[i] for i in prepared.spec.active]
+    finite = FiniteCheck(names, rerun=lambda start, stop: chunk_fn(take(source, start, stop)))
+    for groups, n in _stream(chunk_fn, source, size, chunk_size):
         part = [g.sum(0) for g in groups]
+        finite.add(part, n)  # NaN/Inf in a per-sample value makes its chunk's sum non-finite
         sums = part if sums is None else [s + p for s, p in zip(sums, part)]
         tokens = tokens + n.sum().to(tokens.device)
     assert sums is not None
+    finite.check(sums)  # one host sync; raises NonFiniteError naming parameters and samples
     total = float(tokens)
     if not total > 0:
         raise BatchError("the batch has no tokens to learn from (the loss returned num_tokens summing to 0)")
@@ -147,24 +177,45 @@ def accumulate(
     spec: Spec | None = None,
     chunk_size: int | None = None,
     path: Path = "auto",
+    kind: FisherKind | str = "empirical",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    max_classes: int = DEFAULT_MAX_CLASSES,
+    nonfinite: NonFinitePolicy = "raise",
 ) -> Accumulator:
     """Exact sums over one batch or an iterable of batches (see :class:`Accumulator`).
 
-    Two accumulators over disjoint data add up to the accumulator of their union.
+    Two accumulators over disjoint data add up to the accumulator of their union. Arguments as
+    for :func:`fisher`; with ``nonfinite="skip"`` the skipped batches are counted in
+    ``Accumulator.skipped``, and if every batch is skipped the sums are zeros (0 tokens).
     """
     check_chunk_size(chunk_size)
     check_path(path)
+    check_nonfinite(nonfinite)
+    labels, generator = resolve_kind(
+        loss, kind, mc_samples=mc_samples, generator=generator, seed=seed, max_classes=max_classes
+    )
     resolved = resolve_for(loss, params, spec)
     prepared = prepare(resolved, params)
     sums: list[Tensor] | None = None
-    tokens, samples = 0.0, 0
-    for batch in iter_batches(batches):
-        part, n, b = _batch_sums(loss, prepared, batch, chunk_size, path)
+    tokens, samples, skipped = 0.0, 0, 0
+    for index, batch in enumerate(iter_batches(batches)):
+        try:
+            part, n, b = _batch_sums(loss, prepared, batch, chunk_size, path, labels, generator)
+        except NonFiniteError as err:
+            if nonfinite == "raise":
+                raise (err if isinstance(batches, (Tensor, tuple, Mapping)) else err.at_batch(index)) from None
+            skipped += 1
+            continue
         sums = part if sums is None else [s + p for s, p in zip(sums, part)]
         tokens, samples = tokens + n, samples + b
-    if sums is None:
+    if sums is None and not skipped:
         raise BatchError("no batches were given")
-    return Accumulator(resolved.unflatten_groups(sums), tokens, samples)
+    if sums is None:  # every batch skipped: the empty accumulator (zeros), which merges as nothing
+        sums = [torch.zeros(resolved.group_shapes[i], dtype=prepared.dtype, device=p.device)
+                for i, p in zip(resolved.active, prepared.active)]  # fmt: skip
+    return Accumulator(resolved.unflatten_groups(sums), tokens, samples, skipped)
 
 
 def fisher(
@@ -175,6 +226,12 @@ def fisher(
     spec: Spec | None = None,
     chunk_size: int | None = None,
     path: Path = "auto",
+    kind: FisherKind | str = "empirical",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    max_classes: int = DEFAULT_MAX_CLASSES,
+    nonfinite: NonFinitePolicy = "raise",
 ) -> Any:
     """Token-normalised group Fisher of one batch or of an iterable of batches.
 
@@ -191,6 +248,17 @@ def fisher(
             per-sample gradient memory is ``chunk_size × |θ|``.
         path: ``"auto"`` (output probes for the linear-like weights that qualify, direct
             gradients elsewhere) or ``"direct"`` (``vmap(grad)`` of every parameter). Both are exact.
+        kind: ``"empirical"`` (the dataset's labels; the default), ``"mc"`` (labels sampled from
+            the model) or ``"exact"`` (the expectation over the model's classes); see
+            :mod:`fisherfunc.kinds` for the equations, costs and when to use which.
+        mc_samples: draws per example for ``"mc"``.
+        generator: the ``torch.Generator`` that ``"mc"`` draws from (advanced by the call).
+        seed: an int seed for ``"mc"`` instead of ``generator`` (a fresh generator per call).
+        max_classes: the most classes (or Gaussian outputs) ``"exact"`` may enumerate.
+        nonfinite: a batch whose per-sample values contain NaN/Inf is refused with a
+            :class:`~fisherfunc.nonfinite.NonFiniteError` naming parameters and samples
+            (``"raise"``), or left out with a :class:`~fisherfunc.nonfinite.NonFiniteWarning`
+            (``"skip"``; use :func:`accumulate` to get the count instead).
 
     Returns:
         Group tree with the params' structure; leaf shapes are the rules' group shapes, ``None``
@@ -203,7 +271,24 @@ def fisher(
     >>> F["weight"].shape   # one value per output channel
     torch.Size([3])
     """
-    acc = accumulate(loss, params, batches, spec=spec, chunk_size=chunk_size, path=path)
+    acc = accumulate(
+        loss,
+        params,
+        batches,
+        spec=spec,
+        chunk_size=chunk_size,
+        path=path,
+        kind=kind,
+        mc_samples=mc_samples,
+        generator=generator,
+        seed=seed,
+        max_classes=max_classes,
+        nonfinite=nonfinite,
+    )
+    if acc.skipped and not acc.samples:
+        raise NonFiniteError.all_skipped(acc.skipped)
+    if acc.skipped:
+        warnings.warn(f"skipped {acc.skipped} batch(es) with non-finite per-sample values", NonFiniteWarning, 2)
     return _divide(acc.sums, acc.tokens)
 
 
@@ -219,6 +304,11 @@ def per_sample_fisher(
     spec: Spec | None = None,
     chunk_size: int | None = None,
     path: Path = "auto",
+    kind: FisherKind | str = "empirical",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    max_classes: int = DEFAULT_MAX_CLASSES,
 ) -> PerSampleFisher:
     """Group Fisher of each sample of one batch: ``rule.reduce(g_b ⊙ g_b)`` and ``n_b``.
 
@@ -232,17 +322,27 @@ def per_sample_fisher(
         spec: group rules; ``None`` infers them from ``loss.model``.
         chunk_size: samples per vectorised chunk (``None``: the whole batch).
         path: ``"auto"`` (probes where possible) or ``"direct"``; see :func:`fisher`.
+        kind: ``"empirical"`` (the dataset's labels; the default), ``"mc"`` (labels sampled from
+            the model) or ``"exact"`` (the expectation over the model's classes); see
+            :mod:`fisherfunc.kinds` for the equations, costs and when to use which.
+        mc_samples: draws per example for ``"mc"``.
+        generator: the ``torch.Generator`` that ``"mc"`` draws from (advanced by the call).
+        seed: an int seed for ``"mc"`` instead of ``generator`` (a fresh generator per call).
+        max_classes: the most classes (or Gaussian outputs) ``"exact"`` may enumerate.
 
     Returns:
         :class:`PerSampleFisher` with ``groups`` leaves ``[B, *group_shape]`` and ``tokens [B]``.
     """
     check_chunk_size(chunk_size)
     check_path(path)
+    labels, generator = resolve_kind(
+        loss, kind, mc_samples=mc_samples, generator=generator, seed=seed, max_classes=max_classes
+    )
     resolved = resolve_for(loss, params, spec)
     prepared = prepare(resolved, params)
     size, _ = _precheck(loss, batch)
-    chunk_fn = _chunk_fn(loss, prepared, batch, path)
-    parts = list(_stream(chunk_fn, batch, size, chunk_size))
+    chunk_fn = _chunk_fn(loss, prepared, batch, path, labels)
+    parts = list(_stream(chunk_fn, _with_noise(batch, labels, generator), size, chunk_size))
     groups = [torch.cat([p[0][i] for p in parts]) for i in range(len(resolved.active))]
     tokens = torch.cat([p[1] for p in parts])
     return PerSampleFisher(resolved.unflatten_groups(groups), tokens)

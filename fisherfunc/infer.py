@@ -16,6 +16,11 @@ the module that owns it:
 |                                          | ``out_proj.weight`` (input columns) | ``Heads(h, 1)``                 |
 |                                          | ``out_proj.bias``                 | ``Channel(0)``                    |
 
+Hugging Face ``transformers`` layers take their rules from :mod:`fisherfunc.hf.spec`, which win
+over the table above: per-head rules for BERT-, GPT-2- and Llama-like attention (head counts from
+the config, key-value heads for grouped-query attention), ``Conv1D`` and norms. A tied parameter
+(GPT-2's ``wte``/``lm_head``) is one parameter with one rule.
+
 ``overrides`` maps name patterns (``fnmatch`` globs over the dotted name, ``*`` crosses dots) to
 rules; the first matching pattern wins over the table, and a pattern that matches nothing is an
 error (it is almost always a typo).
@@ -28,6 +33,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from .hf.spec import placements as hf_placements
 from .losses import check_model
 from .rules import Channel, Heads, Rows, Rule, SpecError
 
@@ -78,6 +84,14 @@ def _module_rules(module: nn.Module) -> dict[str, Rule]:
     return {}
 
 
+def _parameter(module: nn.Module, path: str) -> nn.Parameter | None:
+    """``module``'s parameter at a dotted ``path``, or ``None`` if it has none there (e.g. ``bias=False``)."""
+    try:
+        return module.get_parameter(path)
+    except AttributeError:
+        return None
+
+
 def infer_spec(model: nn.Module, overrides: Mapping[str, Rule] | None = None) -> dict[str, Rule]:
     """Build a spec ``{name: rule}`` for ``dict(model.named_parameters())`` from module types.
 
@@ -104,21 +118,29 @@ def infer_spec(model: nn.Module, overrides: Mapping[str, Rule] | None = None) ->
         if not isinstance(rule, Rule):
             raise SpecError(f"override {pattern!r} maps to a {type(rule).__name__}, not a group rule")
 
-    table: dict[str, Rule] = {}
-    for prefix, module in model.named_modules():
+    # Rules keyed by parameter identity, so a tied parameter is placed whichever name it is listed under.
+    table: dict[int, Rule | SpecError] = {}
+    for module in model.modules():
         for local, rule in _module_rules(module).items():
-            table.setdefault(f"{prefix}.{local}" if prefix else local, rule)
+            param = _parameter(module, local)
+            if param is not None:
+                table.setdefault(id(param), rule)
+    for path, hf_rule in hf_placements(model).items():  # Hugging Face heads, Conv1D, norms win
+        table[id(model.get_parameter(path))] = hf_rule
 
     spec: dict[str, Rule] = {}
     used: set[str] = set()  # patterns matching some parameter, whether or not an earlier one won
     unplaced: list[str] = []
-    for name, _ in model.named_parameters():
+    for name, param in model.named_parameters():
         matching = [p for p in overrides if fnmatch.fnmatchcase(name, p)]
         used.update(matching)
+        placed = table.get(id(param))
         if matching:
             spec[name] = overrides[matching[0]]
-        elif name in table:
-            spec[name] = table[name]
+        elif isinstance(placed, SpecError):
+            raise placed
+        elif placed is not None:
+            spec[name] = placed
         else:
             unplaced.append(name)
     unused = [p for p in overrides if p not in used]

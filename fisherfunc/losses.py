@@ -15,6 +15,11 @@ Batches are tuples or mappings of tensors; ``inputs``/``targets``/``mask`` name 
 positional argument), a tuple of entries (positional arguments) or a mapping
 ``{keyword: entry}`` (keyword arguments).
 
+Dropout: every builder takes ``dropout="eval"`` (default: the model runs with dropout off, whatever
+mode it is in, and is not modified) or ``dropout="train"`` (its own training-mode dropout, with
+independent masks per sample); see :mod:`fisherfunc.dropout`. Hugging Face models take the
+builders in :mod:`fisherfunc.hf`, which also turn padding masks into per-sample attention masks.
+
 >>> import torch, fisherfunc as ff
 >>> model = torch.nn.Linear(3, 4)
 >>> loss = ff.losses.classification(model)            # batch = (x, y)
@@ -36,6 +41,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .batch import BatchError
+from .dropout import DropoutMode, check_dropout
+from .dropout import scope as dropout_scope
 
 __all__ = [
     "ModelLoss",
@@ -109,6 +116,18 @@ class ModelLoss:
         mask: batch entry of a padding mask (1 = real token), if any.
         output: how to get the prediction tensor from the model's output.
         count: ``batch -> tokens per sample [B]`` computed without the model, if possible.
+        dropout: ``"eval"`` (default): the model runs with every dropout an identity, whatever its
+            mode, and unmodified (see :mod:`fisherfunc.dropout`); ``"train"``: its own
+            training-mode dropout, with independent masks per sample.
+        prepare: ``(kwargs, dtype) -> kwargs``: rewrites one sample's keyword inputs (batch
+            dimension 1) before the model call, e.g. a Hugging Face padding mask into a 4-D
+            attention mask (:mod:`fisherfunc.hf`); ``dtype`` is the compute dtype.
+        ignore_index: the target value of an ignored position (categorical).
+        shift: how many positions the targets lead the prediction (``1`` for next-token prediction).
+        variance: the Gaussian's ``σ²``.
+
+    ``distribution``, ``ignore_index``, ``shift`` and ``variance`` let :mod:`fisherfunc.kinds`
+    sample or enumerate targets from the model (the ``"mc"`` and ``"exact"`` Fisher kinds).
     """
 
     model: nn.Module
@@ -119,6 +138,16 @@ class ModelLoss:
     mask: Key | None = None
     output: Key | Callable[[Any], Tensor] | None = None
     count: Callable[[Any], Tensor] | None = None
+    dropout: DropoutMode = "eval"
+    prepare: Callable[[dict[str, Any], torch.dtype], dict[str, Any]] | None = None
+    ignore_index: int = -100
+    shift: int = 0
+    variance: float = 1.0
+
+    @property
+    def randomness(self) -> str:
+        """``vmap``'s ``randomness``: ``"different"`` under ``dropout="train"``, else ``"error"``."""
+        return "different" if self.dropout == "train" else "error"
 
     def forward(self, params: Mapping[str, Tensor], sample: Any) -> Tensor:
         """The model's prediction for one sample (batch dimension removed)."""
@@ -134,7 +163,10 @@ class ModelLoss:
             keys = self.inputs if isinstance(self.inputs, tuple) else (self.inputs,)
             args = tuple(_entry(sample, key, "input").unsqueeze(0) for key in keys)
             kwargs = {}
-        out = functional_call(self.model, ({**params}, buffers), args, kwargs)
+        if self.prepare is not None:
+            kwargs = self.prepare(kwargs, dtype or torch.get_default_dtype())
+        with dropout_scope(self.dropout):  # scoped here, inside the per-sample function; the model is untouched
+            out = functional_call(self.model, ({**params}, buffers), args, kwargs)
         if self.output is None:
             pred = _default_output(out)
         elif callable(self.output):
@@ -156,15 +188,9 @@ class ModelLoss:
         return self.nll(self.forward(params, sample), self.targets_of(sample), self.mask_of(sample))
 
     def check(self, batch: Any) -> None:
-        """Checks made before any heavy work: model mode and the batch's entries."""
+        """Checks made before any heavy work: model mode, the dropout option and the batch's entries."""
         check_model(self.model)
-        for name, module in self.model.named_modules():
-            if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
-                raise ValueError(
-                    f"dropout layer '{name or '<root>'}' is in training mode (p={module.p}): random masks "
-                    "make the per-sample gradients random. Call model.eval() to compute the Fisher of the "
-                    "deterministic model"
-                )
+        check_dropout(self.dropout, self.model)
         if not isinstance(batch, (tuple, list, Mapping)):
             raise BatchError(
                 f"a batch for a fisherfunc.losses loss is a tuple or a mapping of tensors whose entries "
@@ -181,6 +207,15 @@ class ModelLoss:
             _entry(batch, self.targets, "target")
         if self.mask is not None:
             _entry(batch, self.mask, "mask")
+        hf_mask = self.inputs.get("attention_mask") if isinstance(self.inputs, Mapping) else None
+        is_hf = hasattr(getattr(self.model, "config", None), "_attn_implementation")
+        if self.prepare is None and hf_mask is not None and is_hf:
+            if _entry(batch, hf_mask, "input").ndim == 2:
+                raise ValueError(
+                    f"{type(self.model).__name__} is a Hugging Face model given a 2-D attention_mask: it would build "
+                    "its attention mask with data-dependent control flow, which torch.func.vmap cannot run. Use "
+                    "fisherfunc.hf.causal_lm / masked_lm / sequence_classification, which pass a per-sample 4-D mask"
+                )
 
     def count_tokens(self, batch: Any) -> Tensor | None:
         """Tokens per sample, shape ``[B]``, without running the model (``None`` if unknown)."""
@@ -201,11 +236,13 @@ def classification(
     inputs: Inputs = 0,
     targets: Key = 1,
     output: Key | Callable[[Any], Tensor] | None = None,
+    dropout: DropoutMode = "eval",
 ) -> ModelLoss:
     """Cross-entropy with one label per example: ``L_b = −log p(y_b | x_b)``, ``n_b = 1``.
 
     The model maps inputs ``[1, ...]`` to logits ``[1, C]``; targets are class indices ``[B]``.
     """
+    check_dropout(dropout)
     return ModelLoss(
         model=model,
         inputs=inputs,
@@ -214,6 +251,7 @@ def classification(
         distribution="categorical",
         output=output,
         count=lambda batch: torch.ones(_entry(batch, targets, "target").shape[0]),
+        dropout=dropout,
     )
 
 
@@ -262,12 +300,14 @@ def token_classification(
     mask: Key | None = None,
     ignore_index: int = -100,
     output: Key | Callable[[Any], Tensor] | None = None,
+    dropout: DropoutMode = "eval",
 ) -> ModelLoss:
     """Cross-entropy summed over a sequence's tokens; padding and ``ignore_index`` excluded.
 
     Logits ``[T, C]`` per sample, targets ``[T]``; ``mask`` (optional) names a ``[B, T]`` padding
     mask (nonzero = real token). ``n_b`` counts the tokens that contribute.
     """
+    check_dropout(dropout)
     return ModelLoss(
         model=model,
         inputs=inputs,
@@ -277,6 +317,8 @@ def token_classification(
         mask=mask,
         output=output,
         count=_token_counter(targets, mask, ignore_index, shift=False),
+        ignore_index=ignore_index,
+        dropout=dropout,
     )
 
 
@@ -288,6 +330,7 @@ def causal_lm(
     mask: Key | None = None,
     ignore_index: int = -100,
     output: Key | Callable[[Any], Tensor] | None = None,
+    dropout: DropoutMode = "eval",
 ) -> ModelLoss:
     """Next-token cross-entropy, summed over a sequence: position ``t`` predicts token ``t + 1``.
 
@@ -304,6 +347,7 @@ def causal_lm(
             (labels,) = inputs
         else:
             labels = inputs
+    check_dropout(dropout)
     return ModelLoss(
         model=model,
         inputs=inputs,
@@ -313,6 +357,9 @@ def causal_lm(
         mask=mask,
         output=output,
         count=_token_counter(labels, mask, ignore_index, shift=True),
+        ignore_index=ignore_index,
+        shift=1,
+        dropout=dropout,
     )
 
 
@@ -326,6 +373,7 @@ def regression(
     targets: Key = 1,
     variance: float = 1.0,
     output: Key | Callable[[Any], Tensor] | None = None,
+    dropout: DropoutMode = "eval",
 ) -> ModelLoss:
     """Squared error summed over a sample's outputs, as a Gaussian negative log-likelihood.
 
@@ -334,6 +382,7 @@ def regression(
     """
     if not variance > 0:
         raise ValueError(f"variance must be > 0, got {variance}")
+    check_dropout(dropout)
 
     def nll(pred: Tensor, y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         return (pred - y.reshape(pred.shape)).square().sum() / (2 * variance), torch.ones((), dtype=pred.dtype)
@@ -344,8 +393,10 @@ def regression(
         targets=targets,
         nll=nll,
         distribution="gaussian",
+        variance=variance,
         output=output,
         count=lambda batch: torch.ones(_entry(batch, targets, "target").shape[0]),
+        dropout=dropout,
     )
 
 
@@ -359,6 +410,7 @@ def custom(
     inputs: Inputs = 0,
     targets: Key = 1,
     output: Key | Callable[[Any], Tensor] | None = None,
+    dropout: DropoutMode = "eval",
 ) -> ModelLoss:
     """Any function of one sample's (prediction, targets), batch dimension removed.
 
@@ -369,7 +421,10 @@ def custom(
         inputs: the model's input entries.
         targets: the targets' entry.
         output: how to get the prediction from the model's output.
+        dropout: ``"eval"`` (dropout off, whatever the model's mode) or ``"train"`` (the model's
+            own training-mode dropout, independent masks per sample).
     """
+    check_dropout(dropout)
 
     def nll(pred: Tensor, y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         res = fn(pred, y)
@@ -378,4 +433,4 @@ def custom(
             return value, torch.as_tensor(tokens, dtype=pred.dtype)
         return res, torch.ones((), dtype=pred.dtype)
 
-    return ModelLoss(model=model, inputs=inputs, targets=targets, nll=nll, output=output)
+    return ModelLoss(model=model, inputs=inputs, targets=targets, nll=nll, output=output, dropout=dropout)

@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optree
 import torch
@@ -27,7 +27,11 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from .batch import cast_floating
+from .dropout import vmap_randomness
 from .spec import ResolvedSpec
+
+if TYPE_CHECKING:
+    from .kinds import LabelSets
 
 __all__ = ["ChunkFn", "Prepared", "prepare", "direct_chunk_fn", "compute_dtype", "no_autocast"]
 
@@ -97,13 +101,19 @@ def prepare(spec: ResolvedSpec, params: Any) -> Prepared:
     )
 
 
-def direct_chunk_fn(loss: PerSampleLoss, prepared: Prepared, *, randomness: str = "error") -> ChunkFn:
+def direct_chunk_fn(
+    loss: PerSampleLoss, prepared: Prepared, *, randomness: str | None = None, labels: LabelSets | None = None
+) -> ChunkFn:
     """The direct path: ``vmap(grad(loss))`` over the active params, squared and reduced per sample.
 
     Args:
         loss: per-sample loss ``(params, sample) -> (loss_sum, num_tokens)``.
         prepared: params split into active/fixed leaves.
-        randomness: passed to ``vmap`` (``"different"`` for independent dropout masks per sample).
+        randomness: passed to ``vmap`` (``"different"`` for independent dropout masks per sample);
+            ``None``: the loss's own (``"different"`` under ``dropout="train"``, else ``"error"``).
+        labels: the label sets of the ``"mc"`` / ``"exact"`` kinds (:mod:`fisherfunc.kinds`); then a
+            chunk is ``(samples, noise)`` and ``s_b = Σ_j w_j rule.reduce(g(y_j) ⊙ g(y_j))``.
+            ``None``: the dataset's labels (the empirical Fisher).
 
     Returns:
         A :data:`ChunkFn`.
@@ -123,7 +133,23 @@ def direct_chunk_fn(loss: PerSampleLoss, prepared: Prepared, *, randomness: str 
         # s[rule] = rule.reduce(g ⊙ g): reduced here, inside vmap, so g never leaves.
         return tuple(rule.reduce(gi.square()) for rule, gi in zip(rules, g)), tokens
 
-    batched = vmap(per_sample, in_dims=(None, 0), randomness=randomness)
+    def per_sample_labelled(active: tuple[Tensor, ...], sample_noise: Any) -> tuple[tuple[Tensor, ...], Tensor]:
+        assert labels is not None
+        sample, noise = sample_noise
+
+        def predict(active: tuple[Tensor, ...]) -> tuple[Tensor, tuple]:
+            return labels.loss.forward(prepared.params_with(active), sample), ()
+
+        def reduce(g: tuple, aux: Any) -> tuple[Tensor, ...]:
+            return tuple(rule.reduce(gi.square()) for rule, gi in zip(rules, g[0]))
+
+        return labels.expected_squares(predict, (active,), reduce, sample, noise)
+
+    batched = vmap(
+        per_sample if labels is None else per_sample_labelled,
+        in_dims=(None, 0),
+        randomness=randomness or vmap_randomness(loss),
+    )
 
     def chunk_fn(chunk: Any) -> tuple[tuple[Tensor, ...], Tensor]:
         with no_autocast(set(prepared.device_types)):

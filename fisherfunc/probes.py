@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import optree
 import torch
@@ -42,8 +42,12 @@ from torch.func import grad, vmap
 from torch.overrides import TorchFunctionMode
 
 from .batch import cast_floating
+from .dropout import vmap_randomness
 from .per_sample import ChunkFn, PerSampleLoss, Prepared, direct_chunk_fn, no_autocast
 from .rules import Buckets, Channel, Elementwise, Heads, Rows, Rule, Whole
+
+if TYPE_CHECKING:
+    from .kinds import LabelSets
 
 __all__ = ["Site", "discover_sites", "probe_chunk_fn", "auto_chunk_fn"]
 
@@ -227,9 +231,21 @@ def _site_groups(
 
 
 def probe_chunk_fn(
-    loss: PerSampleLoss, prepared: Prepared, sites: Sequence[Site], *, randomness: str = "error"
+    loss: PerSampleLoss,
+    prepared: Prepared,
+    sites: Sequence[Site],
+    *,
+    randomness: str | None = None,
+    labels: LabelSets | None = None,
 ) -> ChunkFn:
-    """A :data:`~fisherfunc.per_sample.ChunkFn` using probes for ``sites``, direct gradients elsewhere."""
+    """A :data:`~fisherfunc.per_sample.ChunkFn` using probes for ``sites``, direct gradients elsewhere.
+
+    ``randomness`` goes to ``vmap``; ``None`` takes the loss's own (see :func:`~fisherfunc.dropout.vmap_randomness`).
+    With ``labels`` (the ``"mc"`` / ``"exact"`` kinds, :mod:`fisherfunc.kinds`) a chunk is
+    ``(samples, noise)``: one forward records the layer inputs ``a``, and each label set's
+    cotangent is pulled back to the probes and direct params, ``d_j``; the factorised sums
+    use ``a`` and ``d_j``, weighted and summed over the sets inside ``vmap``.
+    """
     spec = prepared.spec
     site_of = {s.leaf: s for s in sites}
     direct = [i for i in spec.active if i not in site_of]
@@ -239,24 +255,27 @@ def probe_chunk_fn(
     probes = tuple(torch.zeros(s.out_shape, dtype=dtype, device=device) for s in sites)
     position = {i: k for k, i in enumerate(spec.active)}
 
-    def sample_loss(direct_params: tuple[Tensor, ...], probe_values: tuple[Tensor, ...], sample: Any):
+    def under_probes(call: Callable, direct_params: tuple[Tensor, ...], probe_values: tuple[Tensor, ...], sample: Any):
+        # call(params, sample) with probes added; returns its output and the recorded inputs and ids
         active = list(prepared.active)
         for i, p in zip(direct, direct_params):
             active[position[i]] = p
         mode = _ProbeMode(slots, probe_values)
         with mode:
-            value, tokens = loss(prepared.params_with(tuple(active)), sample)
-        if not isinstance(value, Tensor) or value.ndim != 0:
-            raise ValueError("the per-sample loss must return a scalar loss_sum")
-        empty = value.new_zeros(0)
+            out = call(prepared.params_with(tuple(active)), sample)
+        empty = torch.zeros(0, dtype=dtype, device=device)
         inputs = tuple(x if x is not None else empty for x in mode.inputs)
         ids = tuple(x if x is not None else empty for x in mode.ids)
-        return value, (torch.as_tensor(tokens, dtype=dtype), inputs, ids)
+        return out, (inputs, ids)
 
-    def per_sample(direct_params: tuple[Tensor, ...], probe_values: tuple[Tensor, ...], sample: Any):
-        (g_direct, d_probes), (tokens, inputs, ids) = grad(sample_loss, argnums=(0, 1), has_aux=True)(
-            direct_params, probe_values, sample
-        )
+    def sample_loss(direct_params: tuple[Tensor, ...], probe_values: tuple[Tensor, ...], sample: Any):
+        (value, tokens), recorded = under_probes(loss, direct_params, probe_values, sample)
+        if not isinstance(value, Tensor) or value.ndim != 0:
+            raise ValueError("the per-sample loss must return a scalar loss_sum")
+        return value, (torch.as_tensor(tokens, dtype=dtype), recorded)
+
+    def reduce(grads: tuple, recorded: tuple) -> tuple[Tensor, ...]:
+        (g_direct, d_probes), (inputs, ids) = grads, recorded
         out: list[Tensor | None] = [None] * len(spec.active)
         for i, g in zip(direct, g_direct):
             out[position[i]] = spec.rules[i].reduce(g.square())
@@ -264,9 +283,26 @@ def probe_chunk_fn(
             out[position[site.leaf]] = _site_groups(
                 site, spec.rules[site.leaf], spec.shapes[site.leaf], inputs[k], ids[k], d_probes[k]
             )
-        return tuple(out), tokens
+        return tuple(out)  # type: ignore[arg-type]
 
-    batched = vmap(per_sample, in_dims=(None, None, 0), randomness=randomness)
+    def per_sample(direct_params: tuple[Tensor, ...], probe_values: tuple[Tensor, ...], sample: Any):
+        grads, (tokens, recorded) = grad(sample_loss, argnums=(0, 1), has_aux=True)(direct_params, probe_values, sample)
+        return reduce(grads, recorded), tokens
+
+    def per_sample_labelled(direct_params: tuple[Tensor, ...], probe_values: tuple[Tensor, ...], sample_noise: Any):
+        assert labels is not None
+        sample, noise = sample_noise
+
+        def predict(direct_params: tuple[Tensor, ...], probe_values: tuple[Tensor, ...]):
+            return under_probes(labels.loss.forward, direct_params, probe_values, sample)
+
+        return labels.expected_squares(predict, (direct_params, probe_values), reduce, sample, noise)
+
+    batched = vmap(
+        per_sample if labels is None else per_sample_labelled,
+        in_dims=(None, None, 0),
+        randomness=randomness or vmap_randomness(loss),
+    )
     direct_params = tuple(prepared.active[position[i]] for i in direct)
 
     def chunk_fn(chunk: Any) -> tuple[tuple[Tensor, ...], Tensor]:
@@ -276,9 +312,12 @@ def probe_chunk_fn(
     return chunk_fn
 
 
-def auto_chunk_fn(loss: PerSampleLoss, prepared: Prepared, sample: Any) -> ChunkFn:
-    """Probes where a weight qualifies (found from ``sample``), the direct path otherwise."""
+def auto_chunk_fn(loss: PerSampleLoss, prepared: Prepared, sample: Any, *, labels: LabelSets | None = None) -> ChunkFn:
+    """Probes where a weight qualifies (found from ``sample``), the direct path otherwise.
+
+    ``labels``: the label sets of the ``"mc"`` / ``"exact"`` kinds, or ``None`` (empirical).
+    """
     sites = discover_sites(loss, prepared, sample)
     if not sites:
-        return direct_chunk_fn(loss, prepared)
-    return probe_chunk_fn(loss, prepared, sites)
+        return direct_chunk_fn(loss, prepared, labels=labels)
+    return probe_chunk_fn(loss, prepared, sites, labels=labels)

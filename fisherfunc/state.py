@@ -19,6 +19,8 @@ import optree
 import torch
 from torch import Tensor
 
+from .codec import Stored, check_storage_dtype, decode, encode, stored_device, stored_dtype, stored_shape, zeros
+from .kinds import check_kind
 from .rules import is_rule
 from .spec import ResolvedSpec, path_name, resolve_spec
 
@@ -35,11 +37,15 @@ class FisherState(NamedTuple):
         samples: samples seen.
         decay: the EMA decay ``β`` in ``[0, 1)``.
         spec: the resolved rule tree (the params' structure, rules as leaves).
-        kind: the Fisher kind the steps compute (``"empirical"`` — dataset labels — for now).
+        kind: the Fisher kind the steps compute: ``"empirical"`` (dataset labels), ``"mc"`` or
+            ``"exact"`` (see :mod:`fisherfunc.kinds`); a plain ``str``.
+        skipped: batches skipped as non-finite (``nonfinite="skip"``); they changed nothing else.
 
     The only tensors are the leaves of ``ema``; the other fields are plain Python values, so the
     state keys itself (``to_keyed(state, task=...)``) and debiases itself (``estimate(state)``).
     Map tensor functions over ``state.ema``, e.g. ``state._replace(ema=tree_map(f, state.ema))``.
+    A state stored in float16 has :class:`~fisherfunc.codec.Scaled` leaves (mantissa and
+    exponent) instead of tensors; see :mod:`fisherfunc.storage` for storage dtypes and devices.
     """
 
     ema: Any
@@ -49,6 +55,7 @@ class FisherState(NamedTuple):
     decay: float
     spec: Any
     kind: str = "empirical"
+    skipped: int = 0
 
 
 def check_decay(decay: float) -> float:
@@ -58,36 +65,50 @@ def check_decay(decay: float) -> float:
     return float(decay)
 
 
-def _zeros(resolved: ResolvedSpec, params: Any, dtype: torch.dtype | None) -> Any:
+def _zeros(resolved: ResolvedSpec, params: Any, dtype: torch.dtype | None, device: Any) -> Any:
     leaves = resolved.treespec.flatten_up_to(params)
-    zeros = []
+    stored = []
     for i in resolved.active:
         p = leaves[i]
         zdtype = dtype or (torch.float64 if p.dtype == torch.float64 else torch.float32)
-        zeros.append(torch.zeros(resolved.group_shapes[i], dtype=zdtype, device=p.device))
-    return resolved.unflatten_groups(zeros)
+        stored.append(zeros(resolved.group_shapes[i], dtype=zdtype, device=p.device if device is None else device))
+    return resolved.unflatten_groups(stored)
 
 
-def init_state(params: Any, *, spec: Any, decay: float = 0.99, dtype: torch.dtype | None = None) -> FisherState:
+def init_state(
+    params: Any,
+    *,
+    spec: Any,
+    decay: float = 0.99,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    kind: str = "empirical",
+) -> FisherState:
     """A fresh state (zero EMA, step 0) for ``params`` under ``spec``.
 
     Args:
         params: pytree of parameter tensors (only shapes, dtypes and devices are read).
         spec: group rules (prefix tree or callable), resolved and validated here.
         decay: EMA decay ``β`` in ``[0, 1)``.
-        dtype: dtype of the stored EMA (default float32, or float64 for float64 params).
+        dtype: storage dtype of the EMA: float32 (default; float64 for float64 params), float64,
+            bfloat16 or float16 (kept with a per-value exponent, see :mod:`fisherfunc.codec`).
+        device: where the EMA is stored (default: each parameter's device), e.g. ``"cpu"`` while
+            the params are on a GPU; every step computes on the params' device and stores back.
+        kind: the Fisher kind the steps will compute (:class:`~fisherfunc.kinds.FisherKind`).
     """
     decay = check_decay(decay)
-    if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"dtype of the stored EMA must be a floating-point dtype, got {dtype}")
+    kind = check_kind(kind).value
+    if dtype is not None:
+        check_storage_dtype(dtype)
     resolved = resolve_spec(spec, params)
     return FisherState(
-        ema=_zeros(resolved, params, dtype),
+        ema=_zeros(resolved, params, dtype, device),
         step=0,
         tokens=0.0,
         samples=0,
         decay=decay,
         spec=resolved.rule_tree(),
+        kind=kind,
     )
 
 
@@ -99,12 +120,16 @@ def ema_update(state: FisherState, batch_fisher: Any, tokens: float, samples: in
         batch_fisher: token-normalised Fisher ``F̂_t`` of the new batch (group tree like ``ema``).
         tokens: tokens in the batch.
         samples: samples in the batch.
+
+    The arithmetic runs in float32 (float64 for float64 storage) on ``F̂_t``'s device — the compute
+    device —, one group tensor at a time; the result is stored back where and how ``m`` was stored.
     """
     beta = state.decay
 
-    def update(m: Tensor, f: Tensor) -> Tensor:
-        work = torch.float64 if m.dtype == torch.float64 else torch.float32  # arithmetic in float32+
-        return (beta * m.to(work) + (1.0 - beta) * f.to(device=m.device, dtype=work)).to(m.dtype)
+    def update(m: Stored, f: Tensor) -> Stored:
+        work = torch.float64 if stored_dtype(m) == torch.float64 else torch.float32  # arithmetic in float32+
+        new = beta * decode(m, device=f.device, dtype=work) + (1.0 - beta) * f.to(work)
+        return encode(new, dtype=stored_dtype(m), device=stored_device(m))
 
     return state._replace(
         ema=optree.tree_map(update, state.ema, batch_fisher),
@@ -114,8 +139,15 @@ def ema_update(state: FisherState, batch_fisher: Any, tokens: float, samples: in
     )
 
 
-def estimate(state: FisherState) -> Any:
+def estimate(state: FisherState, *, device: torch.device | str | None = None) -> Any:
     """The bias-corrected Fisher ``m_t / (1 − β^t)`` (a new group tree).
+
+    Stored values are decoded and divided in float32 (float64 for float64 storage).
+
+    Args:
+        state: the state.
+        device: where to put the estimate (default: where the state is stored); nothing moves
+            unless asked (see :func:`fisherfunc.storage.read` for a lazy, per-group read).
 
     Raises:
         ValueError: if the state has taken no step yet (there is nothing to estimate).
@@ -131,7 +163,7 @@ def estimate(state: FisherState) -> Any:
     if state.step == 0:
         raise ValueError("the state has taken no step yet; call fisher_step(params, batch, state) first")
     correction = bias_correction(state.decay, state.step)
-    return optree.tree_map(lambda m: m / correction, state.ema)
+    return optree.tree_map(lambda m: decode(m, device=device) / correction, state.ema)
 
 
 def bias_correction(decay: float, step: int) -> float:
@@ -160,18 +192,25 @@ def clear(states: Mapping[str, FisherState], tasks: str | Iterable[str] | None =
     out = dict(states)
     for t in chosen:
         s = states[t]
-        out[t] = s._replace(ema=optree.tree_map(torch.zeros_like, s.ema), step=0, tokens=0.0, samples=0)
+        fresh = optree.tree_map(lambda m: zeros(stored_shape(m), dtype=stored_dtype(m), device=stored_device(m)), s.ema)
+        out[t] = s._replace(ema=fresh, step=0, tokens=0.0, samples=0, skipped=0)
     return out
 
 
 def metadata(state: FisherState) -> dict[str, Any]:
-    """A JSON-serialisable description of a state: counts, decay and the rule of every parameter."""
+    """A JSON-serialisable description of a state: counts, decay, storage and every parameter's rule."""
     paths, rules, _ = optree.tree_flatten_with_path(state.spec, is_leaf=is_rule)
+    stored = optree.tree_leaves(state.ema)
     return {
         "step": state.step,
         "tokens": state.tokens,
         "samples": state.samples,
+        "skipped": state.skipped,
         "decay": state.decay,
         "kind": state.kind,
+        "storage": {
+            "dtypes": sorted({str(stored_dtype(m)).removeprefix("torch.") for m in stored}),
+            "devices": sorted({str(stored_device(m)) for m in stored}),
+        },
         "rules": {path_name(p): repr(r) for p, r in zip(paths, rules)},
     }

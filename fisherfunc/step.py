@@ -16,8 +16,11 @@ from typing import Any
 import optree
 import torch
 
-from .batch import Batch
-from .estimate import Path, accumulate, check_chunk_size, check_path, resolve_for
+from .batch import Batch, BatchError
+from .codec import Scaled
+from .estimate import Accumulator, Path, accumulate, check_chunk_size, check_path, resolve_for
+from .kinds import DEFAULT_MAX_CLASSES, FisherKind, resolve_kind, step_generator
+from .nonfinite import NonFiniteError, NonFinitePolicy, check_nonfinite
 from .per_sample import PerSampleLoss
 from .rules import SpecError, is_rule
 from .spec import ResolvedSpec, _few, path_name
@@ -46,7 +49,8 @@ def _check_state(state: FisherState, resolved: ResolvedSpec, decay: float) -> No
             )
     if treespec != resolved.treespec:
         raise SpecError(f"the state's tree structure {treespec} differs from the params' {resolved.treespec}")
-    resolved.flatten_groups(state.ema, what="state.ema")
+    stored_shapes = optree.tree_map(lambda m: m.mantissa if isinstance(m, Scaled) else m, state.ema)
+    resolved.flatten_groups(stored_shapes, what="state.ema")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -59,6 +63,14 @@ class FisherStep:
         decay: EMA decay ``β`` in ``[0, 1)``.
         chunk_size: samples per vectorised chunk (``None``: whole batch).
         path: ``"auto"`` (output probes where possible) or ``"direct"``; both exact.
+        kind: the Fisher kind, ``"empirical"``, ``"mc"`` or ``"exact"`` (see :mod:`fisherfunc.kinds`).
+        mc_samples: draws per example for ``"mc"``.
+        seed: ``"mc"``'s seed: step ``t`` draws from :func:`~fisherfunc.kinds.step_generator`
+            ``(seed, t)``, so a step is a pure function of ``(params, batch, state)``.
+        generator: ``"mc"``'s generator instead of a seed, advanced by every call.
+        max_classes: the most classes (or Gaussian outputs) ``"exact"`` may enumerate.
+        nonfinite: ``"raise"`` or ``"skip"`` a batch with NaN/Inf per-sample values
+            (see :mod:`fisherfunc.nonfinite`).
     """
 
     loss: PerSampleLoss
@@ -66,11 +78,24 @@ class FisherStep:
     decay: float
     chunk_size: int | None
     path: Path = "auto"
+    kind: str = "empirical"
+    mc_samples: int = 1
+    seed: int | None = None
+    generator: torch.Generator | None = None
+    max_classes: int = DEFAULT_MAX_CLASSES
+    nonfinite: NonFinitePolicy = "raise"
 
-    def init(self, params: Any, *, dtype: torch.dtype | None = None) -> FisherState:
-        """A fresh state for ``params`` (zero EMA, step 0); ``dtype`` sets the stored dtype."""
+    def init(
+        self, params: Any, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> FisherState:
+        """A fresh state for ``params`` (zero EMA, step 0), stored in ``dtype`` on ``device``.
+
+        See :func:`~fisherfunc.init_state` and :mod:`fisherfunc.storage` for the storage policy.
+        """
         resolved = resolve_for(self.loss, params, self.spec)
-        return init_state(params, spec=resolved.rule_tree(), decay=self.decay, dtype=dtype)
+        return init_state(
+            params, spec=resolved.rule_tree(), decay=self.decay, dtype=dtype, device=device, kind=self.kind
+        )
 
     def __call__(self, params: Any, batch: Batch, state: FisherState) -> FisherState:
         """Fold one batch into ``state``; returns a new :class:`FisherState`.
@@ -81,14 +106,58 @@ class FisherStep:
             state: the current state (not modified).
 
         Raises:
-            SpecError: if ``state`` was made for other parameters, rules or decay.
+            SpecError: if ``state`` was made for other parameters, rules, decay or Fisher kind.
             BatchError: for a malformed batch or one with no tokens (before any model call).
+            NonFiniteError: with ``nonfinite="raise"``, for NaN/Inf per-sample values, naming
+                the parameters and samples; with ``"skip"`` the result is ``state`` with
+                ``skipped`` increased by one and nothing else changed.
+        """
+        try:
+            acc = self.batch_sums(params, batch, state)
+        except NonFiniteError:
+            if self.nonfinite == "raise":
+                raise
+            return state._replace(skipped=state.skipped + 1)
+        return self.update(state, acc)
+
+    def batch_sums(self, params: Any, batch: Batch, state: FisherState) -> Accumulator:
+        """The batch's exact sums ``Σ_b s_b``, ``Σ_b n_b``, ``B``, after checking ``state`` (no update).
+
+        ``fisher_step(params, batch, state) == fisher_step.update(state, fisher_step.batch_sums(...))``
+        for a finite batch; :mod:`fisherfunc.distributed` sums the middle term over processes.
+
+        Raises:
+            NonFiniteError: for NaN/Inf per-sample values, whatever the policy.
         """
         if not isinstance(state, FisherState):
             raise TypeError(f"state must be a FisherState (from fisher_step.init(params)), got {type(state).__name__}")
         resolved = resolve_for(self.loss, params, self.spec)
         _check_state(state, resolved, self.decay)
-        acc = accumulate(self.loss, params, batch, spec=resolved, chunk_size=self.chunk_size, path=self.path)
+        if state.kind != self.kind:
+            raise SpecError(f"the state holds a {state.kind!r} Fisher, but this fisher_step computes {self.kind!r}")
+        generator = self.generator if self.seed is None else step_generator(self.seed, state.step)
+        return accumulate(
+            self.loss,
+            params,
+            batch,
+            spec=resolved,
+            chunk_size=self.chunk_size,
+            path=self.path,
+            kind=self.kind,
+            mc_samples=self.mc_samples,
+            generator=generator,
+            max_classes=self.max_classes,
+            nonfinite="raise",
+        )
+
+    def update(self, state: FisherState, acc: Accumulator) -> FisherState:
+        """Fold a batch's sums into ``state``: ``F̂_t = Σ_b s_b / Σ_b n_b``, then the EMA update.
+
+        Raises:
+            BatchError: if ``acc`` has no tokens (an empty or all-skipped accumulator).
+        """
+        if not acc.tokens > 0:
+            raise BatchError(f"the accumulator has {acc.tokens} tokens: there is no batch Fisher to fold in")
         batch_fisher = optree.tree_map(lambda s: s / acc.tokens, acc.sums)
         return ema_update(state, batch_fisher, acc.tokens, acc.samples)
 
@@ -100,6 +169,12 @@ def make_fisher_step(
     decay: float = 0.99,
     chunk_size: int | None = None,
     path: Path = "auto",
+    kind: FisherKind | str = "empirical",
+    mc_samples: int = 1,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    max_classes: int = DEFAULT_MAX_CLASSES,
+    nonfinite: NonFinitePolicy = "raise",
 ) -> FisherStep:
     """Bind configuration into a pure ``fisher_step(params, batch, state) -> state``.
 
@@ -112,6 +187,18 @@ def make_fisher_step(
         chunk_size: samples per vectorised chunk (``None``: whole batch at once).
         path: ``"auto"`` (output probes for the linear-like weights that qualify, direct gradients
             elsewhere) or ``"direct"`` (``vmap(grad)`` of every parameter). Both are exact.
+        kind: ``"empirical"`` (dataset labels; the default), ``"mc"`` (labels sampled from the
+            model) or ``"exact"`` (expectation over classes); see :mod:`fisherfunc.kinds`. The
+            states record it (``state.kind``), and a state of another kind is refused.
+        mc_samples: draws per example for ``"mc"``.
+        seed: an int seed for ``"mc"``: step ``t`` draws from a generator derived from
+            ``(seed, t)``, so the step stays pure and every step gets new draws.
+        generator: a ``torch.Generator`` for ``"mc"`` instead, advanced by every call.
+        max_classes: the most classes (or Gaussian outputs) ``"exact"`` may enumerate.
+        nonfinite: a batch whose per-sample values contain NaN or Inf is refused with a
+            :class:`~fisherfunc.nonfinite.NonFiniteError` naming the parameters and samples
+            (``"raise"``, the default) or skipped and counted in ``state.skipped`` (``"skip"``);
+            either way the state is not otherwise changed.
 
     Returns:
         A :class:`FisherStep`: call it, and use ``.init(params)`` for the first state.
@@ -128,4 +215,18 @@ def make_fisher_step(
     decay = check_decay(decay)
     check_chunk_size(chunk_size)
     check_path(path)
-    return FisherStep(loss=loss, spec=spec, decay=decay, chunk_size=chunk_size, path=path)
+    check_nonfinite(nonfinite)
+    resolve_kind(loss, kind, mc_samples=mc_samples, generator=generator, seed=seed, max_classes=max_classes)
+    return FisherStep(
+        loss=loss,
+        spec=spec,
+        decay=decay,
+        chunk_size=chunk_size,
+        path=path,
+        kind=FisherKind(kind).value,
+        mc_samples=mc_samples,
+        seed=seed,
+        generator=generator,
+        max_classes=max_classes,
+        nonfinite=nonfinite,
+    )

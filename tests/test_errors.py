@@ -806,15 +806,34 @@ def test_error_types_are_value_errors() -> None:
     assert issubclass(ff.SpecError, ValueError) and issubclass(ff.BatchError, ValueError)
 
 
-def test_train_mode_dropout_is_refused_before_any_forward() -> None:
-    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.3), CountingMLP())
+def test_bad_dropout_option_is_refused_by_every_builder() -> None:
+    model = CountingMLP()
+    builders: list[Callable[..., Any]] = [
+        ff.losses.classification,
+        ff.losses.token_classification,
+        ff.losses.causal_lm,
+        ff.losses.regression,
+        lambda m, **kw: ff.losses.custom(m, lambda p, y: p.sum(), **kw),
+    ]
+    for build in builders:
+        for bad in ("training", True, None):
+            with pytest.raises(ValueError, match=r"dropout must be 'eval' or 'train', got " + re.escape(repr(bad))):
+                build(model, dropout=bad)
+    assert model.calls == 0
+
+
+def test_train_dropout_on_an_eval_mode_model_is_refused_before_any_forward() -> None:
+    # dropout="train" keeps the model's own dropout; with every module in eval mode nothing would
+    # be dropped, which is almost surely a mistake.
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.3), CountingMLP()).eval()
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     params = dict(model.named_parameters())
-    with pytest.raises(ValueError, match=r"dropout layer '1' is in training mode \(p=0.3\).*model.eval\(\)"):
-        ff.fisher(ff.losses.classification(model), params, (x, y))
+    loss = ff.losses.classification(model, dropout="train")
+    with pytest.raises(ValueError, match=r"dropout='train'.*Sequential.*eval mode.*model\.train\(\)"):
+        ff.fisher(loss, params, (x, y))
     assert model[2].calls == 0
-    model.eval()
-    ff.fisher(ff.losses.classification(model), params, (x, y))  # eval mode works
+    assert not any(m.training for m in model.modules())  # the check changes nothing
+    ff.fisher(ff.losses.classification(model), params, (x, y))  # the default (eval semantics) works
     assert model[2].calls > 0
 
 

@@ -216,6 +216,21 @@ def test_tied_parameters_appear_once() -> None:
     assert spec["emb.weight"] == ff.Rows()
 
 
+def test_tied_parameter_listed_under_a_module_without_rules_is_placed() -> None:
+    # BERT's MLM head keeps its output bias as a bare parameter on the head module (listed first)
+    # and ties it to the decoder Linear's bias: rules follow the tensor, not the name.
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bias = nn.Parameter(torch.zeros(9))
+            self.decoder = nn.Linear(4, 9)
+            self.decoder.bias = self.bias
+
+    spec = ff.infer_spec(Head())
+    assert list(spec) == ["bias", "decoder.weight"]
+    assert spec["bias"] == ff.Channel(0)
+
+
 def test_batchnorm_in_training_mode_is_refused() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))  # training mode by default
     with pytest.raises(ValueError, match="'1'.*training mode"):

@@ -1,0 +1,184 @@
+"""``fisherfunc.distributed``: two ``gloo`` processes, each on half of every batch, equal one process.
+
+The test starts two worker processes itself (``tests/distributed_worker.py``) that meet through a
+``FileStore`` in a temporary directory, with a 60 s collective timeout inside and a hard wall-clock
+limit outside, so a hang fails the test instead of stalling CI. Their saved results are compared
+with one process computing on the whole batches here: ``≤ 1e-6`` relative in float32 (norm-wise
+per parameter, as the invariant checks do); counts exactly; the two processes' states bitwise.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import distributed_worker as worker  # the worker's problem, rebuilt here for the one-process reference
+import optree
+import pytest
+import torch
+
+import fisherfunc as ff
+from fisherfunc.testing import invariants as inv
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+RTOL = 1e-6
+WALL_CLOCK_S = 240
+
+
+def _launch(argv_of_rank: Any, world: int, env_of_rank: Any = None) -> list[subprocess.CompletedProcess]:
+    """Start ``world`` processes, wait for all with a hard time limit, kill them all on timeout."""
+    procs = []
+    for rank in range(world):
+        env = (
+            os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"} | (env_of_rank(rank) if env_of_rank else {})
+        )
+        procs.append(
+            subprocess.Popen(argv_of_rank(rank), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=WALL_CLOCK_S)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"distributed processes did not finish within {WALL_CLOCK_S} s")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for rank, result in enumerate(done):
+        assert result.returncode == 0, f"process {rank} failed:\n{result.stderr[-4000:]}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("gloo")
+    store = tmp / "store"
+    _launch(lambda rank: [sys.executable, str(HERE / "distributed_worker.py"), str(rank), "2", str(store), str(tmp)], 2)
+    return [torch.load(tmp / f"rank{rank}.pt") for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, Any]:
+    """One process, whole batches."""
+    loss, params, batches = worker.problem()
+    fisher_step = ff.make_fisher_step(loss, decay=0.8, chunk_size=worker.CHUNK)
+    state = fisher_step.init(params)
+    for batch in batches:
+        state = fisher_step(params, batch, state)
+    return {
+        "fisher": ff.fisher(loss, params, batches[:2], chunk_size=worker.CHUNK),
+        "accumulator": ff.accumulate(loss, params, batches[0]),
+        "state": state,
+        "after": fisher_step(params, batches[1], state),
+        "halves": [worker.shard(batches[0], rank, 2)["mask"].sum().item() for rank in range(2)],
+    }
+
+
+def _assert_state(actual: dict[str, Any], expected: ff.FisherState, what: str) -> None:
+    assert (actual["step"], actual["tokens"], actual["samples"]) == (expected.step, expected.tokens, expected.samples)
+    inv.assert_fisher_close(actual["ema"], expected.ema, rtol=RTOL, what=what)
+
+
+def _assert_bitwise_equal(a: Any, b: Any) -> None:
+    assert optree.tree_structure(a, none_is_leaf=True) == optree.tree_structure(b, none_is_leaf=True)
+    for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b), strict=True):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
+def test_the_halves_have_different_token_counts(reference) -> None:
+    # Otherwise averaging the halves' Fisher would pass too; token normalisation must use Σ S / Σ N.
+    first, second = reference["halves"]
+    assert first != second
+
+
+def test_one_shot_estimate_equals_one_process(results, reference) -> None:
+    for rank in range(2):
+        inv.assert_fisher_close(results[rank]["fisher"], reference["fisher"], rtol=RTOL, what=f"process {rank}")
+        acc, expected = results[rank]["accumulator"], reference["accumulator"]
+        assert (acc["tokens"], acc["samples"]) == (expected.tokens, expected.samples)
+        inv.assert_fisher_close(acc["sums"], expected.sums, rtol=RTOL, what=f"process {rank} sums")
+    _assert_bitwise_equal(results[0]["fisher"], results[1]["fisher"])
+
+
+def test_ema_states_after_several_steps_equal_one_process(results, reference) -> None:
+    for rank in range(2):
+        _assert_state(results[rank]["ema"], reference["state"], f"process {rank} EMA after {worker.STEPS} steps")
+    _assert_bitwise_equal(results[0]["ema"], results[1]["ema"])
+
+
+def test_a_nan_shard_is_skipped_by_every_process(results) -> None:
+    for rank in range(2):
+        skipped, before = results[rank]["skipped"], results[rank]["ema"]
+        assert skipped["skipped"] == 1
+        _assert_bitwise_equal({**skipped, "skipped": 0}, before)
+
+
+def test_a_nan_shard_raises_on_every_process_naming_the_culprit(results) -> None:
+    culprits = ("emb.weight", "out.bias", "out.weight")
+    name, message, parameters, samples = results[1]["raised"]  # the process whose shard has the NaN
+    assert name == "NonFiniteError" and set(parameters) == set(culprits) and samples == (2,)
+    assert "'emb.weight' at samples [2]" in message
+    name, message, parameters, samples = results[0]["raised"]
+    assert name == "NonFiniteError" and set(parameters) == set(culprits) and samples == (2,)
+    assert "process 1's shard" in message and "'emb.weight' at samples [2]" in message
+
+
+def test_another_failure_stops_every_process(results, reference) -> None:
+    name, message, _, _ = results[0]["error"]
+    assert name == "BatchError" and "different batch sizes" in message
+    name, message, _, _ = results[1]["error"]
+    assert name == "DistributedError" and "process 0: BatchError" in message
+    # Nobody hung, and the next collective step still agrees with one process.
+    for rank in range(2):
+        _assert_state(results[rank]["after"], reference["after"], f"process {rank} after the failures")
+
+
+def test_readme_example_runs_on_two_processes(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a free localhost port for env:// rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "fisher.safetensors"
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    done = _launch(
+        lambda rank: [sys.executable, str(ROOT / "examples" / "data_parallel.py"), str(out)],
+        2,
+        lambda rank: env | {"RANK": str(rank), "LOCAL_RANK": str(rank)},
+    )
+    assert "2 processes, 640 samples" in done[0].stdout
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import data_parallel as example
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    model, batches = example.problem()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    fisher_step = ff.make_fisher_step(ff.losses.classification(model), decay=0.9)
+    state = fisher_step.init(params)
+    for batch in batches:
+        state = fisher_step(params, batch, state)
+    loaded = ff.load(out, params, task="classifier")
+    assert (loaded.step, loaded.samples, loaded.tokens) == (state.step, state.samples, state.tokens)
+    # Stored in bfloat16: equal to one float32 process within bfloat16's precision per step.
+    actual = optree.tree_map(lambda t: t.double(), ff.estimate(loaded))
+    expected = optree.tree_map(lambda t: t.double(), ff.estimate(state))
+    inv.assert_fisher_close(actual, expected, rtol=2e-2, what="bfloat16 state of the example")
+
+
+def test_without_a_process_group_the_error_says_what_to_do() -> None:
+    loss, params, batches = worker.problem()
+    dp = ff.distributed.data_parallel(ff.make_fisher_step(loss))
+    with pytest.raises(RuntimeError, match=r"init_process_group"):
+        dp(params, batches[0], dp.init(params))
+    with pytest.raises(RuntimeError, match=r"init_process_group"):
+        ff.distributed.fisher(loss, params, batches[0])
+    with pytest.raises(TypeError, match="data_parallel needs a FisherStep"):
+        ff.distributed.data_parallel(loss)

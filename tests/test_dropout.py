@@ -1,0 +1,189 @@
+"""Dropout: evaluation semantics by default, whatever the model's mode, without touching the model.
+
+* ``dropout="eval"`` (default): the Fisher of a train-mode model equals the Fisher of an eval-mode
+  copy (float64, ≤ 1e-12 relative), for dropout modules, functional dropout, attention dropout
+  inside ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``; every module's
+  ``training`` flag, hooks and weights are the same afterwards.
+* ``dropout="train"``: the model's own dropout with independent masks per sample — identical
+  samples get different per-sample Fisher, the eval default gives them identical ones, and a seed
+  reproduces a run.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fisherfunc as ff
+
+TOL = 1e-12
+PATHS = ("auto", "direct")
+
+
+class DropoutMLP(nn.Module):
+    """Linear → Dropout → Tanh → Linear → AlphaDropout → Linear (a classifier)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(6, 10), nn.Dropout(p), nn.Tanh(), nn.Linear(10, 10), nn.AlphaDropout(p), nn.Linear(10, 4)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class FunctionalDropoutNet(nn.Module):
+    """Functional dropout that ignores the module's mode (``training=True`` hard-coded) and attention
+    dropout inside ``F.scaled_dot_product_attention``; ``p=0`` is the deterministic network."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.qkv = nn.Linear(8, 24)
+        self.out = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, T, 8] -> logits [B, 5]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        h = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p)
+        h = F.dropout(h, self.p, training=True) + F.dropout2d(h, p=self.p, training=True)
+        return self.out(torch.tanh(h).mean(-2))
+
+
+class EncoderClassifier(nn.Module):
+    """``nn.TransformerEncoderLayer`` (``nn.MultiheadAttention`` inside) with dropout, then a head."""
+
+    def __init__(self, p: float = 0.4) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=p, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, T, 8] -> logits [B, 3]
+        return self.head(self.layer(x).mean(-2))
+
+
+def _case(name: str) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if name == "mlp":
+        model: nn.Module = DropoutMLP()
+        batch = (torch.randn(7, 6, generator=g), torch.randint(0, 4, (7,), generator=g))
+    elif name == "encoder":
+        model = EncoderClassifier()
+        batch = (torch.randn(5, 4, 8, generator=g), torch.randint(0, 3, (5,), generator=g))
+    else:
+        raise ValueError(name)
+    return model.double().train(), (batch[0].double(), batch[1])
+
+
+def _snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything a Fisher computation must leave as it was."""
+    return {
+        "training": [m.training for m in model.modules()],
+        "hooks": [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+    }
+
+
+def _assert_same_snapshot(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert after["training"] == before["training"]
+    assert after["hooks"] == before["hooks"]
+    assert after["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), k
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", ["mlp", "encoder"])
+def test_eval_semantics_equal_the_eval_mode_models_fisher(name: str, path: str) -> None:
+    model, batch = _case(name)
+    evaluated = copy.deepcopy(model).eval()
+    before = _snapshot(model)
+    params = dict(model.named_parameters())
+    got = ff.fisher(ff.losses.classification(model), params, batch, path=path)
+    want = ff.fisher(ff.losses.classification(evaluated), dict(evaluated.named_parameters()), batch, path=path)
+    for k in want:
+        assert _rel(got[k], want[k]) <= TOL, k
+    _assert_same_snapshot(before, _snapshot(model))
+    assert all(m.training for m in model.modules())  # still in training mode, as the user left it
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_eval_semantics_reach_functional_and_attention_dropout(path: str) -> None:
+    # The p=0 network is what evaluation computes; hard-coded training=True calls are dropped too.
+    torch.manual_seed(0)
+    model = FunctionalDropoutNet(p=0.6).double()
+    plain = copy.deepcopy(model)
+    plain.p = 0.0
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(6, 5, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (6,), generator=g))
+    spec = ff.Channel(0)
+    got = ff.fisher(ff.losses.classification(model), dict(model.named_parameters()), batch, spec=spec, path=path)
+    want = ff.fisher(ff.losses.classification(plain), dict(plain.named_parameters()), batch, spec=spec, path=path)
+    for k in want:
+        assert _rel(got[k], want[k]) <= TOL, k
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", ["mlp", "encoder"])
+def test_train_option_draws_independent_masks_per_sample(name: str, path: str) -> None:
+    model, (x, y) = _case(name)
+    same = (x[:1].expand(6, *x.shape[1:]).contiguous(), y[:1].expand(6).contiguous())  # one sample, six times
+    params = dict(model.named_parameters())
+    before = _snapshot(model)
+
+    torch.manual_seed(3)
+    train = ff.per_sample_fisher(ff.losses.classification(model, dropout="train"), params, same, path=path)
+    torch.manual_seed(3)
+    again = ff.per_sample_fisher(ff.losses.classification(model, dropout="train"), params, same, path=path)
+    evaluated = ff.per_sample_fisher(ff.losses.classification(model), params, same, path=path)
+
+    for k, groups in train.groups.items():
+        flat = groups.reshape(6, -1)
+        distinct = {tuple(row.tolist()) for row in flat}
+        assert len(distinct) == 6, f"{k}: per-sample Fisher of identical samples should differ (own masks)"
+        assert torch.equal(groups, again.groups[k]), f"{k}: the same seed should reproduce the masks"
+        e = evaluated.groups[k].reshape(6, -1)
+        assert torch.equal(e, e[:1].expand_as(e)), f"{k}: eval semantics give identical samples identical Fisher"
+    _assert_same_snapshot(before, _snapshot(model))
+
+
+def test_train_option_runs_in_make_fisher_step_and_leaves_eval_default_deterministic() -> None:
+    model, batch = _case("mlp")
+    params = dict(model.named_parameters())
+    step = ff.make_fisher_step(ff.losses.classification(model), decay=0.0)
+    a, b = step(params, batch, step.init(params)), step(params, batch, step.init(params))
+    assert all(torch.equal(a.ema[k], b.ema[k]) for k in a.ema)  # eval semantics: no randomness
+    noisy = ff.make_fisher_step(ff.losses.classification(model, dropout="train"), decay=0.0)
+    c, d = noisy(params, batch, noisy.init(params)), noisy(params, batch, noisy.init(params))
+    assert any(not torch.equal(c.ema[k], d.ema[k]) for k in c.ema)  # fresh masks on every call
+    assert all(m.training for m in model.modules())
+
+
+def test_evaluation_context_for_a_plain_callable() -> None:
+    # A hand-written per-sample loss opts into the same semantics with ff.dropout.evaluation().
+    model, batch = _case("mlp")
+    evaluated = copy.deepcopy(model).eval()
+
+    def loss(p: dict[str, Tensor], sample: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
+        x, y = sample
+        with ff.dropout.evaluation():
+            logits = torch.func.functional_call(model, p, (x[None],))
+        return F.cross_entropy(logits, y[None], reduction="sum"), 1
+
+    spec = ff.infer_spec(model)
+    got = ff.fisher(loss, dict(model.named_parameters()), batch, spec=spec)
+    want = ff.fisher(ff.losses.classification(evaluated), dict(evaluated.named_parameters()), batch, spec=spec)
+    for k in want:
+        assert _rel(got[k], want[k]) <= TOL, k
+    assert ff.dropout.vmap_randomness(loss) == "error"
+    assert ff.losses.classification(model, dropout="train").randomness == "different"
