@@ -136,6 +136,8 @@ class FisherStep:
         if state.kind != self.kind:
             raise SpecError(f"the state holds a {state.kind!r} Fisher, but this fisher_step computes {self.kind!r}")
         generator = self.generator if self.seed is None else step_generator(self.seed, state.step)
+        if isinstance(batch, list):  # one batch as a DataLoader yields it ([x, y]), not a list of batches
+            batch = tuple(batch)
         return accumulate(
             self.loss,
             params,

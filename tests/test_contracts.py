@@ -693,3 +693,23 @@ def test_empty_params_raise(params: Any) -> None:
 def test_empty_group_tree_keys() -> None:
     assert ff.to_keyed({}, task="t", spec={}) == {}
     assert ff.from_keyed({}) == {}
+
+
+def test_fisher_step_takes_a_dataloader_batch() -> None:
+    # DataLoader's default collate yields one batch as a list [x, y]; a step takes it as one batch.
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    data = TensorDataset(torch.randn(10, 4), torch.randint(0, 3, (10,)))
+    fisher_step = ff.make_fisher_step(ff.losses.classification(model), decay=0.0)
+    (listed,) = list(DataLoader(data, batch_size=10))
+    assert isinstance(listed, list)
+    from_list = fisher_step(params, listed, fisher_step.init(params))
+    from_tuple = fisher_step(params, tuple(data.tensors), fisher_step.init(params))
+    assert from_list.samples == 10
+    for name in params:
+        assert torch.equal(from_list.ema[name], from_tuple.ema[name])
+    loader_fisher = ff.fisher(ff.losses.classification(model), params, DataLoader(data, batch_size=4))
+    assert all(torch.allclose(loader_fisher[k], from_tuple.ema[k], rtol=1e-6) for k in params)
