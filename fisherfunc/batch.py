@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .spec import path_name
 
-__all__ = ["BatchError", "batch_size", "take", "cast_floating", "iter_batches"]
+__all__ = ["BatchError", "batch_size", "take", "cast_floating", "iter_batches", "as_tree"]
 
 Batch = Any  # a tensor, tuple, dict (or any pytree) of tensors with a leading batch dimension
 
@@ -71,6 +71,16 @@ def iter_batches(batches: Batch | Iterable[Batch]) -> Iterator[Batch]:
     iterable (a list, a generator, a ``DataLoader``) is an iterable of batches.
     """
     if isinstance(batches, (Tensor, tuple, Mapping)):
-        yield batches
+        yield as_tree(batches)
         return
-    yield from batches
+    for batch in batches:
+        yield as_tree(batch)
+
+
+def as_tree(batch: Batch) -> Batch:
+    """A batch as a pytree optree walks into.
+
+    A mapping that is not a ``dict`` (Hugging Face's ``BatchEncoding``, a ``UserDict``) becomes a
+    ``dict`` of its entries; anything else is returned unchanged.
+    """
+    return dict(batch) if isinstance(batch, Mapping) and not isinstance(batch, dict) else batch

@@ -23,7 +23,7 @@ import optree
 import torch
 from torch import Tensor
 
-from .batch import BatchError, batch_size, iter_batches, take
+from .batch import BatchError, as_tree, batch_size, iter_batches, take
 from .kinds import DEFAULT_MAX_CLASSES, FisherKind, LabelSets, resolve_kind
 from .nonfinite import FiniteCheck, NonFiniteError, NonFinitePolicy, NonFiniteWarning, check_nonfinite
 from .per_sample import ChunkFn, PerSampleLoss, Prepared, direct_chunk_fn, prepare
@@ -340,6 +340,7 @@ def per_sample_fisher(
     )
     resolved = resolve_for(loss, params, spec)
     prepared = prepare(resolved, params)
+    batch = as_tree(batch)
     size, _ = _precheck(loss, batch)
     chunk_fn = _chunk_fn(loss, prepared, batch, path, labels)
     parts = list(_stream(chunk_fn, _with_noise(batch, labels, generator), size, chunk_size))

@@ -713,3 +713,22 @@ def test_fisher_step_takes_a_dataloader_batch() -> None:
         assert torch.equal(from_list.ema[name], from_tuple.ema[name])
     loader_fisher = ff.fisher(ff.losses.classification(model), params, DataLoader(data, batch_size=4))
     assert all(torch.allclose(loader_fisher[k], from_tuple.ema[k], rtol=1e-6) for k in params)
+
+
+def test_a_mapping_that_is_not_a_dict_is_a_batch() -> None:
+    # Hugging Face's BatchEncoding is a UserDict: a Mapping that optree does not walk into.
+    from collections import UserDict
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    loss = ff.losses.classification(model, inputs="x", targets="y")
+    plain = {"x": torch.randn(6, 4), "y": torch.randint(0, 3, (6,))}
+    wrapped = UserDict(plain)
+    expected = ff.fisher(loss, params, plain)
+    assert all(torch.equal(ff.fisher(loss, params, wrapped)[k], expected[k]) for k in params)
+    per_sample = ff.per_sample_fisher(loss, params, wrapped)
+    assert all(torch.allclose(per_sample.groups[k].sum(0) / 6, expected[k]) for k in params)
+    step = ff.make_fisher_step(loss, decay=0.0)
+    state = step(params, wrapped, step.init(params))
+    assert all(torch.equal(state.ema[k], expected[k]) for k in params)

@@ -300,7 +300,9 @@ def _backpack_diag(model: MLP | ConvTagger, x: Tensor, y: Tensor, loss_module: n
     BackPACK extends ``nn.Sequential`` of its known layers: a copy of the model's layers (extending
     registers hooks, which must stay off the original), with parameter names mapped back.
     """
-    backpack = pytest.importorskip("backpack", reason="BackPACK is not installed (pip install --no-deps -r requirements-peers.txt)")
+    backpack = pytest.importorskip(
+        "backpack", reason="BackPACK is not installed (pip install --no-deps -r requirements-peers.txt)"
+    )
     from backpack.extensions import DiagGGNExact
 
     net = backpack.extend(copy.deepcopy(nn.Sequential(*model.layers())))
