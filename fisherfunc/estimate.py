@@ -119,12 +119,28 @@ def check_path(path: str) -> None:
 
 
 def _chunk_fn(
-    loss: PerSampleLoss, prepared: Prepared, batch: Batch, path: Path, labels: LabelSets | None = None
+    loss: PerSampleLoss,
+    prepared: Prepared,
+    batch: Batch,
+    path: Path,
+    labels: LabelSets | None = None,
+    cache: dict[Any, ChunkFn] | None = None,
 ) -> ChunkFn:
-    """The per-chunk computation for one batch (probe shapes are discovered from its first sample)."""
+    """The per-chunk computation for one batch (probe shapes are discovered from its first sample).
+
+    ``cache`` (one per call over the same ``prepared`` params) reuses the computation for later
+    batches whose samples have the same shapes and dtypes, so discovery runs once per shape.
+    """
+    key = tuple((tuple(x.shape[1:]), x.dtype) for x in optree.tree_leaves(batch))
+    if cache is not None and key in cache:
+        return cache[key]
     if path == "direct":
-        return direct_chunk_fn(loss, prepared, labels=labels)
-    return auto_chunk_fn(loss, prepared, optree.tree_map(lambda x: x[0], batch), labels=labels)
+        fn = direct_chunk_fn(loss, prepared, labels=labels)
+    else:
+        fn = auto_chunk_fn(loss, prepared, optree.tree_map(lambda x: x[0], batch), labels=labels)
+    if cache is not None:
+        cache[key] = fn
+    return fn
 
 
 def _with_noise(batch: Batch, labels: LabelSets | None, generator: torch.Generator | None) -> Batch:
@@ -148,9 +164,10 @@ def _batch_sums(
     path: Path,
     labels: LabelSets | None = None,
     generator: torch.Generator | None = None,
+    cache: dict[Any, ChunkFn] | None = None,
 ) -> tuple[list[Tensor], float, int]:
     size, _ = _precheck(loss, batch)
-    chunk_fn = _chunk_fn(loss, prepared, batch, path, labels)
+    chunk_fn = _chunk_fn(loss, prepared, batch, path, labels, cache)
     sums: list[Tensor] | None = None
     tokens = torch.zeros((), dtype=prepared.dtype)
     source = _with_noise(batch, labels, generator)
@@ -200,9 +217,10 @@ def accumulate(
     prepared = prepare(resolved, params)
     sums: list[Tensor] | None = None
     tokens, samples, skipped = 0.0, 0, 0
+    cache: dict[Any, ChunkFn] = {}
     for index, batch in enumerate(iter_batches(batches)):
         try:
-            part, n, b = _batch_sums(loss, prepared, batch, chunk_size, path, labels, generator)
+            part, n, b = _batch_sums(loss, prepared, batch, chunk_size, path, labels, generator, cache)
         except NonFiniteError as err:
             if nonfinite == "raise":
                 raise (err if isinstance(batches, (Tensor, tuple, Mapping)) else err.at_batch(index)) from None

@@ -217,3 +217,18 @@ def test_transformer_encoder_layer_linear_sublayers_probe() -> None:
     assert {"0.linear1.weight", "0.linear2.weight", "2.weight"} <= set(sites)
     assert "0.self_attn.in_proj_weight" not in sites and "0.self_attn.out_proj.weight" not in sites
     _assert_paths_agree(loss, params, batch, spec)
+
+
+def test_batches_of_different_lengths_in_one_call() -> None:
+    # The per-call cache of the probe computation is keyed by sample shapes: batches of another
+    # sequence length must get their own probe shapes, and repeated shapes reuse theirs exactly.
+    model = TokenModel().double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    loss = ff.losses.causal_lm(model, inputs=0, mask=1)
+    batches = [_token_batch(3, 5), _token_batch(4, 8), _token_batch(2, 5)]
+    together = ff.accumulate(loss, params, batches)
+    for name in params:
+        alone = sum(ff.accumulate(loss, params, b).sums[name] for b in batches)
+        direct = ff.accumulate(loss, params, batches, path="direct").sums[name]
+        assert torch.allclose(together.sums[name], alone, rtol=1e-12, atol=0), name
+        assert torch.allclose(together.sums[name], direct, rtol=1e-12, atol=0), name
