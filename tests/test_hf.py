@@ -65,13 +65,7 @@ def quiet_transformers() -> Any:
     transformers.logging.set_verbosity(before)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """One intra-op thread for these tiny models (thread hand-off dominates on a shared 2-core CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 # --- tiny models ----------------------------------------------------------------------------------

@@ -45,13 +45,7 @@ F64_TOL = 1e-10
 F32_TOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny models: one intra-op thread avoids OpenMP hand-off costs (values are unaffected)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 # --- models ---------------------------------------------------------------------------------------

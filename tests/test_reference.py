@@ -51,17 +51,7 @@ F32_TOL = 1e-5
 # warnings are errors here, so a leak would fail these tests.
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Run these tiny models on one intra-op thread, restoring the setting afterwards.
-
-    Their ops take microseconds; with two OpenMP threads on a shared 2-core machine, thread
-    hand-off dominates (grouped convolutions ran 50× slower), with no effect on the values.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 # --- models ---------------------------------------------------------------------------------------
