@@ -302,8 +302,8 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return meta, tensors
 
 
-def _check_params(meta: dict[str, Any], params: Any, bad: Any) -> None:
-    """Refuse params that differ from the recorded ones, naming the first differing parameter."""
+def _saved_params(meta: dict[str, Any], bad: Any) -> dict[str, tuple[int, ...]]:
+    """The recorded ``{parameter name: shape}`` table of a file."""
     table = meta.get("params")
     if (
         not isinstance(table, dict)
@@ -311,7 +311,12 @@ def _check_params(meta: dict[str, Any], params: Any, bad: Any) -> None:
         or not isinstance(table.get("shapes"), list)
     ):
         raise bad("its parameter table is malformed")
-    saved = dict(zip(table["names"], (tuple(s) for s in table["shapes"])))
+    return dict(zip(table["names"], (tuple(s) for s in table["shapes"])))
+
+
+def _check_params(meta: dict[str, Any], params: Any, bad: Any) -> None:
+    """Refuse params that differ from the recorded ones, naming the first differing parameter."""
+    saved = _saved_params(meta, bad)
     names, shapes, _ = _param_table(params)
     given = dict(zip(names, (tuple(s) for s in shapes)))
     for name, shape in saved.items():
@@ -411,14 +416,7 @@ def load(
         return StateFileError(f"{target}: {why}")
 
     if params is None:
-        table = meta.get("params")
-        if (
-            not isinstance(table, dict)
-            or not isinstance(table.get("names"), list)
-            or not isinstance(table.get("shapes"), list)
-        ):
-            raise bad("its parameter table is malformed")
-        params = {n: torch.empty(s, device="meta") for n, s in zip(table["names"], table["shapes"])}
+        params = {n: torch.empty(s, device="meta") for n, s in _saved_params(meta, bad).items()}
     else:
         _check_params(meta, params, bad)
     tasks = meta.get("tasks")
