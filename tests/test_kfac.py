@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fisherfunc as ff
+from fisherfunc.kfac.ops import _own_order
 from fisherfunc.state import bias_correction
 
 TOL = 1e-10
@@ -471,3 +472,106 @@ def test_padding_is_left_out_of_a_when_the_loss_knows_the_mask() -> None:
             assert (padded.G[k] - reference.G[k]).abs().max() <= TOL * reference.G[k].abs().max()
     E = ff.kfac.ekfac(plain, params, unpadded)  # batches of different lengths in the scaling pass too
     assert all(torch.isfinite(s).all() for s in E.scale.values())
+
+
+# --- convolutions (unfolded inputs, Grosse & Martens 2016) ----------------------------------------
+
+
+def _cnn(dims: int, seed: int = 14) -> nn.Sequential:
+    torch.manual_seed(seed)
+    conv = nn.Conv2d if dims == 2 else nn.Conv1d
+    return nn.Sequential(
+        conv(2, 3, 3, padding=1, stride=2 if dims == 2 else 1, dilation=1 if dims == 2 else 2),
+        nn.Tanh(),
+        conv(3, 4, 2, bias=False),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+    ).double()
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_convolution_factors_and_scaling_match_per_sample_gradients(dims: int) -> None:
+    """``A``/``G`` from unfolded patches by their definition; EK-FAC scaling exact in its basis."""
+    model = _cnn(dims)
+    torch.manual_seed(15)
+    x = torch.randn(5, 2, *((6, 6) if dims == 2 else (9,)), dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    model(x)  # materialise the lazy layer
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    loss = ff.losses.classification(model)
+    K = ff.kfac.kfac(loss, params, (x, y))
+    assert [(layer.name, layer.op) for layer in K.layers] == [
+        ("0.weight", f"conv{dims}d"),
+        ("2.weight", f"conv{dims}d"),
+        ("4.weight", "linear"),
+    ]
+    # reference: patches by explicit loops over output positions (no F.unfold), gradients by autograd
+    conv0, conv2 = model[0], model[2]
+    A0 = torch.zeros(2 * 9 + 1, 2 * 9 + 1, dtype=torch.float64) if dims == 2 else torch.zeros(7, 7, dtype=torch.float64)
+    G0 = torch.zeros(3, 3, dtype=torch.float64)
+    positions = 0
+    grads = []
+    for b in range(5):
+        xb = x[b : b + 1]
+        z0 = conv0(xb)
+        out = model[4](model[3](conv2(torch.tanh(z0))))
+        value = F.cross_entropy(out, y[b : b + 1], reduction="sum")
+        (d0,) = torch.autograd.grad(value, [z0], retain_graph=True)
+        grads.append(dict(zip(params, torch.autograd.grad(value, list(model.parameters())))))
+        padded = F.pad(xb[0], (1, 1, 1, 1) if dims == 2 else (1, 1))
+        for pos in torch.cartesian_prod(*[torch.arange(n) for n in z0.shape[2:]]).reshape(-1, dims):
+            if dims == 2:
+                i, j = 2 * pos[0], 2 * pos[1]
+                patch = padded[:, i : i + 3, j : j + 3].reshape(-1)
+                dv = d0[0, :, pos[0], pos[1]]
+            else:
+                i = pos[0]
+                patch = padded[:, i : i + 5 : 2].reshape(-1)  # kernel 3, dilation 2
+                dv = d0[0, :, pos[0]]
+            patch = torch.cat([patch, torch.ones(1, dtype=torch.float64)])
+            A0 += torch.outer(patch, patch)
+            G0 += torch.outer(dv, dv)
+            positions += 1
+    assert K.positions["0.weight"] == positions
+    assert (K.A["0.weight"] - A0 / positions).abs().max() <= TOL * A0.abs().max() / positions
+    assert (K.G["0.weight"] - G0 / 5).abs().max() <= TOL * G0.abs().max() / 5
+    E = ff.kfac.ekfac(loss, params, (x, y), K)
+    for layer in E.layers:
+        exact = _dense_fisher(grads, layer.name, layer.bias_name, 5.0)
+        # the basis in the parameters' own order (weight row-major, then bias), like dense()
+        q = torch.kron(E.QG[layer.name], E.QA[layer.name])[_own_order(layer)]
+        in_basis = torch.diagonal(q.t() @ exact @ q)
+        assert (E.scale[layer.name].reshape(-1) - in_basis).abs().max() <= TOL * in_basis.abs().max(), layer.name
+        err_e = torch.linalg.norm(ff.kfac.dense(E, layer.name) - exact)
+        err_k = torch.linalg.norm(ff.kfac.dense(K, layer.name) - exact)
+        assert err_e <= err_k + 1e-12, layer.name
+    # products in the conv weight's own shape
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    out = ff.kfac.mvp(E, v)
+    assert out["0.weight"].shape == params["0.weight"].shape
+    M = ff.kfac.dense(E, "0.weight")
+    vec = torch.cat([v["0.weight"].reshape(-1), v["0.bias"]])
+    assert (torch.cat([out["0.weight"].reshape(-1), out["0.bias"]]) - M @ vec).abs().max() <= TOL * (
+        M @ vec
+    ).abs().max()
+
+
+def test_one_image_one_position_conv_is_exact() -> None:
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten()).double()  # 3x3 input: one output position
+    x, y = torch.randn(1, 2, 3, 3, dtype=torch.float64), torch.randint(0, 3, (1,))
+    params = dict(model.named_parameters())
+    K = ff.kfac.kfac(ff.losses.classification(model), params, (x, y))
+    value = F.cross_entropy(model(x), y, reduction="sum")
+    g = dict(zip(params, torch.autograd.grad(value, list(params.values()))))
+    exact = _dense_fisher([g], "0.weight", "0.bias", 1.0)
+    assert (ff.kfac.dense(K, "0.weight") - exact).abs().max() <= TOL * exact.abs().max()
+
+
+def test_grouped_convolutions_are_not_covered() -> None:
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.LazyLinear(3)).double()
+    x, y = torch.randn(2, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (2,))
+    model(x)
+    K = ff.kfac.kfac(ff.losses.classification(model), {k: v.detach() for k, v in model.named_parameters()}, (x, y))
+    assert [layer.name for layer in K.layers] == ["2.weight"]

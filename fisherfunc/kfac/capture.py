@@ -3,7 +3,8 @@
 For each sample ``b`` and covered layer (:mod:`fisherfunc.kfac.layers`), one ``vmap(grad)`` over
 zero probes on the layer outputs gives::
 
-    a_b [T, in]    the layer's input at each of its T positions (recorded in the forward)
+    a_b [T, in]    the layer's input at each of its T positions (recorded in the forward;
+                   a convolution's input unfolded into T patches)
     d_b [T, out]   ∂L_b/∂y_b, the gradient of the sample's summed loss w.r.t. the layer's output
 
 For the ``"mc"`` and ``"exact"`` kinds (:mod:`fisherfunc.kinds`) ``d`` depends on the label set
@@ -63,9 +64,6 @@ def capture_fn(
     probes = tuple(torch.zeros(layer.out_shape, dtype=dtype, device=device) for layer in layers)
     tree = params.tree()
 
-    def flat(x: Tensor, width: int) -> Tensor:
-        return x.reshape(-1, width)
-
     def under_probes(call: Callable, probe_values: tuple[Tensor, ...], sample: Any) -> tuple[Any, tuple[Tensor, ...]]:
         mode = CaptureMode(slots, probe_values)
         with mode:
@@ -73,7 +71,7 @@ def capture_fn(
         missing = [layers[k].name for k, x in enumerate(mode.inputs) if x is None]
         if missing:
             raise RuntimeError(f"layer(s) {missing} were not called for this sample; K-FAC found them in another")
-        inputs = tuple(flat(x, layer.in_features) for x, layer in zip(mode.inputs, layers))  # type: ignore[arg-type]
+        inputs = tuple(layer.input_rows(x) for x, layer in zip(mode.inputs, layers))  # type: ignore[arg-type]
         return out, inputs
 
     def sample_loss(probe_values: tuple[Tensor, ...], sample: Any):
@@ -84,7 +82,7 @@ def capture_fn(
 
     def per_sample(sample: Any):
         d, (tokens, inputs) = grad(sample_loss, has_aux=True)(probes, sample)
-        return inputs, tuple(flat(x, layer.out_features) for x, layer in zip(d, layers)), tokens
+        return inputs, tuple(layer.output_rows(x) for x, layer in zip(d, layers)), tokens
 
     def per_sample_labelled(sample_noise: Any):
         assert labels is not None and statistic is not None
@@ -97,7 +95,7 @@ def capture_fn(
         def reduce(grads: tuple, recorded: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             (d,) = grads
             return tuple(
-                statistic(k, a, flat(x, layer.out_features)) for k, (a, x, layer) in enumerate(zip(recorded, d, layers))
+                statistic(k, a, layer.output_rows(x)) for k, (a, x, layer) in enumerate(zip(recorded, d, layers))
             )
 
         stats, tokens = labels.expected_squares(predict, (probes,), reduce, sample, noise)

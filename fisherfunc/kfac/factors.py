@@ -147,8 +147,9 @@ def _input_factor(layer: Layer, a: Tensor, approx: str, mask: Tensor | None) -> 
     """
     if layer.bias is not None:
         a = _augment(a)
-    if mask is None:
-        mask = a.new_ones(a.shape[:2])
+    if mask is None:  # every position
+        a = a.mean(1) if approx == "reduce" else a.reshape(-1, a.shape[-1])
+        return a.t() @ a, float(a.shape[0])
     m = mask.to(a.dtype).unsqueeze(-1)  # [c, T, 1]
     if approx == "reduce":  # ā_b = Σ_t m_t ã_bt / Σ_t m_t
         a = (a * m).sum(1) / m.sum(1).clamp_min(1.0)
@@ -207,11 +208,15 @@ def _batch_sums(
                 d = outputs[k].sum(1) if approx == "reduce" else outputs[k].reshape(-1, layer.out_features)
                 G[k] += d.t() @ d
         tokens += float(n.sum())
-    bad = [
-        layer.name
-        for k, layer in enumerate(layers)
-        if not (bool(torch.isfinite(A[k]).all()) and bool(torch.isfinite(G[k]).all()))
-    ]
+    # tr A = Σ‖ã‖², tr G = Σ‖d‖²: finite iff every input and output gradient is (|off-diagonals| are
+    # bounded by the diagonals), so the traces are the whole check, in one host sync
+    traces = torch.stack([torch.diagonal(x).sum() for x in A + G])
+    finite = torch.isfinite(traces)
+    bad = (
+        []
+        if bool(finite.all())
+        else [x.name for k, x in enumerate(layers) if not (finite[k] and finite[len(layers) + k])]
+    )
     if bad:
         raise FloatingPointError(f"non-finite K-FAC factors in layer(s) {bad}; nothing was updated")
     if not tokens > 0:
@@ -297,7 +302,7 @@ def kfac(
         if flat is None:
             flat, found = _setup(loss, params, batch, layers)
             sums = _zero_sums(flat, found)
-            shapes = LayerShapes(loss, flat, found)
+            shapes = LayerShapes(loss, flat, found, first=batch)
         assert sums is not None
         _batch_sums(loss, flat, found, batch, approx, chunk_size, labels, generator, sums, shapes)
     if flat is None or sums is None:
@@ -391,11 +396,7 @@ class KFACStep:
             raise ValueError("the state was made for other parameters (their names differ)")
         for layer in state.layers:
             w = flat.leaves[layer.weight]
-            expected = (
-                (layer.out_features, layer.in_features)
-                if layer.op == "linear"
-                else (layer.in_features, layer.out_features)
-            )
+            expected = layer.weight_shape
             if tuple(w.shape) != expected:
                 raise ValueError(f"parameter '{layer.name}' has shape {tuple(w.shape)}, the state expects {expected}")
         labels, generator = resolve_kind(

@@ -97,7 +97,17 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str | None = No
         raise bad(f"format {meta.get('format')!r} version {meta.get('version')!r} is not this library's K-FAC format")
     if meta.get("sha256") != _checksum(tensors):
         raise bad("checksum mismatch: the tensor data is corrupted")
-    layers = tuple(Layer(**{**x, "out_shape": tuple(x["out_shape"])}) for x in meta["layers"])
+    layers = tuple(
+        Layer(
+            **{
+                **x,
+                "out_shape": tuple(x["out_shape"]),
+                "weight_shape": tuple(x["weight_shape"]),
+                "conv": None if x["conv"] is None else tuple(tuple(pair) for pair in x["conv"]),
+            }
+        )
+        for x in meta["layers"]
+    )
     fields = dict(meta["fields"])
     fields["names"] = tuple(fields["names"])
     for field in _TENSORS[meta["type"]]:

@@ -1,7 +1,9 @@
 """Which layers K-FAC covers, and their inputs ``a`` and output gradients ``d`` without hooks.
 
-A covered layer is a call ``y = a Wᵀ + b`` (``F.linear``: ``W [out, in]``) or ``y = b + a W``
-(``torch.addmm``, GPT-2's ``Conv1D``: ``W [in, out]``) whose weight *is* (by identity) one of the
+A covered layer is a call ``y = a Wᵀ + b`` (``F.linear``: ``W [out, in]``), ``y = b + a W``
+(``torch.addmm``, GPT-2's ``Conv1D``: ``W [in, out]``) or a convolution (``F.conv1d`` /
+``F.conv2d`` with ``groups=1``: ``W [out, C, *k]`` read as ``[out, C·Πk]``, the input unfolded into
+one patch per output position, Grosse & Martens 2016) whose weight *is* (by identity) one of the
 params and is used by exactly one call per forward. Its bias, when it is a param used only
 there, becomes the last column of the augmented weight ``[W | b]`` (``[out, in + 1]``), and the
 layer input gets a constant 1 (``ã = [a, 1]``).
@@ -30,7 +32,8 @@ from ..spec import path_name
 
 __all__ = ["Layer", "ParamLeaves", "flatten_params", "discover_layers", "CaptureMode", "LayerShapes"]
 
-Op = Literal["linear", "addmm"]
+Op = Literal["linear", "addmm", "conv1d", "conv2d"]
+_CONV = {torch.conv1d: "conv1d", torch.conv2d: "conv2d"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +45,14 @@ class Layer:
         weight: index of the weight among the params' leaves.
         bias: index of its bias among the leaves, or ``None`` (no bias, or a bias used elsewhere too).
         bias_name: the bias's dotted name, or ``None``.
-        op: ``"linear"`` (``W [out, in]``) or ``"addmm"`` (``W [in, out]``).
-        in_features: ``in``.
+        op: ``"linear"`` (``W [out, in]``), ``"addmm"`` (``W [in, out]``), ``"conv1d"`` or
+            ``"conv2d"`` (``W [out, C, *k]``).
+        in_features: ``in`` (``C·Πk`` for a convolution).
         out_features: ``out``.
-        out_shape: per-sample shape of the layer's output, ``[*positions, out]``.
+        out_shape: per-sample shape of the layer's output, ``[*positions, out]`` (``[.., out, *spatial]``
+            for a convolution).
+        weight_shape: the weight's shape.
+        conv: for a convolution, ``(kernel, stride, padding, dilation)`` as 2-tuples; else ``None``.
     """
 
     name: str
@@ -56,6 +63,8 @@ class Layer:
     in_features: int
     out_features: int
     out_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...] = ()
+    conv: tuple[tuple[int, int], ...] | None = None
 
     @property
     def a_dim(self) -> int:
@@ -65,7 +74,25 @@ class Layer:
     @property
     def positions(self) -> int:
         """Positions per sample (tokens, or 1 for one vector per example)."""
-        return int(torch.Size(self.out_shape[:-1]).numel())
+        return int(torch.Size(self.out_shape).numel()) // self.out_features
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        """One sample's layer input as ``[positions, in]`` (convolutions: unfolded patches)."""
+        if self.conv is None:
+            return x.reshape(-1, self.in_features)
+        kernel, stride, padding, dilation = self.conv
+        spatial = 1 if self.op == "conv1d" else 2
+        x = x.reshape(-1, *x.shape[x.ndim - spatial - 1 :])  # [1, C, *spatial]
+        if spatial == 1:
+            x = x.unsqueeze(2)  # conv1d as conv2d over [1, L]
+        patches = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+        return patches[0].t()  # [C·Πk, L] -> [L, C·Πk]
+
+    def output_rows(self, d: Tensor) -> Tensor:
+        """One sample's output gradient as ``[positions, out]``."""
+        if self.conv is None:
+            return d.reshape(-1, self.out_features)
+        return d.reshape(self.out_features, -1).t()  # [(1,) out, *spatial] -> [positions, out]
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable description."""
@@ -111,12 +138,15 @@ class CaptureMode(TorchFunctionMode):
         self.slots = slots  # id(weight leaf) -> slot
         self.probes = probes
         self.uses: dict[int, int] = {}  # discovery: id(leaf) -> number of uses
-        self.calls: dict[int, tuple[Op, tuple[int, ...], int | None]] = {}  # slot -> (op, out shape, id(bias))
+        # slot -> (op, out shape, id(bias), conv geometry)
+        self.calls: dict[int, tuple[Op, tuple[int, ...], int | None, Any]] = {}
         self.inputs: list[Tensor | None] = [None] * len(slots)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
-        found = _weight_of(func, args, kwargs)
+        found: Any = _weight_of(func, args, kwargs)
+        if func in _CONV:
+            found = (_CONV[func], _arg(args, kwargs, 1, "weight"))
         slot = self.slots.get(id(found[1])) if found is not None and found[0] != "embedding" else None
         out = func(*args, **kwargs)
         if self.probes is None and _carries_values(out):
@@ -127,7 +157,14 @@ class CaptureMode(TorchFunctionMode):
             return out
         assert found is not None
         op = found[0]
-        if op == "linear":
+        geometry = None
+        if op in ("conv1d", "conv2d"):
+            self.inputs[slot] = _arg(args, kwargs, 0, "input")
+            bias = _arg(args, kwargs, 2, "bias")
+            geometry = _conv_geometry(op, found[1], args, kwargs)
+            if geometry is None:  # grouped, or string padding: not covered
+                slot = None
+        elif op == "linear":
             self.inputs[slot] = _arg(args, kwargs, 0, "input")
             bias = _arg(args, kwargs, 2, "bias")
         else:
@@ -137,10 +174,31 @@ class CaptureMode(TorchFunctionMode):
             if beta != 1 or alpha != 1:  # a scaled addmm is not y = b + a W
                 slot = None
         if self.probes is None and slot is not None:
-            self.calls[slot] = (op, tuple(out.shape), id(bias) if isinstance(bias, Tensor) else None)  # type: ignore[assignment]
+            self.calls[slot] = (op, tuple(out.shape), id(bias) if isinstance(bias, Tensor) else None, geometry)
         if self.probes is not None:
             out = out + self.probes[slot]
         return out
+
+
+def _pair(value: Any, spatial: int) -> tuple[int, int]:
+    """A conv argument as a 2-tuple for ``F.unfold`` (conv1d becomes a conv2d over ``[1, L]``)."""
+    values = (value,) * spatial if isinstance(value, int) else tuple(value)
+    return (1, values[0]) if spatial == 1 and values else tuple(values)  # type: ignore[return-value]
+
+
+def _conv_geometry(op: str, weight: Tensor, args: tuple, kwargs: dict) -> tuple[tuple[int, int], ...] | None:
+    """``(kernel, stride, padding, dilation)`` of a conv call, or ``None`` if it is not covered."""
+    stride, padding = _arg(args, kwargs, 3, "stride", 1), _arg(args, kwargs, 4, "padding", 0)
+    dilation, groups = _arg(args, kwargs, 5, "dilation", 1), _arg(args, kwargs, 6, "groups", 1)
+    if groups != 1 or (isinstance(padding, str) and padding != "valid"):
+        return None
+    padding = 0 if padding == "valid" else padding
+    spatial = 1 if op == "conv1d" else 2
+    kernel = tuple(weight.shape[2:])
+    geometry = (_pair(kernel, spatial), _pair(stride, spatial), _pair(padding, spatial), _pair(dilation, spatial))
+    if spatial == 1:  # the unit height of a conv1d-as-conv2d has no padding
+        geometry = (geometry[0], geometry[1], (0, geometry[2][1]), geometry[3])
+    return geometry
 
 
 def _select(names: Sequence[str], patterns: Sequence[str] | None) -> list[int]:
@@ -153,7 +211,7 @@ def _select(names: Sequence[str], patterns: Sequence[str] | None) -> list[int]:
     for pattern in patterns:
         hits = [i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
-            raise ValueError(f"layers pattern {pattern!r} matches no 2-D parameter; weights are {list(names)[:8]}")
+            raise ValueError(f"layers pattern {pattern!r} matches no weight; weights are {list(names)[:8]}")
         chosen += hits
     return sorted(set(chosen))
 
@@ -170,8 +228,8 @@ def discover_layers(loss: Any, params: ParamLeaves, sample: Any, patterns: Seque
     Raises:
         ValueError: a pattern matching no 2-D parameter, or no layer qualifying at all.
     """
-    two_d = [i for i, leaf in enumerate(params.leaves) if leaf.ndim == 2 and leaf.is_floating_point()]
-    candidates = [two_d[k] for k in _select([params.names[i] for i in two_d], patterns)]
+    weights = [i for i, leaf in enumerate(params.leaves) if leaf.ndim in (2, 3, 4) and leaf.is_floating_point()]
+    candidates = [weights[k] for k in _select([params.names[i] for i in weights], patterns)]
     slots = {id(params.leaves[i]): k for k, i in enumerate(candidates)}
     mode = CaptureMode(slots)
     with torch.no_grad(), mode:
@@ -182,12 +240,15 @@ def discover_layers(loss: Any, params: ParamLeaves, sample: Any, patterns: Seque
         call = mode.calls.get(k)
         if call is None or mode.uses.get(id(params.leaves[i]), 0) != 1:
             continue
-        op, out_shape, bias_id = call
+        op, out_shape, bias_id, geometry = call
         bias = index_of.get(bias_id) if bias_id is not None else None
         if bias is not None and mode.uses.get(bias_id, 0) != 1:  # type: ignore[arg-type]
             bias = None
         w = params.leaves[i]
-        out_f, in_f = (w.shape[0], w.shape[1]) if op == "linear" else (w.shape[1], w.shape[0])
+        if op == "addmm":
+            out_f, in_f = w.shape[1], w.shape[0]
+        else:  # linear [out, in]; conv [out, C, *k] as [out, C·Πk]
+            out_f, in_f = w.shape[0], w[0].numel()
         layers.append(
             Layer(
                 name=params.names[i],
@@ -198,12 +259,15 @@ def discover_layers(loss: Any, params: ParamLeaves, sample: Any, patterns: Seque
                 in_features=int(in_f),
                 out_features=int(out_f),
                 out_shape=out_shape,
+                weight_shape=tuple(w.shape),
+                conv=geometry,
             )
         )
     if not layers:
         raise ValueError(
-            "no layer qualifies for K-FAC: it covers weights used once per forward by F.linear or "
-            "torch.addmm (nn.Linear, GPT-2 Conv1D, attention projections outside F.multi_head_attention_forward)"
+            "no layer qualifies for K-FAC: it covers weights used once per forward by F.linear, torch.addmm "
+            "or F.conv1d/F.conv2d with groups=1 (nn.Linear, GPT-2 Conv1D, nn.Conv1d/2d, attention projections "
+            "outside F.multi_head_attention_forward)"
         )
     return tuple(layers)
 
@@ -215,15 +279,22 @@ class LayerShapes:
     per distinct sample shape, and must find the same layers (and biases) as the first batch.
     """
 
-    def __init__(self, loss: Any, params: ParamLeaves, layers: Sequence[Layer]) -> None:
+    def __init__(self, loss: Any, params: ParamLeaves, layers: Sequence[Layer], first: Any = None) -> None:
+        """``first``: the batch ``layers`` were discovered on (its shapes need no new discovery)."""
         self.loss, self.params, self.layers = loss, params, tuple(layers)
         self.cache: dict[Any, tuple[Layer, ...]] = {}
+        if first is not None:
+            self.cache[self._key(first)] = self.layers
+
+    @staticmethod
+    def _key(batch: Any) -> Any:
+        return tuple((tuple(x.shape[1:]), x.dtype) for x in optree.tree_leaves(batch))
 
     def __call__(self, batch: Any) -> tuple[Layer, ...]:
         """``layers`` shaped for ``batch`` (a batch with a leading dimension)."""
         from ..batch import cast_floating
 
-        key = tuple((tuple(x.shape[1:]), x.dtype) for x in optree.tree_leaves(batch))
+        key = self._key(batch)
         if key not in self.cache:
             sample = cast_floating(optree.tree_map(lambda x: x[0], batch), self.params.dtype)
             found = {x.name: x for x in discover_layers(self.loss, self.params, sample, None)}

@@ -1,7 +1,8 @@
 """What users do with K-FAC / EK-FAC: products, damped inverse products, diagonals, dense blocks.
 
 A layer's parameters are handled as the augmented matrix ``V = [W | b]`` (``[out, in(+1)]``;
-for ``torch.addmm`` layers ``W`` is stored ``[in, out]`` and enters transposed). With row-major
+for ``torch.addmm`` layers ``W`` is stored ``[in, out]`` and enters transposed, a convolution's
+``[out, C, *k]`` enters as ``[out, C·Πk]``). With row-major
 ``vec`` and symmetric factors::
 
     (G ⊗ A) vec V = vec(G V A)
@@ -43,12 +44,11 @@ def _to_matrix(layer: Layer, named: dict[str, Tensor]) -> Tensor:
         if name is not None and name not in named:
             raise KeyError(f"the vector has no entry for parameter '{name}', which K-FAC covers")
     w = named[layer.name]
-    expected = (
-        (layer.out_features, layer.in_features) if layer.op == "linear" else (layer.in_features, layer.out_features)
-    )
-    if tuple(w.shape) != expected:
-        raise ValueError(f"parameter '{layer.name}': the vector has shape {tuple(w.shape)}, expected {expected}")
-    w = w if layer.op == "linear" else w.t()
+    if tuple(w.shape) != layer.weight_shape:
+        raise ValueError(
+            f"parameter '{layer.name}': the vector has shape {tuple(w.shape)}, expected {layer.weight_shape}"
+        )
+    w = w.t() if layer.op == "addmm" else w.reshape(layer.out_features, layer.in_features)
     if layer.bias_name is None:
         return w
     b = named[layer.bias_name]
@@ -62,7 +62,7 @@ def _to_matrix(layer: Layer, named: dict[str, Tensor]) -> Tensor:
 def _from_matrix(layer: Layer, v: Tensor) -> dict[str, Tensor]:
     """Split ``[W | b]`` back into the parameters' own shapes."""
     w = v[:, : layer.in_features]
-    out = {layer.name: w if layer.op == "linear" else w.t().contiguous()}
+    out = {layer.name: w.t().contiguous() if layer.op == "addmm" else w.reshape(layer.weight_shape)}
     if layer.bias_name is not None:
         out[layer.bias_name] = v[:, layer.in_features]
     return out
@@ -177,10 +177,10 @@ def _own_order(layer: Layer) -> Tensor:
     width = layer.a_dim
     o = torch.arange(layer.out_features)
     i = torch.arange(layer.in_features)
-    if layer.op == "linear":  # W[o, i]
-        weight = (o.unsqueeze(1) * width + i.unsqueeze(0)).reshape(-1)
-    else:  # W[i, o]
+    if layer.op == "addmm":  # W[i, o]
         weight = (o.unsqueeze(0) * width + i.unsqueeze(1)).reshape(-1)
+    else:  # W[o, i] (a convolution's [o, c, *k] flattens to the same order)
+        weight = (o.unsqueeze(1) * width + i.unsqueeze(0)).reshape(-1)
     if layer.bias is None:
         return weight
     return torch.cat([weight, o * width + layer.in_features])
