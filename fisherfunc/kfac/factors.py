@@ -131,13 +131,18 @@ def _outer_statistic(layers: Sequence[Layer], approx: str):
 
 @dataclasses.dataclass
 class _Sums:
-    """Exact running sums over batches (one call)."""
+    """Exact running sums over batches (one call); ``None`` until a batch is committed."""
 
-    A: list[Tensor]
-    G: list[Tensor]
+    A: list[Tensor | None]
+    G: list[Tensor | None]
     positions: list[float]
     tokens: float = 0.0
     samples: int = 0
+
+
+def _add(total: Tensor | None, part: Tensor) -> Tensor:
+    """``total + part``, in place when ``total`` is ours (``None``: the first part itself)."""
+    return part if total is None else total.add_(part)
 
 
 def _input_factor(layer: Layer, a: Tensor, approx: str, mask: Tensor | None) -> tuple[Tensor, float]:
@@ -191,8 +196,8 @@ def _batch_sums(
     run = capture_fn(loss, params, layers, labels=labels, statistic=_outer_statistic(layers, approx))
     source = batch if labels is None else (batch, labels.draw(batch, generator))
     step = size if chunk_size is None else chunk_size
-    A = [torch.zeros_like(x) for x in sums.A]
-    G = [torch.zeros_like(x) for x in sums.G]
+    A: list[Tensor | None] = [None] * len(layers)  # this batch's sums (committed at the end)
+    G: list[Tensor | None] = [None] * len(layers)
     positions = [0.0] * len(layers)
     tokens = 0.0
     for start in range(0, size, step):
@@ -200,13 +205,13 @@ def _batch_sums(
         inputs, outputs, n = run(chunk if labels is None else take(source, start, min(start + step, size)))
         for k, layer in enumerate(layers):
             part, count = _input_factor(layer, inputs[k], approx, _position_mask(loss, chunk, layer))
-            A[k] += part
+            A[k] = _add(A[k], part)
             positions[k] += count
             if labels is not None:
-                G[k] += outputs[k].sum(0)  # the per-sample Σ_j w_j (d dᵀ), summed over the chunk
+                G[k] = _add(G[k], outputs[k].sum(0))  # the per-sample Σ_j w_j (d dᵀ), summed over the chunk
             else:
                 d = outputs[k].sum(1) if approx == "reduce" else outputs[k].reshape(-1, layer.out_features)
-                G[k] += d.t() @ d
+                G[k] = _add(G[k], d.t() @ d)
         tokens += float(n.sum())
     # tr A = Σ‖ã‖², tr G = Σ‖d‖²: finite iff every input and output gradient is (|off-diagonals| are
     # bounded by the diagonals), so the traces are the whole check, in one host sync
@@ -222,8 +227,8 @@ def _batch_sums(
     if not tokens > 0:
         raise BatchError("the batch has no tokens to learn from (the loss returned num_tokens summing to 0)")
     for k in range(len(layers)):  # commit only a complete, finite batch
-        sums.A[k] += A[k]
-        sums.G[k] += G[k]
+        sums.A[k] = _add(sums.A[k], A[k])
+        sums.G[k] = _add(sums.G[k], G[k])
         sums.positions[k] += positions[k]
     sums.tokens += tokens
     sums.samples += size
@@ -237,13 +242,16 @@ def _setup(loss: Any, params: Any, first: Any, layers: Sequence[str] | None) -> 
     return flat, discover_layers(loss, flat, cast_floating(sample, flat.dtype), layers)
 
 
-def _zero_sums(params: ParamLeaves, layers: tuple[Layer, ...]) -> _Sums:
+def _empty_sums(layers: tuple[Layer, ...]) -> _Sums:
+    return _Sums(A=[None] * len(layers), G=[None] * len(layers), positions=[0.0] * len(layers))
+
+
+def _zeros(params: ParamLeaves, layers: tuple[Layer, ...]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Zero ``A`` and ``G`` for every layer (a fresh state)."""
     device = params.leaves[layers[0].weight].device
-    return _Sums(
-        A=[torch.zeros(x.a_dim, x.a_dim, dtype=params.dtype, device=device) for x in layers],
-        G=[torch.zeros(x.out_features, x.out_features, dtype=params.dtype, device=device) for x in layers],
-        positions=[0.0] * len(layers),
-    )
+    A = {x.name: torch.zeros(x.a_dim, x.a_dim, dtype=params.dtype, device=device) for x in layers}
+    G = {x.name: torch.zeros(x.out_features, x.out_features, dtype=params.dtype, device=device) for x in layers}
+    return A, G
 
 
 def kfac(
@@ -301,7 +309,7 @@ def kfac(
         batch_size(batch)
         if flat is None:
             flat, found = _setup(loss, params, batch, layers)
-            sums = _zero_sums(flat, found)
+            sums = _empty_sums(found)
             shapes = LayerShapes(loss, flat, found, first=batch)
         assert sums is not None
         _batch_sums(loss, flat, found, batch, approx, chunk_size, labels, generator, sums, shapes)
@@ -309,8 +317,8 @@ def kfac(
         raise BatchError("no batches were given")
     return KFAC(
         layers=found,
-        A={x.name: s / n for x, s, n in zip(found, sums.A, sums.positions)},
-        G={x.name: s / sums.tokens for x, s in zip(found, sums.G)},
+        A={x.name: s.div_(n) for x, s, n in zip(found, sums.A, sums.positions)},  # type: ignore[union-attr]
+        G={x.name: s.div_(sums.tokens) for x, s in zip(found, sums.G)},  # type: ignore[union-attr]
         positions={x.name: n for x, n in zip(found, sums.positions)},
         tokens=sums.tokens,
         samples=sums.samples,
@@ -363,11 +371,11 @@ class KFACStep:
         batch = as_tree(example)
         batch_size(batch)
         flat, found = _setup(self.loss, params, batch, self.layers)
-        sums = _zero_sums(flat, found)
+        A, G = _zeros(flat, found)
         return KFACState(
             layers=found,
-            A={x.name: a for x, a in zip(found, sums.A)},
-            G={x.name: g for x, g in zip(found, sums.G)},
+            A=A,
+            G=G,
             positions={x.name: 0.0 for x in found},
             step=0,
             tokens=0.0,
@@ -406,16 +414,18 @@ class KFACStep:
             generator=None if self.seed is None else step_generator(self.seed, state.step),
             max_classes=self.max_classes,
         )
-        sums = _zero_sums(flat, state.layers)
+        sums = _empty_sums(state.layers)
         _batch_sums(self.loss, flat, state.layers, batch, self.approx, self.chunk_size, labels, generator, sums)
         beta = state.decay
 
-        def fold(m: Tensor, x: Tensor) -> Tensor:
-            return beta * m.to(x.device, x.dtype) + (1.0 - beta) * x
+        def fold(m: Tensor, total: Tensor | None, count: float) -> Tensor:
+            # m_t = β m_{t−1} + (1 − β) X_t with X_t = total / count; `total` is ours, so in place
+            assert total is not None
+            return total.mul_((1.0 - beta) / count).add_(m.to(total.device, total.dtype), alpha=beta)
 
         return state._replace(
-            A={x.name: fold(state.A[x.name], s / n) for x, s, n in zip(state.layers, sums.A, sums.positions)},
-            G={x.name: fold(state.G[x.name], s / sums.tokens) for x, s in zip(state.layers, sums.G)},
+            A={x.name: fold(state.A[x.name], s, n) for x, s, n in zip(state.layers, sums.A, sums.positions)},
+            G={x.name: fold(state.G[x.name], s, sums.tokens) for x, s in zip(state.layers, sums.G)},
             positions={x.name: state.positions[x.name] + n for x, n in zip(state.layers, sums.positions)},
             step=state.step + 1,
             tokens=state.tokens + sums.tokens,
