@@ -575,3 +575,22 @@ def test_grouped_convolutions_are_not_covered() -> None:
     model(x)
     K = ff.kfac.kfac(ff.losses.classification(model), {k: v.detach() for k, v in model.named_parameters()}, (x, y))
     assert [layer.name for layer in K.layers] == ["2.weight"]
+
+
+def test_eigendecompose_is_the_same_operator_and_bases_can_be_reused(estimates) -> None:
+    model, params, K, E = estimates
+    D = ff.kfac.eigendecompose(K)
+    torch.manual_seed(18)
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    for name in K.A:
+        assert (ff.kfac.dense(D, name) - ff.kfac.dense(K, name)).abs().max() <= 1e-12 * ff.kfac.dense(
+            K, name
+        ).abs().max()
+    a, b = ff.kfac.inverse_mvp(K, v, 1e-2), ff.kfac.inverse_mvp(D, v, 1e-2)
+    assert all((a[k] - b[k]).abs().max() <= 1e-10 * a[k].abs().max() for k in a)
+    x, y = _token_batch(seed=7)
+    loss = ff.losses.token_classification(model)
+    again = ff.kfac.ekfac(loss, params, (x, y), E)  # reuse E's bases: the same scaling on the same data
+    for name in E.scale:
+        assert torch.equal(again.QA[name], E.QA[name])
+        assert (again.scale[name] - E.scale[name]).abs().max() <= 1e-12 * E.scale[name].abs().max()

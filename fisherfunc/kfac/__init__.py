@@ -19,6 +19,7 @@ diagonals, dense blocks) → :mod:`~fisherfunc.kfac.io` (save/load). See ``docs/
 """
 
 from .eigen import EKFAC as EKFAC
+from .eigen import eigendecompose as eigendecompose
 from .eigen import ekfac as ekfac
 from .factors import KFAC as KFAC
 from .factors import KFACState as KFACState
@@ -44,6 +45,7 @@ __all__ = [
     "Layer",
     "dense",
     "diagonal",
+    "eigendecompose",
     "ekfac",
     "estimate",
     "group_diagonal",

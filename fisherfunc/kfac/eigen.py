@@ -28,7 +28,7 @@ from .capture import capture_fn
 from .factors import KFAC, Approx, _augment, kfac
 from .layers import Layer, LayerShapes, flatten_params
 
-__all__ = ["EKFAC", "ekfac", "eigenbasis"]
+__all__ = ["EKFAC", "ekfac", "eigenbasis", "eigendecompose"]
 
 
 class EKFAC(NamedTuple):
@@ -61,6 +61,22 @@ def eigenbasis(factor: Tensor) -> tuple[Tensor, Tensor]:
     return values.to(factor.dtype), vectors.to(factor.dtype)
 
 
+def eigendecompose(factors: KFAC) -> EKFAC:
+    """K-FAC itself in eigen form: ``Q_A``, ``Q_G`` and ``S = λ_G λ_Aᵀ`` — the same operator ``G ⊗ A``.
+
+    Decompose once, then :func:`~fisherfunc.kfac.inverse_mvp` on the result costs two small
+    matrix products per layer instead of two eigendecompositions per call.
+    """
+    if not isinstance(factors, KFAC):
+        raise TypeError(f"eigendecompose takes a KFAC, got {type(factors).__name__}")
+    QA, QG, scale = {}, {}, {}
+    for layer in factors.layers:
+        la, QA[layer.name] = eigenbasis(factors.A[layer.name])
+        lg, QG[layer.name] = eigenbasis(factors.G[layer.name])
+        scale[layer.name] = torch.outer(lg, la)
+    return EKFAC(factors.layers, QA, QG, scale, factors.tokens, factors.samples, factors.kind, factors.names)
+
+
 def _projected(layer: Layer, qa: Tensor, qg: Tensor):
     """``(a [.., T, in], d [.., T, out]) -> (ã Q_A, d Q_G)``."""
 
@@ -76,7 +92,7 @@ def ekfac(
     loss: Any,
     params: Any,
     batches: Any,
-    factors: KFAC | None = None,
+    factors: KFAC | EKFAC | None = None,
     *,
     approx: Approx = "expand",
     layers: Sequence[str] | None = None,
@@ -95,7 +111,8 @@ def ekfac(
         batches: one batch or a re-iterable collection of batches (a list, a ``DataLoader``) —
             with ``factors=None`` they are read twice (factors, then the scaling).
         factors: K-FAC factors whose eigenbases to use (``None``: :func:`~fisherfunc.kfac.kfac`
-            of ``batches`` with ``approx``, ``layers``, ``kind`` ...).
+            of ``batches`` with ``approx``, ``layers``, ``kind`` ...), or an :class:`EKFAC` whose
+            bases to reuse — the usual schedule: eigendecompose rarely, rescale often.
         approx: ``"expand"`` or ``"reduce"``, for the factors computed here.
         layers: glob patterns of weight names (for the factors computed here).
         chunk_size: samples per vectorised chunk; the scaling pass holds
@@ -121,8 +138,12 @@ def ekfac(
     if flat.names != factors.names:
         raise ValueError("factors were computed for other parameters (their names differ)")
     found = factors.layers
-    QA = {x.name: eigenbasis(factors.A[x.name])[1].to(flat.dtype) for x in found}
-    QG = {x.name: eigenbasis(factors.G[x.name])[1].to(flat.dtype) for x in found}
+    if isinstance(factors, EKFAC):
+        QA = {x.name: factors.QA[x.name].to(flat.dtype) for x in found}
+        QG = {x.name: factors.QG[x.name].to(flat.dtype) for x in found}
+    else:
+        QA = {x.name: eigenbasis(factors.A[x.name])[1].to(flat.dtype) for x in found}
+        QG = {x.name: eigenbasis(factors.G[x.name])[1].to(flat.dtype) for x in found}
     project = [_projected(x, QA[x.name], QG[x.name]) for x in found]
 
     def statistic(k: int, a: Tensor, d: Tensor) -> Tensor:  # per sample, inside vmap

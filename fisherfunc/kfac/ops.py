@@ -117,8 +117,8 @@ def mvp(F: Approximation, vector: Any) -> dict[str, Tensor]:
 def inverse_mvp(F: Approximation, vector: Any, damping: float) -> dict[str, Tensor]:
     """The damped inverse times a vector: ``(F̃ + λI)⁻¹ v`` for K-FAC or EK-FAC, exactly.
 
-    K-FAC's factors are eigendecomposed on each call (in float64); for repeated solves convert
-    once with :func:`~fisherfunc.kfac.ekfac` or keep the result of this decomposition yourself.
+    K-FAC's factors are eigendecomposed on each call (in float64); for repeated solves decompose
+    once with :func:`~fisherfunc.kfac.eigendecompose` (the same operator, in eigen form).
 
     Args:
         F: a :class:`~fisherfunc.kfac.KFAC` or :class:`~fisherfunc.kfac.EKFAC`.
