@@ -91,6 +91,8 @@ def nngeometry_diag(model: nn.Module, batch: Any, per_sample_loss: BatchLoss) ->
     from nngeometry.object import PMatDiag
     from nngeometry.object.vector import PVector
 
+    if not isinstance(batch, tuple):
+        raise TypeError("nngeometry's examples are a DataLoader over a TensorDataset: tuple batches only")
     model = copy.deepcopy(model)
     size = batch[0].shape[0]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*batch), batch_size=size)

@@ -28,11 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optree
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fisherfunc as ff
+from fisherfunc.batch import batch_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import PEERS  # noqa: E402
@@ -48,7 +50,7 @@ class Workload:
 
     name: str
     model: nn.Module
-    batch: tuple[torch.Tensor, ...]
+    batch: Any  # a tuple of tensors, or a dict (Hugging Face workloads)
     loss: Any
     batch_loss: Callable[[nn.Module, Any], torch.Tensor]
     per_sample_losses: Callable[[nn.Module, Any], torch.Tensor]
@@ -100,6 +102,27 @@ def _causal_lm(name: str, model: nn.Module, ids: torch.Tensor) -> Workload:
     )
 
 
+def _gpt2(name: str, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Workload:
+    # a right-padded batch with a per-sample attention mask: position t − 1 predicts token t, and
+    # the target counts when both are real tokens (fisherfunc.hf.causal_lm's L_b); every method
+    # gets the same padded batch and the same summed loss
+    def per_sample(m: nn.Module, b: Any) -> torch.Tensor:
+        ids, mask = b["input_ids"], b["attention_mask"]
+        logits = m(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        valid = mask[:, :-1] * mask[:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        return (nll * valid).sum(1)
+
+    return Workload(
+        name,
+        model,
+        {"input_ids": ids, "attention_mask": mask},
+        ff.hf.causal_lm(model),
+        lambda m, b: per_sample(m, b).sum(),
+        per_sample,
+    )
+
+
 def workloads(device: torch.device) -> dict[str, Callable[[], Workload]]:
     """Workload builders by key (built lazily, seeded)."""
 
@@ -132,7 +155,29 @@ def workloads(device: torch.device) -> dict[str, Callable[[], Workload]]:
         ids = torch.randint(0, 8192, (32, 256), device=device)
         return _causal_lm("12-layer pre-LN LM d=768, 12 heads, T=256, B=32", model, ids)
 
-    return {"mlp": mlp, "cnn": cnn, "transformer": transformer, "encoder": encoder, "gpu-encoder": gpu_encoder}
+    def gpt2() -> Workload:
+        import transformers
+
+        config = transformers.GPT2Config(
+            vocab_size=2000, n_positions=128, n_embd=256, n_layer=2, n_head=4,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+            attn_implementation="sdpa",
+        )  # fmt: skip
+        model = transformers.GPT2LMHeadModel(config).to(device).eval()
+        ids = torch.randint(1, 2000, (8, 128), device=device)
+        lengths = torch.tensor([128, 120, 112, 96, 80, 64, 48, 32], device=device)
+        mask = (torch.arange(128, device=device) < lengths.unsqueeze(1)).long()
+        name = "HF GPT-2 2 layers d=256, 4 heads, V=2000, T=128 right-padded, B=8"
+        return _gpt2(name, model, ids.masked_fill(mask == 0, 0), mask)
+
+    return {
+        "mlp": mlp,
+        "cnn": cnn,
+        "transformer": transformer,
+        "encoder": encoder,
+        "gpt2": gpt2,
+        "gpu-encoder": gpu_encoder,
+    }
 
 
 # --- methods ---------------------------------------------------------------------------------------
@@ -141,8 +186,8 @@ def workloads(device: torch.device) -> dict[str, Callable[[], Workload]]:
 def _naive(w: Workload) -> dict[str, torch.Tensor]:
     params = dict(w.model.named_parameters())
     out = {k: torch.zeros_like(v) for k, v in params.items()}
-    for i in range(w.batch[0].shape[0]):
-        sample = tuple(t[i : i + 1] for t in w.batch)
+    for i in range(batch_size(w.batch)):
+        sample = optree.tree_map(lambda t: t[i : i + 1], w.batch)  # noqa: B023 - used at once
         for k, g in zip(params, torch.autograd.grad(w.batch_loss(w.model, sample), list(params.values()))):
             out[k] += g.square()
     return out
@@ -166,6 +211,11 @@ def methods(w: Workload) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
         ),
         "fisherfunc elementwise (auto)": lambda: ff.accumulate(w.loss, params, w.batch, spec=ff.Elementwise()),
     }
+    # a training loop's steady state: the step keeps the discovered probe sites across calls
+    # (timed without the O(groups) EMA update, so that the check sees the batch's sums)
+    step = ff.make_fisher_step(w.loss, spec=spec)
+    state = step.init(params)
+    out["fisherfunc group (fisher_step, sites kept)"] = lambda: step.batch_sums(params, w.batch, state)
     failed: dict[str, str] = {}
     for name, (adapter, takes) in PEERS.items():
         try:

@@ -16,7 +16,7 @@ labels sampled from the model (``"mc"``) or the expectation over its classes (``
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import optree
@@ -26,8 +26,8 @@ from torch import Tensor
 from .batch import BatchError, as_tree, batch_size, iter_batches, take
 from .kinds import DEFAULT_MAX_CLASSES, FisherKind, LabelSets, resolve_kind
 from .nonfinite import FiniteCheck, NonFiniteError, NonFinitePolicy, NonFiniteWarning, check_nonfinite
-from .per_sample import ChunkFn, PerSampleLoss, Prepared, direct_chunk_fn, prepare
-from .probes import auto_chunk_fn
+from .per_sample import ChunkFns, PerSampleLoss, Prepared, direct_chunk_fn, prepare, summed
+from .probes import Site, auto_chunk_fns, discover_sites
 from .rules import SpecError
 from .spec import ResolvedSpec, resolve_spec
 
@@ -118,26 +118,58 @@ def check_path(path: str) -> None:
         raise ValueError(f"path must be 'auto' or 'direct', got {path!r}")
 
 
+#: Discovered probe sites kept across calls (by :class:`~fisherfunc.step.FisherStep`), keyed by
+#: :func:`_discovery_key`; at most this many keys, then it starts over.
+_MAX_DISCOVERED = 64
+
+
+def _discovery_key(loss: PerSampleLoss, prepared: Prepared, sample_key: tuple) -> tuple:
+    """Everything discovery's result depends on, but the loss's code and the params' values.
+
+    The loss, the resolved spec (names, rules, shapes), the dtypes and devices of the leaves, the
+    samples' shapes and dtypes, and the training flags of ``loss.model``'s modules (a module may
+    call other layers in training mode).
+    """
+    spec = prepared.spec
+    model = getattr(loss, "model", None)
+    modes = tuple(m.training for m in model.modules()) if isinstance(model, torch.nn.Module) else ()
+    leaves = tuple((leaf.dtype, leaf.device) for leaf in prepared.leaves)
+    return (id(loss), spec.names, spec.rules, spec.shapes, prepared.dtype, leaves, modes, sample_key)
+
+
 def _chunk_fn(
     loss: PerSampleLoss,
     prepared: Prepared,
     batch: Batch,
     path: Path,
     labels: LabelSets | None = None,
-    cache: dict[Any, ChunkFn] | None = None,
-) -> ChunkFn:
-    """The per-chunk computation for one batch (probe shapes are discovered from its first sample).
+    cache: dict[Any, ChunkFns] | None = None,
+    discovered: dict[tuple, tuple[Site, ...]] | None = None,
+) -> ChunkFns:
+    """The per-chunk computation for one batch, in both forms (probe shapes are discovered from its first sample).
 
     ``cache`` (one per call over the same ``prepared`` params) reuses the computation for later
     batches whose samples have the same shapes and dtypes, so discovery runs once per shape.
+    ``discovered`` keeps the discovered sites across calls (a ``FisherStep``'s), so a step over
+    batches of shapes seen before runs no discovery at all.
     """
     key = tuple((tuple(x.shape[1:]), x.dtype) for x in optree.tree_leaves(batch))
     if cache is not None and key in cache:
         return cache[key]
     if path == "direct":
-        fn = direct_chunk_fn(loss, prepared, labels=labels)
+        fn = summed(direct_chunk_fn(loss, prepared, labels=labels))
     else:
-        fn = auto_chunk_fn(loss, prepared, optree.tree_map(lambda x: x[0], batch), labels=labels)
+        sample = optree.tree_map(lambda x: x[0], batch)
+        sites = None
+        if discovered is not None:
+            found = _discovery_key(loss, prepared, key)
+            sites = discovered.get(found)
+            if sites is None:
+                sites = discover_sites(loss, prepared, sample)
+                if len(discovered) >= _MAX_DISCOVERED:
+                    discovered.clear()
+                discovered[found] = sites
+        fn = auto_chunk_fns(loss, prepared, sample, labels=labels, sites=sites)
     if cache is not None:
         cache[key] = fn
     return fn
@@ -149,7 +181,7 @@ def _with_noise(batch: Batch, labels: LabelSets | None, generator: torch.Generat
 
 
 def _stream(
-    chunk_fn: ChunkFn, batch: Batch, size: int, chunk_size: int | None
+    chunk_fn: Callable[[Any], tuple[tuple[Tensor, ...], Tensor]], batch: Batch, size: int, chunk_size: int | None
 ) -> Iterable[tuple[tuple[Tensor, ...], Tensor]]:
     step = size if chunk_size is None else chunk_size
     for start in range(0, size, step):
@@ -164,17 +196,20 @@ def _batch_sums(
     path: Path,
     labels: LabelSets | None = None,
     generator: torch.Generator | None = None,
-    cache: dict[Any, ChunkFn] | None = None,
+    cache: dict[Any, ChunkFns] | None = None,
+    discovered: dict[tuple, tuple[Site, ...]] | None = None,
 ) -> tuple[list[Tensor], float, int]:
     size, _ = _precheck(loss, batch)
-    chunk_fn = _chunk_fn(loss, prepared, batch, path, labels, cache)
+    fns = _chunk_fn(loss, prepared, batch, path, labels, cache, discovered)
     sums: list[Tensor] | None = None
     tokens = torch.zeros((), dtype=prepared.dtype)
     source = _with_noise(batch, labels, generator)
     names = [prepared.spec.names[i] for i in prepared.spec.active]
-    finite = FiniteCheck(names, rerun=lambda start, stop: chunk_fn(take(source, start, stop)))
-    for groups, n in _stream(chunk_fn, source, size, chunk_size):
-        part = [g.sum(0) for g in groups]
+    # only the chunk sums are needed (the path may contract some at batch level); a flagged chunk
+    # is rerun per sample to name its samples
+    finite = FiniteCheck(names, rerun=lambda start, stop: fns.per_sample(take(source, start, stop)))
+    for groups, n in _stream(fns.sums, source, size, chunk_size):
+        part = list(groups)
         finite.add(part, n)  # NaN/Inf in a per-sample value makes its chunk's sum non-finite
         sums = part if sums is None else [s + p for s, p in zip(sums, part)]
         tokens = tokens + n.sum().to(tokens.device)
@@ -207,6 +242,39 @@ def accumulate(
     for :func:`fisher`; with ``nonfinite="skip"`` the skipped batches are counted in
     ``Accumulator.skipped``, and if every batch is skipped the sums are zeros (0 tokens).
     """
+    return _accumulate(
+        loss,
+        params,
+        batches,
+        spec=spec,
+        chunk_size=chunk_size,
+        path=path,
+        kind=kind,
+        mc_samples=mc_samples,
+        generator=generator,
+        seed=seed,
+        max_classes=max_classes,
+        nonfinite=nonfinite,
+    )
+
+
+def _accumulate(
+    loss: PerSampleLoss,
+    params: Params,
+    batches: Batch | Iterable[Batch],
+    *,
+    spec: Spec | None,
+    chunk_size: int | None,
+    path: Path,
+    kind: FisherKind | str,
+    mc_samples: int,
+    generator: torch.Generator | None,
+    seed: int | None,
+    max_classes: int,
+    nonfinite: NonFinitePolicy,
+    discovered: dict[tuple, tuple[Site, ...]] | None = None,
+) -> Accumulator:
+    """:func:`accumulate`, with the probe sites found by earlier calls in ``discovered`` (see :func:`_chunk_fn`)."""
     check_chunk_size(chunk_size)
     check_path(path)
     check_nonfinite(nonfinite)
@@ -217,10 +285,10 @@ def accumulate(
     prepared = prepare(resolved, params)
     sums: list[Tensor] | None = None
     tokens, samples, skipped = 0.0, 0, 0
-    cache: dict[Any, ChunkFn] = {}
+    cache: dict[Any, ChunkFns] = {}
     for index, batch in enumerate(iter_batches(batches)):
         try:
-            part, n, b = _batch_sums(loss, prepared, batch, chunk_size, path, labels, generator, cache)
+            part, n, b = _batch_sums(loss, prepared, batch, chunk_size, path, labels, generator, cache, discovered)
         except NonFiniteError as err:
             if nonfinite == "raise":
                 raise (err if isinstance(batches, (Tensor, tuple, Mapping)) else err.at_batch(index)) from None
@@ -360,7 +428,7 @@ def per_sample_fisher(
     prepared = prepare(resolved, params)
     batch = as_tree(batch)
     size, _ = _precheck(loss, batch)
-    chunk_fn = _chunk_fn(loss, prepared, batch, path, labels)
+    chunk_fn = _chunk_fn(loss, prepared, batch, path, labels).per_sample
     parts = list(_stream(chunk_fn, _with_noise(batch, labels, generator), size, chunk_size))
     groups = [torch.cat([p[0][i] for p in parts]) for i in range(len(resolved.active))]
     tokens = torch.cat([p[1] for p in parts])

@@ -91,6 +91,16 @@ def _rebuild(
     return err
 
 
+def _screen(x: Tensor) -> Tensor:
+    """``True`` (a 0-d bool tensor) if ``x`` may hold NaN/Inf: its total ``Σ x`` is not finite.
+
+    A sum with a NaN or ±Inf term is NaN or ±Inf, so nothing non-finite passes; a false alarm
+    (finite entries whose total overflows) is resolved exactly by :meth:`FiniteCheck.check`. One
+    reduction, dozens of times cheaper than ``isfinite(x).all()`` on a large tensor.
+    """
+    return ~torch.isfinite(x.sum())
+
+
 def _few(values: Sequence[object], limit: int) -> str:
     shown = ", ".join(str(v) for v in values[:limit])
     return f"[{shown}{f', ... {len(values) - limit} more' if len(values) > limit else ''}]"
@@ -101,8 +111,9 @@ class FiniteCheck:
 
     Detection is exact and cheap: in IEEE arithmetic a sum with a NaN or ±Inf term is NaN or ±Inf,
     so the chunk's group sums ``Σ_{b ∈ chunk} s_b`` (``O(groups)``, already computed) are finite
-    exactly when every per-sample value is — or else the sum overflows. Only when a chunk is
-    flagged is it recomputed (``rerun``) to name the samples; nothing else is ever paid.
+    exactly when every per-sample value is — or else the sum overflows. Each is screened by its
+    total (one reduction, see :func:`_screen`). Only when a chunk is flagged is it recomputed
+    (``rerun``) to name the samples; nothing else is ever paid.
 
     Args:
         names: names of the active parameters, in the order of a chunk's group tuple.
@@ -119,7 +130,7 @@ class FiniteCheck:
     def add(self, part: Sequence[Tensor], tokens: Tensor) -> None:
         """Record a chunk: ``part[i]`` is its sum over samples for parameter ``i``, ``tokens`` is ``[chunk]``."""
         device = part[0].device
-        flags = [~torch.isfinite(p).all() for p in part] + [~torch.isfinite(tokens).all().to(device)]
+        flags = [_screen(p) for p in part] + [~torch.isfinite(tokens).all().to(device)]
         self._flags.append(torch.stack(flags))
         start = self._bounds[-1][1] if self._bounds else 0
         self._bounds.append((start, start + tokens.shape[0]))
@@ -131,7 +142,7 @@ class FiniteCheck:
             sums: the batch's summed group tensors (same order as ``names``).
         """
         flags = torch.stack(self._flags)  # [chunks, params + 1]
-        overflow = torch.stack([~torch.isfinite(s).all() for s in sums]).to(flags.device)
+        overflow = torch.stack([_screen(s) for s in sums]).to(flags.device)
         if not bool(flags.any() | overflow.any()):  # the batch's one host sync
             return
         names = (*self.names, "num_tokens")
@@ -153,8 +164,10 @@ class FiniteCheck:
                 parameters=[name for name, _ in per_name],
                 samples=samples,
             )
-        bad = (flags[:, :-1].any(0) | overflow).cpu().tolist()
-        culprits = [name for name, b in zip(self.names, bad) if b]
+        # no sample is non-finite: some sums overflow — or only the screening totals did
+        culprits = [name for name, s in zip(self.names, sums) if not bool(torch.isfinite(s).all())]
+        if not culprits:
+            return
         raise NonFiniteError(
             f"every per-sample value is finite, but summing the batch overflows {sums[0].dtype} in "
             + ", ".join(f"'{n}'" for n in culprits[:_SHOWN_PARAMS])

@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import optree
 import torch
@@ -33,12 +33,50 @@ from .spec import ResolvedSpec
 if TYPE_CHECKING:
     from .kinds import LabelSets
 
-__all__ = ["ChunkFn", "Prepared", "prepare", "direct_chunk_fn", "compute_dtype", "no_autocast"]
+__all__ = [
+    "ChunkFn",
+    "SumsFn",
+    "ChunkFns",
+    "Prepared",
+    "prepare",
+    "direct_chunk_fn",
+    "summed",
+    "compute_dtype",
+    "no_autocast",
+]
 
 PerSampleLoss = Callable[[Any, Any], tuple[Tensor, Tensor | int | float]]
 #: ``(chunk) -> (groups, tokens)``: per-sample group sums ``[c, *group_shape]`` of the active
 #: parameters, in spec order, and per-sample token counts ``[c]``.
 ChunkFn = Callable[[Any], tuple[tuple[Tensor, ...], Tensor]]
+#: ``(chunk) -> (sums, tokens)``: the chunk's group sums ``Σ_{b ∈ chunk} s_b`` ``[*group_shape]`` of
+#: the active parameters, in spec order, and per-sample token counts ``[c]``. Callers that only
+#: need sums (:func:`~fisherfunc.fisher`, :func:`~fisherfunc.accumulate`, the step) use this form,
+#: which lets a path contract some sums at batch level instead of forming every ``s_b``.
+SumsFn = Callable[[Any], tuple[tuple[Tensor, ...], Tensor]]
+
+
+class ChunkFns(NamedTuple):
+    """The two forms of one path's per-chunk computation (same inputs, same values).
+
+    Attributes:
+        per_sample: the per-sample values (``per_sample_fisher``; locating non-finite samples).
+        sums: the chunk's sums (``fisher`` / ``accumulate`` / the step); equals
+            ``per_sample``'s values summed over the chunk.
+    """
+
+    per_sample: ChunkFn
+    sums: SumsFn
+
+
+def summed(chunk_fn: ChunkFn) -> ChunkFns:
+    """Both forms from a per-sample :data:`ChunkFn`: the sums form sums its output over the chunk."""
+
+    def sums(chunk: Any) -> tuple[tuple[Tensor, ...], Tensor]:
+        groups, tokens = chunk_fn(chunk)
+        return tuple(g.sum(0) for g in groups), tokens
+
+    return ChunkFns(chunk_fn, sums)
 
 
 def compute_dtype(params: list[Tensor]) -> torch.dtype:

@@ -18,20 +18,31 @@ How ``a`` and ``d`` are had without hooks: inside the per-sample function a scop
 ``TorchFunctionMode`` adds a zero **probe** to the output of every ``F.linear``, ``torch.addmm``
 (GPT-2 ``Conv1D``) and ``F.embedding`` call whose weight *is* (by identity) one of the params, and
 records its input. ``vmap(grad(...))`` with respect to the probes gives ``d``; the inputs come
-back as auxiliary output. The factorised weights are not differentiated at all.
+back as auxiliary output. The factorised weights are not differentiated at all. The mode also sees
+into ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``),
+whose projections are ``F.linear`` calls: a fused in-projection used once (self-attention) is a
+site like any other.
 
 A weight qualifies when a shape-discovery call (one sample, no gradients) sees it used exactly once,
 by one of those calls, and its rule needs only row sums, column sums or the full square. Anything
 else — a weight used twice (tied embeddings, recurrent weights: the square of a sum has cross
-terms), passed to another function (the attention projections inside
-``F.multi_head_attention_forward``), norms, biases — is differentiated directly in the same
-``grad`` call.
+terms), passed to another function (a fused in-projection split for cross-attention), norms,
+biases — is differentiated directly in the same ``grad`` call.
+
+Callers that only need the batch's sums (:func:`~fisherfunc.fisher`, :func:`~fisherfunc.accumulate`,
+the step) get the sums form (:func:`probe_chunk_fns`), which contracts some sites outside ``vmap``:
+with one vector per sample, ``Σ_b (d_b ⊗ a_b)² = (d²)ᵀ(a²)`` — one matrix product per chunk, not
+``B`` per-sample ``[out, in]`` squares (the elementwise diagonal at about the cost of a weight
+gradient) — and embeddings' per-token values are scattered once into the table.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Callable, Sequence
+from types import FunctionType
 from typing import TYPE_CHECKING, Any, Literal
 
 import optree
@@ -43,13 +54,13 @@ from torch.overrides import TorchFunctionMode
 
 from .batch import cast_floating
 from .dropout import vmap_randomness
-from .per_sample import ChunkFn, PerSampleLoss, Prepared, direct_chunk_fn, no_autocast
+from .per_sample import ChunkFn, ChunkFns, PerSampleLoss, Prepared, direct_chunk_fn, no_autocast, summed
 from .rules import Buckets, Channel, Elementwise, Heads, Rows, Rule, Whole
 
 if TYPE_CHECKING:
     from .kinds import LabelSets
 
-__all__ = ["Site", "discover_sites", "probe_chunk_fn", "auto_chunk_fn"]
+__all__ = ["Site", "discover_sites", "probe_chunk_fn", "probe_chunk_fns", "auto_chunk_fn", "auto_chunk_fns"]
 
 Op = Literal["linear", "addmm", "embedding"]
 Need = Literal["rows", "cols", "full"]
@@ -101,12 +112,33 @@ def _weight_of(func: Callable, args: tuple, kwargs: dict) -> tuple[Op, Tensor] |
     return None
 
 
+@functools.cache
+def _transparent(func: Callable) -> Callable | None:
+    """``func`` (a Python function that dispatches to ``__torch_function__``) without that dispatch.
+
+    A mode's handler runs with the mode popped, so the torch calls nested inside a function it is
+    handed are unseen; re-entering the mode and calling ``func`` again would dispatch to the handler
+    again. This copy of ``func`` reads ``has_torch_function`` as always false — its first line —
+    so run under the re-entered mode it executes its body, whose ``F.linear`` calls the mode sees.
+    ``None`` if ``func`` does not have that form (then its weights take the direct path).
+    """
+    code = getattr(func, "__code__", None)
+    if code is None or "has_torch_function" not in code.co_names:
+        return None
+    namespace = {**func.__globals__, "has_torch_function": lambda *_: False}
+    clone = FunctionType(code, namespace, func.__name__, func.__defaults__, func.__closure__)
+    clone.__kwdefaults__ = func.__kwdefaults__
+    return clone
+
+
 def _carries_values(out: Any) -> bool:
     """Whether a call's output can carry its inputs' values.
 
     Metadata queries such as ``.dtype`` or ``.is_floating_point()`` return no floating tensor, so
     they are not uses of a weight.
     """
+    if isinstance(out, Tensor):  # the common case, without a tree walk
+        return out.is_floating_point()
     return any(isinstance(x, Tensor) and x.is_floating_point() for x in optree.tree_leaves(out))
 
 
@@ -129,6 +161,11 @@ class _ProbeMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:  # see into it: its projections are F.linear calls
+            body = _transparent(func)
+            if body is not None:
+                with self:
+                    return body(*args, **kwargs)
         found = _weight_of(func, args, kwargs)
         slot = self.slots.get(id(found[1])) if found is not None else None
         out = func(*args, **kwargs)
@@ -198,16 +235,42 @@ def _square_sums(u: Tensor, v: Tensor, need: Need) -> Tensor:
     return (g * g).sum(1)
 
 
+def _reduce_sums(rule: Rule, need: Need, sums: Tensor) -> Tensor:
+    """``rule.reduce`` of row sums ``[n0]``, column sums ``[n1]`` or the full square ``[n0, n1]``."""
+    if need == "rows":
+        return rule.reduce(sums.unsqueeze(1))
+    if need == "cols":
+        return rule.reduce(sums.unsqueeze(0))
+    return rule.reduce(sums)
+
+
+def _embedding_d(site: Site, ids: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Flat ids ``[T]`` and output gradients ``[T, D]``, zero at the padding row's tokens."""
+    ids = ids.reshape(-1)
+    d = d.reshape(ids.shape[0], -1)
+    if site.padding_idx is not None:  # the padding row gets no gradient
+        d = d * (ids != site.padding_idx).unsqueeze(1).to(d.dtype)
+    return ids, d
+
+
+def _factors(site: Site, a: Tensor | None, d: Tensor) -> tuple[Tensor, Tensor]:
+    """``u [T, n0]``, ``v [T, n1]`` with ``G = uᵀ v`` in the weight's layout.
+
+    The layouts: linear ``[out, in]`` (``u = d``, ``v = a``), addmm ``[in, out]`` (``u = a``, ``v = d``).
+    """
+    assert a is not None
+    a = a.reshape(-1, a.shape[-1])
+    d = d.reshape(a.shape[0], -1)
+    return (d, a) if site.op == "linear" else (a, d)
+
+
 def _site_groups(
     site: Site, rule: Rule, weight_shape: torch.Size, a: Tensor | None, ids: Tensor | None, d: Tensor
 ) -> Tensor:
     """``rule.reduce(G ⊙ G)`` for one sample of one factorised weight, from its factors."""
     if site.op == "embedding":
         assert ids is not None
-        ids = ids.reshape(-1)
-        d = d.reshape(ids.shape[0], -1)
-        if site.padding_idx is not None:  # the padding row gets no gradient
-            d = d * (ids != site.padding_idx).unsqueeze(1).to(d.dtype)
+        ids, d = _embedding_d(site, ids, d)
         if site.need == "full":
             g = d.new_zeros(weight_shape).index_add(0, ids, d)
             return rule.reduce(g * g)
@@ -218,33 +281,85 @@ def _site_groups(
             return rule.reduce(rows.unsqueeze(1))
         cols = (d * (same @ d)).sum(0)
         return rule.reduce(cols.unsqueeze(0))
-    assert a is not None
-    a = a.reshape(-1, a.shape[-1])
-    d = d.reshape(a.shape[0], -1)
-    u, v = (d, a) if site.op == "linear" else (a, d)  # weight layout: linear [out, in], addmm [in, out]
-    sums = _square_sums(u, v, site.need)
+    u, v = _factors(site, a, d)
+    return _reduce_sums(rule, site.need, _square_sums(u, v, site.need))
+
+
+def _summed_at_batch_level(site: Site) -> bool:
+    """Whether the chunk sums of a site are contracted outside ``vmap`` (see :func:`_site_parts`).
+
+    Linear-like weights with one vector per sample (``T = 1``): ``Σ_b (u_b ⊗ v_b)² = (u²)ᵀ (v²)``
+    is one matrix product for the chunk instead of ``c`` per-sample ``[n0, n1]`` squares.
+    Embeddings' full squares and row sums: per-token values scattered once into the table
+    instead of one ``[V, D]`` (or ``[V]``) table per sample.
+    """
+    if site.op == "embedding":
+        return site.need in ("full", "rows")
+    return math.prod(site.out_shape[:-1]) == 1
+
+
+def _site_parts(site: Site, a: Tensor | None, ids: Tensor | None, d: Tensor) -> tuple[Tensor, Tensor]:
+    """One sample's share of a batch-level site (inside ``vmap``), summed by :func:`_contract`.
+
+    Linear-like (``T = 1``): the factors ``(u, v)``, ``G_b = u vᵀ``. Embedding: the ids ``[T]`` and a
+    per-token value ``[T, k]`` whose scatter-add into the rows is the sample's contribution::
+
+        full:  m = S d,  value_t = m_t² · [t is the first token with id_t]   (G_b[id_t] = m_t)
+        rows:  value_t = r_t = Σ_t' S_tt' d_t·d_t'
+    """
+    if site.op != "embedding":
+        u, v = _factors(site, a, d)
+        return u[0], v[0]
+    assert ids is not None
+    ids, d = _embedding_d(site, ids, d)
+    same = (ids.unsqueeze(0) == ids.unsqueeze(1)).to(d.dtype)  # S_tt'
     if site.need == "rows":
-        return rule.reduce(sums.unsqueeze(1))
-    if site.need == "cols":
-        return rule.reduce(sums.unsqueeze(0))
-    return rule.reduce(sums)
+        return ids, ((d @ d.t()) * same).sum(1, keepdim=True)
+    first = (same.tril(-1).sum(1) == 0).to(d.dtype)  # no earlier token with the same id
+    return ids, (same @ d).square() * first.unsqueeze(1)
 
 
-def probe_chunk_fn(
+def _contract(site: Site, rule: Rule, weight_shape: torch.Size, parts: tuple[Tensor, Tensor]) -> Tensor:
+    """``Σ_{b ∈ chunk} rule.reduce(G_b ⊙ G_b)`` of a batch-level site from its stacked parts.
+
+    ``rule.reduce`` only sums entries, so it commutes with the sum over samples. Linear-like with
+    ``u [c, n0]``, ``v [c, n1]``::
+
+        full = (u²)ᵀ (v²),   rows = (u²)ᵀ ‖v‖²,   cols = (v²)ᵀ ‖u‖²
+    """
+    if site.op == "embedding":
+        ids, values = parts
+        k = values.shape[-1]
+        table = values.new_zeros(weight_shape[0], k).index_add(0, ids.reshape(-1), values.reshape(-1, k))
+        return rule.reduce(table)  # full: [V, D]; rows: [V, 1]
+    u2, v2 = parts[0].square(), parts[1].square()
+    if site.need == "full":
+        sums = u2.t() @ v2
+    elif site.need == "rows":
+        sums = u2.t() @ v2.sum(1)
+    else:
+        sums = v2.t() @ u2.sum(1)
+    return _reduce_sums(rule, site.need, sums)
+
+
+def probe_chunk_fns(
     loss: PerSampleLoss,
     prepared: Prepared,
     sites: Sequence[Site],
     *,
     randomness: str | None = None,
     labels: LabelSets | None = None,
-) -> ChunkFn:
-    """A :data:`~fisherfunc.per_sample.ChunkFn` using probes for ``sites``, direct gradients elsewhere.
+) -> ChunkFns:
+    """Both forms of the per-chunk computation using probes for ``sites``, direct gradients elsewhere.
 
     ``randomness`` goes to ``vmap``; ``None`` takes the loss's own (see :func:`~fisherfunc.dropout.vmap_randomness`).
     With ``labels`` (the ``"mc"`` / ``"exact"`` kinds, :mod:`fisherfunc.kinds`) a chunk is
     ``(samples, noise)``: one forward records the layer inputs ``a``, and each label set's
     cotangent is pulled back to the probes and direct params, ``d_j``; the factorised sums
     use ``a`` and ``d_j``, weighted and summed over the sets inside ``vmap``.
+
+    The sums form contracts the sites of :func:`_summed_at_batch_level` outside ``vmap``
+    (empirical kind only; with ``labels`` it sums the per-sample values).
     """
     spec = prepared.spec
     site_of = {s.leaf: s for s in sites}
@@ -274,50 +389,110 @@ def probe_chunk_fn(
             raise ValueError("the per-sample loss must return a scalar loss_sum")
         return value, (torch.as_tensor(tokens, dtype=dtype), recorded)
 
-    def reduce(grads: tuple, recorded: tuple) -> tuple[Tensor, ...]:
-        (g_direct, d_probes), (inputs, ids) = grads, recorded
-        out: list[Tensor | None] = [None] * len(spec.active)
-        for i, g in zip(direct, g_direct):
-            out[position[i]] = spec.rules[i].reduce(g.square())
-        for k, site in enumerate(sites):
-            out[position[site.leaf]] = _site_groups(
-                site, spec.rules[site.leaf], spec.shapes[site.leaf], inputs[k], ids[k], d_probes[k]
+    def make_reduce(batch_level: frozenset[int]) -> Callable[[tuple, tuple], tuple]:
+        def reduce(grads: tuple, recorded: tuple) -> tuple:
+            (g_direct, d_probes), (inputs, ids) = grads, recorded
+            out: list[Any] = [None] * len(spec.active)
+            for i, g in zip(direct, g_direct):
+                out[position[i]] = spec.rules[i].reduce(g.square())
+            for k, site in enumerate(sites):
+                if k in batch_level:
+                    out[position[site.leaf]] = _site_parts(site, inputs[k], ids[k], d_probes[k])
+                else:
+                    out[position[site.leaf]] = _site_groups(
+                        site, spec.rules[site.leaf], spec.shapes[site.leaf], inputs[k], ids[k], d_probes[k]
+                    )
+            return tuple(out)
+
+        return reduce
+
+    def make_batched(batch_level: frozenset[int]) -> Callable:
+        reduce = make_reduce(batch_level)
+
+        def per_sample(direct_params: tuple[Tensor, ...], probe_values: tuple[Tensor, ...], sample: Any):
+            grads, (tokens, recorded) = grad(sample_loss, argnums=(0, 1), has_aux=True)(
+                direct_params, probe_values, sample
             )
-        return tuple(out)  # type: ignore[arg-type]
+            return reduce(grads, recorded), tokens
 
-    def per_sample(direct_params: tuple[Tensor, ...], probe_values: tuple[Tensor, ...], sample: Any):
-        grads, (tokens, recorded) = grad(sample_loss, argnums=(0, 1), has_aux=True)(direct_params, probe_values, sample)
-        return reduce(grads, recorded), tokens
+        def per_sample_labelled(direct_params: tuple[Tensor, ...], probe_values: tuple[Tensor, ...], sample_noise: Any):
+            assert labels is not None
+            sample, noise = sample_noise
 
-    def per_sample_labelled(direct_params: tuple[Tensor, ...], probe_values: tuple[Tensor, ...], sample_noise: Any):
-        assert labels is not None
-        sample, noise = sample_noise
+            def predict(direct_params: tuple[Tensor, ...], probe_values: tuple[Tensor, ...]):
+                return under_probes(labels.loss.forward, direct_params, probe_values, sample)
 
-        def predict(direct_params: tuple[Tensor, ...], probe_values: tuple[Tensor, ...]):
-            return under_probes(labels.loss.forward, direct_params, probe_values, sample)
+            return labels.expected_squares(predict, (direct_params, probe_values), reduce, sample, noise)
 
-        return labels.expected_squares(predict, (direct_params, probe_values), reduce, sample, noise)
+        return vmap(
+            per_sample if labels is None else per_sample_labelled,
+            in_dims=(None, None, 0),
+            randomness=randomness or vmap_randomness(loss),
+        )
 
-    batched = vmap(
-        per_sample if labels is None else per_sample_labelled,
-        in_dims=(None, None, 0),
-        randomness=randomness or vmap_randomness(loss),
-    )
     direct_params = tuple(prepared.active[position[i]] for i in direct)
+    per_sample_batched = make_batched(frozenset())
 
     def chunk_fn(chunk: Any) -> tuple[tuple[Tensor, ...], Tensor]:
         with no_autocast(set(prepared.device_types)):
-            return batched(direct_params, probes, cast_floating(chunk, dtype))
+            return per_sample_batched(direct_params, probes, cast_floating(chunk, dtype))
 
-    return chunk_fn
+    batch_level = frozenset(k for k, s in enumerate(sites) if _summed_at_batch_level(s)) if labels is None else None
+    if not batch_level:
+        return summed(chunk_fn)
+    sums_batched = make_batched(batch_level)
+    contract_at = {position[s.leaf]: s for k, s in enumerate(sites) if k in batch_level}
+
+    def sums_fn(chunk: Any) -> tuple[tuple[Tensor, ...], Tensor]:
+        with no_autocast(set(prepared.device_types)):
+            parts, tokens = sums_batched(direct_params, probes, cast_floating(chunk, dtype))
+            sums = []
+            for j, part in enumerate(parts):
+                site = contract_at.get(j)
+                if site is None:
+                    sums.append(part.sum(0))
+                else:
+                    sums.append(_contract(site, spec.rules[site.leaf], spec.shapes[site.leaf], part))
+            return tuple(sums), tokens
+
+    return ChunkFns(chunk_fn, sums_fn)
+
+
+def probe_chunk_fn(
+    loss: PerSampleLoss,
+    prepared: Prepared,
+    sites: Sequence[Site],
+    *,
+    randomness: str | None = None,
+    labels: LabelSets | None = None,
+) -> ChunkFn:
+    """A :data:`~fisherfunc.per_sample.ChunkFn` using probes for ``sites``, direct gradients elsewhere.
+
+    The per-sample form of :func:`probe_chunk_fns` (see there for the arguments).
+    """
+    return probe_chunk_fns(loss, prepared, sites, randomness=randomness, labels=labels).per_sample
+
+
+def auto_chunk_fns(
+    loss: PerSampleLoss,
+    prepared: Prepared,
+    sample: Any,
+    *,
+    labels: LabelSets | None = None,
+    sites: Sequence[Site] | None = None,
+) -> ChunkFns:
+    """Probes where a weight qualifies (found from ``sample``), the direct path otherwise; both forms.
+
+    ``labels``: the label sets of the ``"mc"`` / ``"exact"`` kinds, or ``None`` (empirical).
+    ``sites``: :func:`discover_sites`' result for such a sample, when already known.
+    """
+    if sites is None:
+        sites = discover_sites(loss, prepared, sample)
+    if not sites:
+        return summed(direct_chunk_fn(loss, prepared, labels=labels))
+    return probe_chunk_fns(loss, prepared, sites, labels=labels)
 
 
 def auto_chunk_fn(loss: PerSampleLoss, prepared: Prepared, sample: Any, *, labels: LabelSets | None = None) -> ChunkFn:
-    """Probes where a weight qualifies (found from ``sample``), the direct path otherwise.
-
-    ``labels``: the label sets of the ``"mc"`` / ``"exact"`` kinds, or ``None`` (empirical).
-    """
-    sites = discover_sites(loss, prepared, sample)
-    if not sites:
-        return direct_chunk_fn(loss, prepared, labels=labels)
-    return probe_chunk_fn(loss, prepared, sites, labels=labels)
+    """The per-sample form of :func:`auto_chunk_fns`."""
+    return auto_chunk_fns(loss, prepared, sample, labels=labels).per_sample

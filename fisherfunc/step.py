@@ -18,7 +18,7 @@ import torch
 
 from .batch import Batch, BatchError
 from .codec import Scaled
-from .estimate import Accumulator, Path, accumulate, check_chunk_size, check_path, resolve_for
+from .estimate import Accumulator, Path, _accumulate, check_chunk_size, check_path, resolve_for
 from .kinds import DEFAULT_MAX_CLASSES, FisherKind, resolve_kind, step_generator
 from .nonfinite import NonFiniteError, NonFinitePolicy, check_nonfinite
 from .per_sample import PerSampleLoss
@@ -84,6 +84,9 @@ class FisherStep:
     generator: torch.Generator | None = None
     max_classes: int = DEFAULT_MAX_CLASSES
     nonfinite: NonFinitePolicy = "raise"
+    # probe sites discovered by earlier calls, by sample shapes, spec and modes (a memo: the
+    # step's results do not depend on it; see fisherfunc.estimate._chunk_fn)
+    _discovered: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def init(
         self, params: Any, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
@@ -138,7 +141,7 @@ class FisherStep:
         generator = self.generator if self.seed is None else step_generator(self.seed, state.step)
         if isinstance(batch, list):  # one batch as a DataLoader yields it ([x, y]), not a list of batches
             batch = tuple(batch)
-        return accumulate(
+        return _accumulate(
             self.loss,
             params,
             batch,
@@ -148,8 +151,10 @@ class FisherStep:
             kind=self.kind,
             mc_samples=self.mc_samples,
             generator=generator,
+            seed=None,
             max_classes=self.max_classes,
             nonfinite="raise",
+            discovered=self._discovered,
         )
 
     def update(self, state: FisherState, acc: Accumulator) -> FisherState:
