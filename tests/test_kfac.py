@@ -594,3 +594,37 @@ def test_eigendecompose_is_the_same_operator_and_bases_can_be_reused(estimates) 
     for name in E.scale:
         assert torch.equal(again.QA[name], E.QA[name])
         assert (again.scale[name] - E.scale[name]).abs().max() <= 1e-12 * E.scale[name].abs().max()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_projections_are_covered_and_ekfac_is_exact_in_its_basis(batch_first: bool) -> None:
+    """``nn.TransformerEncoderLayer``: the fused in-projection and out-projection inside
+    ``F.multi_head_attention_forward`` are covered; EK-FAC's scaling is the exact diagonal."""
+    torch.manual_seed(19)
+    layer = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=batch_first)
+    if batch_first:
+        model = nn.Sequential(layer, nn.Flatten(), nn.Linear(8 * 3, 3)).double().eval()
+    else:  # [T, B, E] inside
+        model = nn.Sequential(_Transpose(), layer, _Transpose(), nn.Flatten(), nn.Linear(8 * 3, 3)).double().eval()
+    x, y = torch.randn(4, 3, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    loss = ff.losses.classification(model)
+    K = ff.kfac.kfac(loss, params, (x, y))
+    prefix = "0." if batch_first else "1."
+    names = [layer.name for layer in K.layers]
+    assert prefix + "self_attn.in_proj_weight" in names and prefix + "self_attn.out_proj.weight" in names
+    E = ff.kfac.ekfac(loss, params, (x, y), K)
+    grads = []
+    for b in range(4):
+        value = F.cross_entropy(model(x[b : b + 1]), y[b : b + 1], reduction="sum")
+        grads.append(dict(zip(params, torch.autograd.grad(value, list(model.parameters())))))
+    for entry in E.layers:
+        exact = _dense_fisher(grads, entry.name, entry.bias_name, 4.0)
+        q = torch.kron(E.QG[entry.name], E.QA[entry.name])[_own_order(entry)]
+        in_basis = torch.diagonal(q.t() @ exact @ q)
+        assert (E.scale[entry.name].reshape(-1) - in_basis).abs().max() <= TOL * in_basis.abs().max(), entry.name
+
+
+class _Transpose(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.transpose(0, 1)

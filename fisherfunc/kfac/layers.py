@@ -24,10 +24,11 @@ from typing import Any, Literal
 
 import optree
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from ..probes import _arg, _carries_values, _weight_of
+from ..probes import _arg, _carries_values, _transparent, _weight_of
 from ..spec import path_name
 
 __all__ = ["Layer", "ParamLeaves", "flatten_params", "discover_layers", "CaptureMode", "LayerShapes"]
@@ -144,6 +145,11 @@ class CaptureMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:  # see into it: its projections are F.linear calls
+            body = _transparent(func)  # (see fisherfunc.probes)
+            if body is not None:
+                with self:
+                    return body(*args, **kwargs)
         found: Any = _weight_of(func, args, kwargs)
         if func in _CONV:
             found = (_CONV[func], _arg(args, kwargs, 1, "weight"))
@@ -266,8 +272,7 @@ def discover_layers(loss: Any, params: ParamLeaves, sample: Any, patterns: Seque
     if not layers:
         raise ValueError(
             "no layer qualifies for K-FAC: it covers weights used once per forward by F.linear, torch.addmm "
-            "or F.conv1d/F.conv2d with groups=1 (nn.Linear, GPT-2 Conv1D, nn.Conv1d/2d, attention projections "
-            "outside F.multi_head_attention_forward)"
+            "or F.conv1d/F.conv2d with groups=1 (nn.Linear, GPT-2 Conv1D, nn.Conv1d/2d, attention projections)"
         )
     return tuple(layers)
 
