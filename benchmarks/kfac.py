@@ -408,10 +408,16 @@ def _eigh_all(F_: ff.kfac.KFAC) -> None:
         torch.linalg.eigh(F_.G[x.name].double())
 
 
-def cost(workload: str, repeats: int) -> str:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cost(workload: str, repeats: int, device: str = "cpu") -> str:
     """The cost table (markdown) of one benchmark workload."""
     torch.manual_seed(0)
-    w = bench_run.workloads(torch.device("cpu"))[workload]()
+    dev = torch.device(device)
+    w = bench_run.workloads(dev)[workload]()
     params = {k: v.detach() for k, v in w.model.named_parameters()}
     sequence = w.batch[0].ndim == 2 and w.batch[0].dtype == torch.long
     F_ = ff.kfac.kfac(w.loss, params, w.batch)
@@ -511,8 +517,10 @@ def cost(workload: str, repeats: int) -> str:
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():  # interleaved: drift hits every method alike
+            _sync(dev)
             start = time.perf_counter()
             fn()
+            _sync(dev)
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["forward+backward"])
     fb_flops = flops["forward+backward"]
@@ -556,6 +564,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--workloads", nargs="*", default=["mlp", "transformer"])
     parser.add_argument("--out", help="also write the tables to this markdown file")
+    parser.add_argument("--device", default="cpu", help="device of the cost part, e.g. cuda (fidelity: CPU, float64)")
     args = parser.parse_args()
     header = [
         f"`{' '.join(['python', *sys.argv])}`",
@@ -578,7 +587,7 @@ def main() -> None:
     if args.part in ("cost", "both"):
         sections.append("## Cost\n")
         for name in args.workloads:
-            sections.append(cost(name, args.repeats) + "\n")
+            sections.append(cost(name, args.repeats, args.device) + "\n")
             print(sections[-1], flush=True)
     if args.out:
         Path(args.out).write_text("\n".join(header + sections))
