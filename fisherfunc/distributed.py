@@ -220,7 +220,8 @@ class DataParallelStep:
             DistributedError: on the other processes, when one process fails (it raises its own error).
         """
         _check_ready(self.group)
-        acc, failure = _attempt(lambda: self.fisher_step.batch_sums(params, shard, state))
+        rank = dist.get_rank(self.group)  # kind="mc" with a seed: each process draws its own labels
+        acc, failure = _attempt(lambda: self.fisher_step.batch_sums(params, shard, state, stream=rank))
         skip = self.fisher_step.nonfinite == "skip"
         total = _reduce(acc, failure, device=_device(params), group=self.group, skip_nonfinite=skip)
         if total is None:

@@ -373,17 +373,20 @@ def resolve_kind(
 _MASK64 = (1 << 64) - 1
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """A CPU generator for step ``step`` of a seeded ``fisher_step``: pure, and new draws each step.
 
-    The seed of step ``t`` is the SplitMix64 hash of ``seed + (t + 1) · φ`` (``φ`` the 64-bit
-    golden ratio), so consecutive steps get unrelated streams and a step is reproducible alone.
+    The seed of step ``t`` is the SplitMix64 hash of ``seed + (t + 1) · φ + s · ψ`` (``φ`` the 64-bit
+    golden ratio, ``ψ`` another odd 64-bit constant, ``s`` the stream), so consecutive steps, and
+    the processes of a data-parallel step (one stream each), get unrelated draws, and a step is
+    reproducible alone.
 
     Args:
         seed: the step function's seed.
         step: the state's step count ``t``.
+        stream: the stream ``s``, e.g. the process's rank (``0``: a single process).
     """
-    z = (seed + (step + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = (seed + (step + 1) * 0x9E3779B97F4A7C15 + stream * 0xD1B54A32D192ED03) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return torch.Generator().manual_seed(z ^ (z >> 31))

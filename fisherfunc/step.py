@@ -123,11 +123,13 @@ class FisherStep:
             return state._replace(skipped=state.skipped + 1)
         return self.update(state, acc)
 
-    def batch_sums(self, params: Any, batch: Batch, state: FisherState) -> Accumulator:
+    def batch_sums(self, params: Any, batch: Batch, state: FisherState, *, stream: int = 0) -> Accumulator:
         """The batch's exact sums ``Σ_b s_b``, ``Σ_b n_b``, ``B``, after checking ``state`` (no update).
 
         ``fisher_step(params, batch, state) == fisher_step.update(state, fisher_step.batch_sums(...))``
         for a finite batch; :mod:`fisherfunc.distributed` sums the middle term over processes.
+        ``stream`` (``kind="mc"`` with a ``seed``) selects independent draws for the same step —
+        :mod:`fisherfunc.distributed` passes each process's rank, so shards do not share noise.
 
         Raises:
             NonFiniteError: for NaN/Inf per-sample values, whatever the policy.
@@ -138,7 +140,7 @@ class FisherStep:
         _check_state(state, resolved, self.decay)
         if state.kind != self.kind:
             raise SpecError(f"the state holds a {state.kind!r} Fisher, but this fisher_step computes {self.kind!r}")
-        generator = self.generator if self.seed is None else step_generator(self.seed, state.step)
+        generator = self.generator if self.seed is None else step_generator(self.seed, state.step, stream)
         if isinstance(batch, list):  # one batch as a DataLoader yields it ([x, y]), not a list of batches
             batch = tuple(batch)
         return _accumulate(

@@ -106,6 +106,11 @@ def main(rank: int, world: int, store_file: str, out: Path) -> None:
 
     # The collectives are still aligned: a normal step works and agrees everywhere.
     results["after"] = plain(raising(params, mine[1], state))
+
+    # kind="mc" with a seed: each process draws its own labels (stream = rank).
+    mc = ff.make_fisher_step(loss, decay=0.8, kind="mc", seed=3)
+    results["mc_same_data"] = mc.batch_sums(params, batches[0], mc.init(params), stream=rank).sums
+    results["mc"] = plain(ff.distributed.data_parallel(mc)(params, mine[0], mc.init(params)))
     torch.save(results, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 

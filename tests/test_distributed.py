@@ -115,6 +115,20 @@ def test_ema_states_after_several_steps_equal_one_process(results, reference) ->
     _assert_bitwise_equal(results[0]["ema"], results[1]["ema"])
 
 
+def test_mc_draws_differ_between_processes_and_the_step_is_their_union(results) -> None:
+    """Each process draws from its own stream (its rank); the state equals one process summing both."""
+    a, b = results[0]["mc_same_data"], results[1]["mc_same_data"]  # the same data on both processes
+    assert any(not torch.equal(x, y) for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b)))
+    loss, params, batches = worker.problem()
+    mc = ff.make_fisher_step(loss, decay=0.8, kind="mc", seed=3)
+    state = mc.init(params)
+    parts = [mc.batch_sums(params, worker.shard(batches[0], rank, 2), state, stream=rank) for rank in range(2)]
+    expected = mc.update(state, ff.merge(*parts))
+    for rank in range(2):
+        _assert_state(results[rank]["mc"], expected, f"process {rank}")
+    _assert_bitwise_equal(results[0]["mc"], results[1]["mc"])
+
+
 def test_a_nan_shard_is_skipped_by_every_process(results) -> None:
     for rank in range(2):
         skipped, before = results[rank]["skipped"], results[rank]["ema"]
