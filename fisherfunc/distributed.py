@@ -132,7 +132,7 @@ def _reduce(
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     sums = optree.tree_unflatten(treespec, [s.to(t.device) for s, t in zip(_unflat(flat, leaves), leaves)])
     tokens, samples, skipped = meta[:3].tolist()
-    return Accumulator(sums, tokens, int(samples), int(skipped))
+    return Accumulator(sums, tokens, int(samples), int(skipped), acc.kind)
 
 
 def all_reduce(acc: Accumulator, *, group: Any = None) -> Accumulator:

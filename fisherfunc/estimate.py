@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .batch import BatchError, as_tree, batch_size, iter_batches, take
-from .kinds import DEFAULT_MAX_CLASSES, FisherKind, LabelSets, resolve_kind
+from .kinds import DEFAULT_MAX_CLASSES, FisherKind, LabelSets, check_kind, resolve_kind
 from .nonfinite import FiniteCheck, NonFiniteError, NonFinitePolicy, NonFiniteWarning, check_nonfinite
 from .per_sample import ChunkFns, PerSampleLoss, Prepared, direct_chunk_fn, prepare, summed
 from .probes import Site, auto_chunk_fns, discover_sites
@@ -65,14 +65,16 @@ class PerSampleFisher(NamedTuple):
 class Accumulator(NamedTuple):
     """Exact one-shot sums: ``Σ_b rule.reduce(g_b ⊙ g_b)`` (group tree), ``Σ_b n_b`` and ``B``.
 
-    ``skipped`` counts the batches left out as non-finite (``nonfinite="skip"``). Accumulators of
-    disjoint data merge exactly by adding every field (:func:`fisherfunc.merge`).
+    ``skipped`` counts the batches left out as non-finite (``nonfinite="skip"``); ``kind`` is the
+    Fisher kind the sums were taken at. Accumulators of disjoint data and the same kind merge
+    exactly by adding every count field (:func:`fisherfunc.merge`).
     """
 
     sums: Any
     tokens: float
     samples: int
     skipped: int = 0
+    kind: str = "empirical"
 
 
 def resolve_for(loss: PerSampleLoss, params: Params, spec: Spec | None) -> ResolvedSpec:
@@ -301,7 +303,7 @@ def _accumulate(
     if sums is None:  # every batch skipped: the empty accumulator (zeros), which merges as nothing
         sums = [torch.zeros(resolved.group_shapes[i], dtype=prepared.dtype, device=p.device)
                 for i, p in zip(resolved.active, prepared.active)]  # fmt: skip
-    return Accumulator(resolved.unflatten_groups(sums), tokens, samples, skipped)
+    return Accumulator(resolved.unflatten_groups(sums), tokens, samples, skipped, check_kind(kind).value)
 
 
 def fisher(

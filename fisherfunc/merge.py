@@ -106,6 +106,10 @@ def _check_alike(what: str, index: int, reference: Any, tree: Any) -> None:
 def _merge_accumulators(items: Sequence[Accumulator]) -> Accumulator:
     first = items[0]
     for i, acc in enumerate(items[1:], start=1):
+        if acc.kind != first.kind:
+            raise ValueError(
+                f"cannot merge: accumulator {i} holds kind={acc.kind!r}, accumulator 0 kind={first.kind!r}"
+            )
         _check_alike("accumulator", i, first.sums, acc.sums)
 
     def add(*sums: Tensor) -> Tensor:
@@ -119,6 +123,7 @@ def _merge_accumulators(items: Sequence[Accumulator]) -> Accumulator:
         tokens=sum(float(acc.tokens) for acc in items),
         samples=sum(int(acc.samples) for acc in items),
         skipped=sum(int(acc.skipped) for acc in items),
+        kind=first.kind,
     )
 
 

@@ -149,6 +149,11 @@ def test_mismatches_are_refused_naming_the_culprit() -> None:
         ff.merge(acc, acc_skip)
     with pytest.raises(TypeError, match="all alike; got Accumulator, FisherState"):
         ff.merge(acc, state)
+    exact = ff.accumulate(loss, params, batches[1], kind="exact")
+    assert (acc.kind, exact.kind) == ("empirical", "exact")
+    with pytest.raises(ValueError, match="accumulator 1 holds kind='exact', accumulator 0 kind='empirical'"):
+        ff.merge(acc, exact)
+    assert ff.merge(exact, ff.accumulate(loss, params, batches[0], kind="exact")).kind == "exact"
 
 
 def test_task_dicts_merge_task_by_task() -> None:
