@@ -213,9 +213,12 @@ def _batch_sums(
                 d = outputs[k].sum(1) if approx == "reduce" else outputs[k].reshape(-1, layer.out_features)
                 G[k] = _add(G[k], d.t() @ d)
         tokens += float(n.sum())
+    done_A = [x for x in A if x is not None]
+    done_G = [x for x in G if x is not None]
+    assert len(done_A) == len(done_G) == len(layers)  # a batch has at least one chunk
     # tr A = Σ‖ã‖², tr G = Σ‖d‖²: finite iff every input and output gradient is (|off-diagonals| are
     # bounded by the diagonals), so the traces are the whole check, in one host sync
-    traces = torch.stack([torch.diagonal(x).sum() for x in A + G])
+    traces = torch.stack([torch.diagonal(x).sum() for x in done_A + done_G])
     finite = torch.isfinite(traces)
     bad = (
         []
@@ -227,8 +230,8 @@ def _batch_sums(
     if not tokens > 0:
         raise BatchError("the batch has no tokens to learn from (the loss returned num_tokens summing to 0)")
     for k in range(len(layers)):  # commit only a complete, finite batch
-        sums.A[k] = _add(sums.A[k], A[k])
-        sums.G[k] = _add(sums.G[k], G[k])
+        sums.A[k] = _add(sums.A[k], done_A[k])
+        sums.G[k] = _add(sums.G[k], done_G[k])
         sums.positions[k] += positions[k]
     sums.tokens += tokens
     sums.samples += size
@@ -340,11 +343,13 @@ def merge(first: KFAC, *others: KFAC) -> KFAC:
             if getattr(item, field) != getattr(first, field):
                 raise ValueError(f"K-FAC estimate {i} differs from estimate 0 in {field!r}; only alike estimates merge")
     tokens = sum(x.tokens for x in items)
-    out_A, out_G, out_n = {}, {}, {}
+    out_A: dict[str, Tensor] = {}
+    out_G: dict[str, Tensor] = {}
+    out_n: dict[str, float] = {}
     for layer in first.layers:
         n = sum(x.positions[layer.name] for x in items)
-        out_A[layer.name] = sum(x.A[layer.name] * (x.positions[layer.name] / n) for x in items)
-        out_G[layer.name] = sum(x.G[layer.name] * (x.tokens / tokens) for x in items)
+        out_A[layer.name] = torch.stack([x.A[layer.name] * (x.positions[layer.name] / n) for x in items]).sum(0)
+        out_G[layer.name] = torch.stack([x.G[layer.name] * (x.tokens / tokens) for x in items]).sum(0)
         out_n[layer.name] = n
     return first._replace(A=out_A, G=out_G, positions=out_n, tokens=tokens, samples=sum(x.samples for x in items))
 
