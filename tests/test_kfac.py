@@ -628,3 +628,21 @@ def test_multihead_attention_projections_are_covered_and_ekfac_is_exact_in_its_b
 class _Transpose(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x.transpose(0, 1)
+
+
+def test_digits_example_runs_and_both_steps_descend(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("sklearn")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "kfac_digits.py"
+    spec = importlib.util.spec_from_file_location("kfac_digits", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(steps=100)
+    assert "Spearman" in capsys.readouterr().out
+    for k, e in out["spearman"].values():
+        assert -1.0 <= k <= 1.0 and -1.0 <= e <= 1.0
+    # a small step along a descent direction lowers the loss (the trust region keeps it small)
+    assert out["natural (EK-FAC)"] < out["before"] and out["plain gradient"] < out["before"]
