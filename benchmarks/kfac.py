@@ -23,7 +23,7 @@ computing their factors and ``ff.kfac.ekfac``'s second pass. It also prints the 
 factor products alone cost that much on top of a forward+backward.
 
     python benchmarks/kfac.py                      # both parts, markdown on stdout
-    python benchmarks/kfac.py --part cost --repeats 5 --out /tmp/kfac_bench.md
+    python benchmarks/kfac.py --part cost --repeats 5 --out kfac_bench.md
 """
 
 from __future__ import annotations
