@@ -273,20 +273,33 @@ def _rule_from_json(entry: Any, name: str, bad: Any) -> Rule:
         raise bad(f"the rule of parameter '{name}' cannot be rebuilt: {err}") from None
 
 
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def read_safetensors(path: Path, what: str = "state") -> tuple[dict[str, str], dict[str, Tensor]]:
+    """The header metadata and all tensors (on CPU) of a safetensors file.
+
+    Raises:
+        FileNotFoundError: no file at ``path`` (the message says which ``what`` was expected).
+        StateFileError: a file safetensors cannot read (truncated, corrupted, another format).
+    """
     safetensors = _safetensors()
     if not path.exists():
-        raise FileNotFoundError(f"no state file at {path}")
-
-    def bad(why: str) -> StateFileError:
-        return StateFileError(f"{path}: {why}")
-
+        raise FileNotFoundError(f"no {what} file at {path}")
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors' own errors: a short, clear message instead
-        raise bad(f"not a readable safetensors file, truncated or corrupted ({type(err).__name__}: {err})") from None
+        raise StateFileError(
+            f"{path}: not a readable safetensors file, truncated or corrupted ({type(err).__name__}: {err})"
+        ) from None
+    return header, tensors
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    header, tensors = read_safetensors(path)
+
+    def bad(why: str) -> StateFileError:
+        return StateFileError(f"{path}: {why}")
+
     if _META_KEY not in header:
         raise bad("has no fisherfunc metadata: not a state saved by fisherfunc.save")
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import StateFileError, _atomic_write, _checksum, _safetensors
+from ..io import StateFileError, _atomic_write, _checksum, _safetensors, read_safetensors
 from .eigen import EKFAC
 from .factors import KFAC, KFACState
 from .layers import Layer
@@ -75,20 +75,12 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str | None = No
         FileNotFoundError: no file at ``path``.
         StateFileError: a truncated, corrupted or foreign file (checksum and format checked).
     """
-    safetensors = _safetensors()
     target = Path(os.fspath(path))
-    if not target.exists():
-        raise FileNotFoundError(f"no K-FAC file at {target}")
+    header, tensors = read_safetensors(target, "K-FAC")
 
     def bad(why: str) -> StateFileError:
         return StateFileError(f"{target}: {why}")
 
-    try:
-        with safetensors.safe_open(str(target), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # noqa: BLE001 - safetensors' own errors become one clear message
-        raise bad(f"not a readable safetensors file, truncated or corrupted ({type(err).__name__}: {err})") from None
     try:
         meta = json.loads(header[_META_KEY])
     except (KeyError, json.JSONDecodeError):
