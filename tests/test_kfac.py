@@ -646,3 +646,20 @@ def test_digits_example_runs_and_both_steps_descend(capsys: pytest.CaptureFixtur
         assert -1.0 <= k <= 1.0 and -1.0 <= e <= 1.0
     # a small step along a descent direction lowers the loss (the trust region keeps it small)
     assert out["natural (EK-FAC)"] < out["before"] and out["plain gradient"] < out["before"]
+
+
+def test_non_finite_batches_raise_naming_the_layers_and_leave_the_state_alone() -> None:
+    model = _mlp()
+    x, y = _token_batch()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    loss = ff.losses.token_classification(model)
+    step = ff.kfac.make_kfac_step(loss, decay=0.9)
+    state = step(params, (x, y), step.init(params, (x, y)))
+    before = {k: v.clone() for k, v in state.A.items()}
+    bad = x.clone()
+    bad[1, 2, 0] = float("nan")  # one input value of one sample: every layer downstream sees it
+    with pytest.raises(FloatingPointError, match=r"layer\(s\) \['0.weight', '2.weight'\]"):
+        step(params, (bad, y), state)
+    with pytest.raises(FloatingPointError, match="nothing was updated"):
+        ff.kfac.kfac(loss, params, [(x, y), (bad, y)])
+    assert state.step == 1 and all(torch.equal(state.A[k], before[k]) for k in before)

@@ -31,14 +31,14 @@ Merging estimates of disjoint data is exact: ``A`` by positions, ``G`` by tokens
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import optree
 import torch
 from torch import Tensor
 
-from ..batch import BatchError, as_tree, batch_size, iter_batches, take
+from ..batch import BatchError, as_tree, batch_size, cast_floating, iter_batches, take
 from ..estimate import _precheck, check_chunk_size
 from ..kinds import DEFAULT_MAX_CLASSES, FisherKind, LabelSets, resolve_kind, step_generator
 from ..state import bias_correction, check_decay
@@ -118,10 +118,10 @@ def _augment(a: Tensor) -> Tensor:
     return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
 
 
-def _outer_statistic(layers: Sequence[Layer], approx: str):
+def _outer_statistic(approx: str) -> Callable[[int, Tensor, Tensor], Tensor]:
     """Per-sample ``Σ_t d dᵀ`` (expand) or ``d̄ d̄ᵀ`` (reduce), for the labelled kinds (inside ``vmap``)."""
 
-    def stat(k: int, a: Tensor, d: Tensor) -> Tensor:
+    def stat(k: int, a: Tensor, d: Tensor) -> Tensor:  # (layer, inputs, output gradients)
         if approx == "reduce":
             d = d.sum(0, keepdim=True)
         return d.t() @ d
@@ -193,7 +193,7 @@ def _batch_sums(
     """
     size, _ = _precheck(loss, batch)
     layers = (shapes or LayerShapes(loss, params, layers))(batch)
-    run = capture_fn(loss, params, layers, labels=labels, statistic=_outer_statistic(layers, approx))
+    run = capture_fn(loss, params, layers, labels=labels, statistic=_outer_statistic(approx))
     source = batch if labels is None else (batch, labels.draw(batch, generator))
     step = size if chunk_size is None else chunk_size
     A: list[Tensor | None] = [None] * len(layers)  # this batch's sums (committed at the end)
@@ -240,8 +240,6 @@ def _batch_sums(
 def _setup(loss: Any, params: Any, first: Any, layers: Sequence[str] | None) -> tuple[ParamLeaves, tuple[Layer, ...]]:
     flat = flatten_params(params)
     sample = optree.tree_map(lambda x: x[0], first)
-    from ..batch import cast_floating
-
     return flat, discover_layers(loss, flat, cast_floating(sample, flat.dtype), layers)
 
 
