@@ -190,7 +190,7 @@ def small_transformer(samples: int) -> dict[str, Any]:
 # --- exact blocks and approximations -----------------------------------------------------------------
 
 
-def _own_order(out: int, width: int, in_features: int) -> Tensor:
+def own_order(out: int, width: int, in_features: int) -> Tensor:
     """Indices into row-major ``vec [W | b]`` (``[out, width]``) of ``[W.reshape(-1), b]``."""
     o, i = torch.arange(out), torch.arange(in_features)
     weight = (o.unsqueeze(1) * width + i.unsqueeze(0)).reshape(-1)
@@ -198,13 +198,13 @@ def _own_order(out: int, width: int, in_features: int) -> Tensor:
 
 
 def _kron_dense(G: Tensor, A: Tensor) -> Tensor:
-    order = _own_order(G.shape[0], A.shape[0], A.shape[0] - 1)
+    order = own_order(G.shape[0], A.shape[0], A.shape[0] - 1)
     return torch.kron(G, A)[order][:, order]
 
 
 def _eigen_dense(QG: Tensor, QA: Tensor, S: Tensor) -> Tensor:
     q = torch.kron(QG, QA)
-    order = _own_order(QG.shape[0], QA.shape[0], QA.shape[0] - 1)
+    order = own_order(QG.shape[0], QA.shape[0], QA.shape[0] - 1)
     return ((q * S.reshape(1, -1)) @ q.t())[order][:, order]
 
 
@@ -332,7 +332,7 @@ def fidelity(w: dict[str, Any]) -> str:
         Fk = F_expand if approx == "expand" else ff.kfac.kfac(loss, params, batch, approx=approx)
         E = ff.kfac.ekfac(loss, params, batch, Fk)
         for n in layers:  # EK-FAC's scaling is diag(Qᵀ F Q) of the exact block: checks both
-            order = _own_order(Fk.G[n].shape[0], Fk.A[n].shape[0], Fk.A[n].shape[0] - 1)
+            order = own_order(Fk.G[n].shape[0], Fk.A[n].shape[0], Fk.A[n].shape[0] - 1)
             q = torch.kron(E.QG[n], E.QA[n])[order]
             s = E.scale[n].reshape(-1)
             assert torch.allclose(

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fisherfunc as ff
-from fisherfunc.batch import batch_size
+from fisherfunc._engine.batches import batch_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import PEERS  # noqa: E402

@@ -5,18 +5,20 @@ summed into groups (channels, heads, token rows...) described by a spec pytree, 
 vectorised computation. Running estimates live in immutable :class:`FisherState` tuples.
 No module hooks, no hidden mutation.
 
-Reading order: :mod:`~fisherfunc.losses` (per-sample losses) → :mod:`~fisherfunc.rules` and
-:mod:`~fisherfunc.spec` (groups) → :mod:`~fisherfunc.per_sample` (the vectorised engine) →
-:mod:`~fisherfunc.estimate` (one-shot) → :mod:`~fisherfunc.state` and :mod:`~fisherfunc.step`
-(EMA) → :mod:`~fisherfunc.keys` (flat keys). :mod:`~fisherfunc.kinds` says which targets the
-gradients are taken at: the dataset's labels, labels sampled from the model, or all classes.
-States that survive: :mod:`~fisherfunc.storage` (dtype and device of a state, with
-:mod:`~fisherfunc.codec`), :mod:`~fisherfunc.io` (``save``/``load``), :mod:`~fisherfunc.merge`,
-:mod:`~fisherfunc.distributed` (data-parallel) and :mod:`~fisherfunc.nonfinite` (NaN/Inf batches).
-Uses: :mod:`~fisherfunc.perturb` (Fisher-guided perturbations and their predicted damage, on the
-group numbering of :mod:`~fisherfunc.membership`, choosing groups with :mod:`~fisherfunc.selection`).
-Beyond the diagonal: :mod:`~fisherfunc.kfac` (K-FAC and EK-FAC from the same probes).
-Pictures: :mod:`~fisherfunc.plot` (matplotlib, optional); the ``fisherfunc`` command: :mod:`~fisherfunc.cli`.
+This module only re-exports; the layers underneath, in the order a batch flows through them
+(``docs/architecture.md``):
+
+- ``_spec``: group rules and their geometry, spec resolution, the group numbering, ``infer_spec``
+  and the model families' layouts;
+- ``_engine``: batches, numerics, the one probe mechanism, the vectorised per-sample gradient,
+  group sums (direct and factorised paths), Fisher kinds, the non-finite policy, the one chunk loop;
+- ``_estimate``: one-shot estimates (``fisher``, ``accumulate``, ``per_sample_fisher``);
+- ``_state``: states, the EMA, the step, storage codec, keys, merging and files.
+
+Public modules on top: :mod:`~fisherfunc.losses`, :mod:`~fisherfunc.dropout`,
+:mod:`~fisherfunc.storage`, :mod:`~fisherfunc.distributed`, :mod:`~fisherfunc.plot`; the uses
+:mod:`~fisherfunc.perturb`, :mod:`~fisherfunc.kfac`, :mod:`~fisherfunc.hf`,
+:mod:`~fisherfunc.testing` and the command :mod:`~fisherfunc.cli`.
 """
 
 from . import distributed as distributed
@@ -27,46 +29,51 @@ from . import losses as losses
 from . import perturb as perturb
 from . import plot as plot
 from . import storage as storage
-from .batch import BatchError as BatchError
-from .estimate import Accumulator as Accumulator
-from .estimate import PerSampleFisher as PerSampleFisher
-from .estimate import accumulate as accumulate
-from .estimate import fisher as fisher
-from .estimate import per_sample_fisher as per_sample_fisher
-from .infer import infer_spec as infer_spec
-from .io import StateFileError as StateFileError
-from .io import load as load
-from .io import save as save
-from .keys import from_keyed as from_keyed
-from .keys import to_keyed as to_keyed
-from .kinds import FisherKind as FisherKind
-from .merge import merge as merge
-from .nonfinite import NonFiniteError as NonFiniteError
-from .rules import Buckets as Buckets
-from .rules import Channel as Channel
-from .rules import Elementwise as Elementwise
-from .rules import Heads as Heads
-from .rules import Rows as Rows
-from .rules import Rule as Rule
-from .rules import Skip as Skip
-from .rules import SpecError as SpecError
-from .rules import Whole as Whole
-from .state import FisherState as FisherState
-from .state import clear as clear
-from .state import estimate as estimate
-from .state import init_state as init_state
-from .state import metadata as metadata
-from .step import FisherStep as FisherStep
-from .step import make_fisher_step as make_fisher_step
-
-__version__ = "0.1.0"
+from ._engine.batches import BatchError as BatchError
+from ._engine.kinds import MC as MC
+from ._engine.kinds import Empirical as Empirical
+from ._engine.kinds import Exact as Exact
+from ._engine.kinds import FisherKind as FisherKind
+from ._engine.nonfinite import NonFiniteError as NonFiniteError
+from ._estimate import Accumulator as Accumulator
+from ._estimate import PerSampleFisher as PerSampleFisher
+from ._estimate import accumulate as accumulate
+from ._estimate import fisher as fisher
+from ._estimate import per_sample_fisher as per_sample_fisher
+from ._spec.infer import infer_spec as infer_spec
+from ._spec.rules import Buckets as Buckets
+from ._spec.rules import Channel as Channel
+from ._spec.rules import Elementwise as Elementwise
+from ._spec.rules import Heads as Heads
+from ._spec.rules import Rows as Rows
+from ._spec.rules import Rule as Rule
+from ._spec.rules import Skip as Skip
+from ._spec.rules import SpecError as SpecError
+from ._spec.rules import Whole as Whole
+from ._state.files import StateFileError as StateFileError
+from ._state.files import load as load
+from ._state.files import save as save
+from ._state.keys import from_keyed as from_keyed
+from ._state.keys import to_keyed as to_keyed
+from ._state.merge import merge as merge
+from ._state.state import FisherState as FisherState
+from ._state.state import clear as clear
+from ._state.state import estimate as estimate
+from ._state.state import init_state as init_state
+from ._state.state import metadata as metadata
+from ._state.step import FisherStep as FisherStep
+from ._state.step import make_fisher_step as make_fisher_step
+from ._version import __version__ as __version__
 
 __all__ = [
+    "MC",
     "Accumulator",
     "BatchError",
     "Buckets",
     "Channel",
     "Elementwise",
+    "Empirical",
+    "Exact",
     "FisherKind",
     "FisherState",
     "FisherStep",
@@ -88,8 +95,8 @@ __all__ = [
     "from_keyed",
     "hf",
     "infer_spec",
-    "kfac",
     "init_state",
+    "kfac",
     "load",
     "losses",
     "make_fisher_step",

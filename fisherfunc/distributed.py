@@ -35,12 +35,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .batch import Batch
-from .estimate import Accumulator
-from .estimate import accumulate as local_accumulate
-from .nonfinite import NonFiniteError
-from .state import FisherState
-from .step import FisherStep
+from ._engine.batches import Batch
+from ._engine.nonfinite import NonFiniteError
+from ._estimate import Accumulator
+from ._estimate import accumulate as local_accumulate
+from ._state.state import FisherState
+from ._state.step import FisherStep
 
 __all__ = ["DistributedError", "DataParallelStep", "data_parallel", "all_reduce", "accumulate", "fisher"]
 

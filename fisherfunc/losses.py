@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .batch import BatchError
+from ._engine.batches import BatchError, entry
+from ._engine.modules import check_model
 from .dropout import DropoutMode, check_dropout
 from .dropout import scope as dropout_scope
 
@@ -57,33 +58,6 @@ __all__ = [
 Key = Hashable  # an index into a tuple batch or a key of a mapping batch
 Inputs = Key | tuple[Key, ...] | Mapping[str, Key]
 Distribution = Literal["categorical", "gaussian"] | None
-
-_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-def check_model(model: nn.Module) -> None:
-    """Refuse models that cannot give per-sample gradients under ``torch.func.vmap``.
-
-    Raises:
-        ValueError: for a BatchNorm layer in training mode, naming the layer.
-    """
-    for name, module in model.named_modules():
-        if isinstance(module, _BATCHNORM) and module.training:
-            raise ValueError(
-                f"BatchNorm layer '{name or '<root>'}' is in training mode: its output mixes the samples "
-                "of a batch (batch statistics), so per-sample gradients are not defined, and it updates "
-                "running statistics in place, which torch.func cannot vectorise. Call model.eval() to use "
-                "the running statistics (or replace it with GroupNorm/LayerNorm)"
-            )
-
-
-def _entry(sample: Any, key: Key, role: str) -> Tensor:
-    try:
-        return sample[key]
-    except (KeyError, IndexError, TypeError):
-        have = list(sample.keys()) if isinstance(sample, Mapping) else f"{len(sample)} entries"
-        raise BatchError(f"the batch has no {role} entry {key!r} (it has {have})") from None
-
 
 def _default_output(out: Any) -> Tensor:
     if isinstance(out, Tensor):
@@ -158,10 +132,10 @@ class ModelLoss:
         }
         if isinstance(self.inputs, Mapping):
             args: tuple = ()
-            kwargs = {kw: _entry(sample, key, "input").unsqueeze(0) for kw, key in self.inputs.items()}
+            kwargs = {kw: entry(sample, key, "input").unsqueeze(0) for kw, key in self.inputs.items()}
         else:
             keys = self.inputs if isinstance(self.inputs, tuple) else (self.inputs,)
-            args = tuple(_entry(sample, key, "input").unsqueeze(0) for key in keys)
+            args = tuple(entry(sample, key, "input").unsqueeze(0) for key in keys)
             kwargs = {}
         if self.prepare is not None:
             kwargs = self.prepare(kwargs, dtype or torch.get_default_dtype())
@@ -177,11 +151,11 @@ class ModelLoss:
 
     def targets_of(self, sample: Any) -> Tensor | None:
         """The targets of one sample, or ``None`` when the builder derives them from the inputs."""
-        return None if self.targets is None else _entry(sample, self.targets, "target")
+        return None if self.targets is None else entry(sample, self.targets, "target")
 
     def mask_of(self, sample: Any) -> Tensor | None:
         """The padding mask of one sample (or of a batch), if the loss has one."""
-        return None if self.mask is None else _entry(sample, self.mask, "mask")
+        return None if self.mask is None else entry(sample, self.mask, "mask")
 
     def __call__(self, params: Mapping[str, Tensor], sample: Any) -> tuple[Tensor, Tensor]:
         """``(loss_sum, num_tokens)`` of one sample."""
@@ -202,15 +176,15 @@ class ModelLoss:
             else (self.inputs if isinstance(self.inputs, tuple) else (self.inputs,))
         )
         for key in inputs:
-            _entry(batch, key, "input")
+            entry(batch, key, "input")
         if self.targets is not None:
-            _entry(batch, self.targets, "target")
+            entry(batch, self.targets, "target")
         if self.mask is not None:
-            _entry(batch, self.mask, "mask")
+            entry(batch, self.mask, "mask")
         hf_mask = self.inputs.get("attention_mask") if isinstance(self.inputs, Mapping) else None
         is_hf = hasattr(getattr(self.model, "config", None), "_attn_implementation")
         if self.prepare is None and hf_mask is not None and is_hf:
-            if _entry(batch, hf_mask, "input").ndim == 2:
+            if entry(batch, hf_mask, "input").ndim == 2:
                 raise ValueError(
                     f"{type(self.model).__name__} is a Hugging Face model given a 2-D attention_mask: it would build "
                     "its attention mask with data-dependent control flow, which torch.func.vmap cannot run. Use "
@@ -250,7 +224,7 @@ def classification(
         nll=_categorical_nll,
         distribution="categorical",
         output=output,
-        count=lambda batch: torch.ones(_entry(batch, targets, "target").shape[0]),
+        count=lambda batch: torch.ones(entry(batch, targets, "target").shape[0]),
         dropout=dropout,
     )
 
@@ -282,8 +256,8 @@ def _token_nll(ignore_index: int, shift: bool) -> Callable[[Tensor, Tensor, Tens
 
 def _token_counter(targets: Key, mask: Key | None, ignore_index: int, shift: bool) -> Callable[[Any], Tensor]:
     def count(batch: Any) -> Tensor:
-        y = _entry(batch, targets, "target")
-        m = None if mask is None else _entry(batch, mask, "mask")
+        y = entry(batch, targets, "target")
+        m = None if mask is None else entry(batch, mask, "mask")
         if shift:
             y = y[:, 1:]
             m = None if m is None else m[:, 1:]
@@ -395,7 +369,7 @@ def regression(
         distribution="gaussian",
         variance=variance,
         output=output,
-        count=lambda batch: torch.ones(_entry(batch, targets, "target").shape[0]),
+        count=lambda batch: torch.ones(entry(batch, targets, "target").shape[0]),
         dropout=dropout,
     )
 

@@ -24,10 +24,11 @@ import optree
 import torch
 from torch import Tensor
 
-from .estimate import PerSampleFisher
-from .rules import Channel, Heads, is_rule
-from .spec import path_name
-from .state import FisherState, estimate
+from ._estimate import PerSampleFisher
+from ._naming import path_name
+from ._spec.resolve import named_rules
+from ._spec.rules import Channel, Heads
+from ._state.state import FisherState, estimate
 
 __all__ = ["heads_heatmap", "head_matrix", "channel_profiles", "per_sample_distribution", "compare_tasks"]
 
@@ -59,8 +60,7 @@ def _rules(spec: Any, names: Sequence[str]) -> dict[str, Any]:
     """``{dotted name: rule}`` of a rule tree with the same structure as the group tree."""
     if isinstance(spec, FisherState):
         spec = spec.spec
-    paths, rules, _ = optree.tree_flatten_with_path(spec, is_leaf=is_rule, none_is_leaf=True)
-    return {path_name(p): r for p, r in zip(paths, rules) if path_name(p) in names}
+    return {name: rule for name, rule in named_rules(spec).items() if name in names}
 
 
 def head_matrix(groups: Any, spec: Any = None) -> tuple[Tensor, list[str]]:

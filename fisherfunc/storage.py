@@ -2,7 +2,7 @@
 
 A state is stored in float32 (the default), float64, bfloat16 or float16 — float16 with a
 per-value power-of-two exponent, so nothing in 1e-38..3.4e38 flushes or overflows (precision table
-in :mod:`fisherfunc.codec`) — on any device, e.g. the CPU while the model runs on a GPU::
+in :mod:`~fisherfunc._state.codec`, whose :class:`Scaled`, :func:`encode` and :func:`decode` are re-exported here) — on any device, e.g. the CPU while the model runs on a GPU::
 
     state = fisher_step.init(params, dtype=torch.bfloat16, device="cpu")   # or store(state, ...)
     state = fisher_step(params_on_gpu, batch_on_gpu, state)                 # still bfloat16 on CPU
@@ -23,11 +23,22 @@ import optree
 import torch
 from torch import Tensor
 
-from .codec import Stored, check_storage_dtype, decode, encode, stored_device, stored_dtype
-from .spec import path_name
-from .state import FisherState, bias_correction
+from ._naming import path_name
+from ._state.codec import (
+    STORAGE_DTYPES,
+    UNIT_ROUNDOFF,
+    Scaled,
+    Stored,
+    check_storage_dtype,
+    decode,
+    encode,
+    stored_device,
+    stored_dtype,
+)
+from ._state.ema import bias_correction
+from ._state.state import FisherState
 
-__all__ = ["store", "read", "nbytes", "LazyEstimate"]
+__all__ = ["store", "read", "nbytes", "LazyEstimate", "Scaled", "encode", "decode", "STORAGE_DTYPES", "UNIT_ROUNDOFF"]
 
 
 def store(

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import fisherfunc as ff
-from fisherfunc.batch import take
+from fisherfunc._engine.batches import take
 
 BATCH, LENGTH, VOCAB, CLASSES, STEPS = 6, 5, 11, 4, 4
 CHUNK = 2
@@ -107,8 +107,8 @@ def main(rank: int, world: int, store_file: str, out: Path) -> None:
     # The collectives are still aligned: a normal step works and agrees everywhere.
     results["after"] = plain(raising(params, mine[1], state))
 
-    # kind="mc" with a seed: each process draws its own labels (stream = rank).
-    mc = ff.make_fisher_step(loss, decay=0.8, kind="mc", seed=3)
+    # kind=ff.MC(seed=3): each process draws its own labels (stream = rank).
+    mc = ff.make_fisher_step(loss, decay=0.8, kind=ff.MC(seed=3))
     results["mc_same_data"] = mc.batch_sums(params, batches[0], mc.init(params), stream=rank).sums
     results["mc"] = plain(ff.distributed.data_parallel(mc)(params, mine[0], mc.init(params)))
     torch.save(results, out / f"rank{rank}.pt")

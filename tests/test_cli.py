@@ -213,7 +213,9 @@ def test_missing_matplotlib_names_the_extra(tmp_path: Path, capsys, monkeypatch)
 
 def test_tqdm_free_progress_bar(capsys, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "tqdm", None)
-    assert list(cli._progress([1, 2, 3], "work")) == [1, 2, 3]
+    from fisherfunc.cli import _command
+
+    assert list(_command._progress([1, 2, 3], "work")) == [1, 2, 3]
     err = capsys.readouterr().err
     assert err.endswith("3/3\n") and "work" in err
 

@@ -120,7 +120,7 @@ def test_mc_draws_differ_between_processes_and_the_step_is_their_union(results) 
     a, b = results[0]["mc_same_data"], results[1]["mc_same_data"]  # the same data on both processes
     assert any(not torch.equal(x, y) for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b)))
     loss, params, batches = worker.problem()
-    mc = ff.make_fisher_step(loss, decay=0.8, kind="mc", seed=3)
+    mc = ff.make_fisher_step(loss, decay=0.8, kind=ff.MC(seed=3))
     state = mc.init(params)
     parts = [mc.batch_sums(params, worker.shard(batches[0], rank, 2), state, stream=rank) for rank in range(2)]
     expected = mc.update(state, ff.merge(*parts))

@@ -491,7 +491,7 @@ def test_the_hf_heads_example_runs(quiet_transformers: None, capsys: pytest.Capt
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_hf_causal_lm_mc_samples_next_tokens_like_the_generic_causal_loss(family: str) -> None:
-    # kind="mc" must draw target t from the logits at t − 1. Without padding, ff.hf.causal_lm and
+    # kind=ff.MC(...) must draw target t from the logits at t − 1. Without padding, ff.hf.causal_lm and
     # the generic ff.losses.causal_lm (same model, same seed, hence the same uniforms) see the same
     # distributions, so they must draw the same labels and give the same Fisher. (GPT-2 cannot run
     # the generic loss under vmap without a mask: it checks the ids for padding, data-dependently.)
@@ -503,8 +503,8 @@ def test_hf_causal_lm_mc_samples_next_tokens_like_the_generic_causal_loss(family
     generic = ff.losses.causal_lm(model, inputs={"input_ids": "input_ids"}, labels="input_ids")
     ours = ff.hf.causal_lm(model, inputs=("input_ids",))
     spec = ff.infer_spec(model)
-    a = ff.fisher(ours, params, batch, spec=spec, kind="mc", mc_samples=2, seed=11)
-    b = ff.fisher(generic, params, batch, spec=spec, kind="mc", mc_samples=2, seed=11)
+    a = ff.fisher(ours, params, batch, spec=spec, kind=ff.MC(samples=2, seed=11))
+    b = ff.fisher(generic, params, batch, spec=spec, kind=ff.MC(samples=2, seed=11))
     assert_groups_close(a, b, 1e-10, "hf.causal_lm vs losses.causal_lm under kind='mc'")
     with pytest.raises(ValueError, match="exact"):
         ff.fisher(ours, params, batch, spec=spec, kind="exact")

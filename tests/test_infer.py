@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fisherfunc as ff
-from fisherfunc.spec import resolve_spec
+from fisherfunc._spec.resolve import resolve_spec
 
 Expected = dict[str, tuple[ff.Rule, tuple[int, ...]]]
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 import fisherfunc as ff
-from fisherfunc.codec import UNIT_ROUNDOFF, Scaled, decode
+from fisherfunc.storage import UNIT_ROUNDOFF, Scaled, decode
 
 
 def _model(hidden: int = 6, out: int = 3) -> nn.Module:
@@ -166,7 +166,7 @@ def test_metadata_describes_the_states(tmp_path: Path) -> None:
     path = ff.save(tmp_path / "meta.safetensors", {"math": ff.storage.store(state, dtype=torch.float16)}, params=params)
     header = _header(path)
     meta = json.loads(header["__metadata__"]["fisherfunc"])
-    assert meta["format"] == "fisherfunc.state" and meta["version"] == 1
+    assert meta["format"] == "fisherfunc.state" and meta["version"] == 2
     assert meta["library"]["fisherfunc"] == ff.__version__ and meta["library"]["torch"] == torch.__version__
     assert meta["created"].endswith("+00:00")
     assert meta["params"] == {
@@ -241,14 +241,14 @@ def test_corrupted_bytes_are_detected(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x40  # one bit of tensor data
     path.write_bytes(bytes(data))
-    with pytest.raises(ff.StateFileError, match="checksum mismatch: the tensor data is corrupted"):
+    with pytest.raises(ff.StateFileError, match="checksum mismatch: the header or the tensor data is corrupted"):
         ff.load(path, params)
 
 
 def test_foreign_files_are_refused(tmp_path: Path) -> None:
     plain = tmp_path / "plain.safetensors"
     safetensors.torch.save_file({"w": torch.zeros(2)}, str(plain))
-    with pytest.raises(ff.StateFileError, match="has no fisherfunc metadata"):
+    with pytest.raises(ff.StateFileError, match="has no fisherfunc state metadata"):
         ff.load(plain)
     odd = tmp_path / "odd.safetensors"
     safetensors.torch.save_file({"w": torch.zeros(2)}, str(odd), metadata={"fisherfunc": "{not json"})

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fisherfunc as ff
-from fisherfunc.kfac.ops import _own_order
-from fisherfunc.state import bias_correction
+from fisherfunc.kfac._ops import own_order
+from fisherfunc._state.ema import bias_correction
 
 TOL = 1e-10
 
@@ -233,10 +233,10 @@ def test_mc_kind_is_reproducible_and_converges_to_exact() -> None:
     x, y = torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
     params = dict(model.named_parameters())
     loss = ff.losses.classification(model)
-    a = ff.kfac.kfac(loss, params, (x, y), kind="mc", seed=7, mc_samples=3)
-    b = ff.kfac.kfac(loss, params, (x, y), kind="mc", seed=7, mc_samples=3)
+    a = ff.kfac.kfac(loss, params, (x, y), kind=ff.MC(samples=3, seed=7))
+    b = ff.kfac.kfac(loss, params, (x, y), kind=ff.MC(samples=3, seed=7))
     assert all(torch.equal(a.G[k], b.G[k]) for k in a.G)
-    many = ff.kfac.kfac(loss, params, (x, y), kind="mc", seed=1, mc_samples=4000)
+    many = ff.kfac.kfac(loss, params, (x, y), kind=ff.MC(samples=4000, seed=1))
     exact = ff.kfac.kfac(loss, params, (x, y), kind="exact")
     for k in exact.G:  # Monte Carlo error ~ 1/sqrt(4000) of the scale
         assert (many.G[k] - exact.G[k]).abs().max() <= 0.08 * exact.G[k].abs().max()
@@ -444,7 +444,7 @@ def test_layer_patterns_select_and_errors_name_the_fault() -> None:
         ff.kfac.dense(K, "0.bias")
     with pytest.raises(ValueError, match="reads the batches twice"):
         ff.kfac.ekfac(loss, params, iter([(x, y)]))
-    with pytest.raises(ValueError, match="mc"):
+    with pytest.raises(ValueError, match="kind='mc' draws labels at random"):
         ff.kfac.kfac(loss, params, (x, y), kind="mc")  # mc needs a seed or generator
     assert math.isclose(K.tokens, 3.0)
 
@@ -539,7 +539,7 @@ def test_convolution_factors_and_scaling_match_per_sample_gradients(dims: int) -
     for layer in E.layers:
         exact = _dense_fisher(grads, layer.name, layer.bias_name, 5.0)
         # the basis in the parameters' own order (weight row-major, then bias), like dense()
-        q = torch.kron(E.QG[layer.name], E.QA[layer.name])[_own_order(layer)]
+        q = torch.kron(E.QG[layer.name], E.QA[layer.name])[own_order(layer)]
         in_basis = torch.diagonal(q.t() @ exact @ q)
         assert (E.scale[layer.name].reshape(-1) - in_basis).abs().max() <= TOL * in_basis.abs().max(), layer.name
         err_e = torch.linalg.norm(ff.kfac.dense(E, layer.name) - exact)
@@ -620,7 +620,7 @@ def test_multihead_attention_projections_are_covered_and_ekfac_is_exact_in_its_b
         grads.append(dict(zip(params, torch.autograd.grad(value, list(model.parameters())))))
     for entry in E.layers:
         exact = _dense_fisher(grads, entry.name, entry.bias_name, 4.0)
-        q = torch.kron(E.QG[entry.name], E.QA[entry.name])[_own_order(entry)]
+        q = torch.kron(E.QG[entry.name], E.QA[entry.name])[own_order(entry)]
         in_basis = torch.diagonal(q.t() @ exact @ q)
         assert (E.scale[entry.name].reshape(-1) - in_basis).abs().max() <= TOL * in_basis.abs().max(), entry.name
 
@@ -658,8 +658,13 @@ def test_non_finite_batches_raise_naming_the_layers_and_leave_the_state_alone() 
     before = {k: v.clone() for k, v in state.A.items()}
     bad = x.clone()
     bad[1, 2, 0] = float("nan")  # one input value of one sample: every layer downstream sees it
-    with pytest.raises(FloatingPointError, match=r"layer\(s\) \['0.weight', '2.weight'\]"):
+    with pytest.raises(ff.NonFiniteError, match=r"'A\[0.weight\]' at samples \[1\].*'A\[2.weight\]'") as err:
         step(params, (bad, y), state)
-    with pytest.raises(FloatingPointError, match="nothing was updated"):
+    assert err.value.samples == (1,) and "G[0.weight]" in err.value.parameters
+    with pytest.raises(ff.NonFiniteError, match="batch 1 has non-finite values.*nothing was updated"):
         ff.kfac.kfac(loss, params, [(x, y), (bad, y)])
+    with pytest.raises(ff.NonFiniteError, match="scale\\[0.weight\\]"):  # EK-FAC's pass is screened too
+        ff.kfac.ekfac(loss, params, (bad, y), ff.kfac.kfac(loss, params, (x, y)))
+    skipping = ff.kfac.make_kfac_step(loss, decay=0.9, nonfinite="skip")
+    assert skipping(params, (bad, y), state) is state
     assert state.step == 1 and all(torch.equal(state.A[k], before[k]) for k in before)

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import copy
 import math
 import re
@@ -36,10 +37,10 @@ from reference import assert_groups_close, full_spec, reduce_groups
 from torch import Tensor, nn
 
 import fisherfunc as ff
-from fisherfunc.kinds import FisherKind, sample_categorical, step_generator
-from fisherfunc.per_sample import prepare
-from fisherfunc.probes import discover_sites
-from fisherfunc.spec import resolve_spec
+from fisherfunc._engine.kinds import FisherKind, sample_categorical, step_generator
+from fisherfunc._engine.group_sums import find_sites
+from fisherfunc._engine.numerics import prepare
+from fisherfunc._spec.resolve import resolve_spec
 
 F64_TOL = 1e-10
 F32_TOL = 1e-6
@@ -353,7 +354,7 @@ def test_mc_is_the_mean_of_squared_draw_gradients(what: str, path: str) -> None:
     else:
         model, batch = _lm()
         loss = ff.losses.causal_lm(model, inputs=0, mask=1)
-    got = ff.fisher(loss, _params(model), batch, kind="mc", mc_samples=3, seed=11, path=path, chunk_size=3)
+    got = ff.fisher(loss, _params(model), batch, kind=ff.MC(samples=3, seed=11), path=path, chunk_size=3)
     assert_groups_close(got, mc_reference(model, what, batch, seed=11, k=3), F64_TOL, f"{what}: ")
 
 
@@ -396,7 +397,7 @@ def _mc_case(what: str) -> tuple[Any, dict[str, Tensor], tuple, dict[str, Tensor
 @pytest.mark.parametrize("what", ["classification", "tokens", "regression", "causal"])
 def test_mc_is_unbiased_for_exact(what: str) -> None:
     loss, params, batch, exact = _mc_case(what)
-    draws = [ff.fisher(loss, params, batch, kind="mc", mc_samples=2, seed=seed) for seed in range(200)]
+    draws = [ff.fisher(loss, params, batch, kind=ff.MC(samples=2, seed=seed)) for seed in range(200)]
     z, critical = _max_z(draws, exact)
     assert z <= critical, f"mc mean is {z:.2f} standard errors from exact (critical {critical:.2f})"
     # Power: the same statistic rejects a 10 % bias either way.
@@ -411,10 +412,10 @@ def test_mc_is_unbiased_for_exact(what: str) -> None:
 def test_same_seed_is_bitwise_identical_and_seeds_differ() -> None:
     model, batch = _lm(torch.float32)
     loss, params = ff.losses.causal_lm(model, inputs=0, mask=1), _params(model)
-    a = ff.fisher(loss, params, batch, kind="mc", mc_samples=2, seed=7)
-    b = ff.fisher(loss, params, batch, kind="mc", mc_samples=2, seed=7)
-    c = ff.fisher(loss, params, batch, kind="mc", mc_samples=2, generator=_generator(7))
-    d = ff.fisher(loss, params, batch, kind="mc", mc_samples=2, seed=8)
+    a = ff.fisher(loss, params, batch, kind=ff.MC(samples=2, seed=7))
+    b = ff.fisher(loss, params, batch, kind=ff.MC(samples=2, seed=7))
+    c = ff.fisher(loss, params, batch, kind=ff.MC(samples=2, generator=_generator(7)))
+    d = ff.fisher(loss, params, batch, kind=ff.MC(samples=2, seed=8))
     for name in a:
         assert torch.equal(a[name], b[name]) and torch.equal(a[name], c[name]), name
     assert any(not torch.equal(a[n], d[n]) for n in a), "another seed must give other draws"
@@ -424,11 +425,11 @@ def test_a_generator_advances_across_batches_and_calls() -> None:
     model, batch = _mlp()
     loss, params = ff.losses.classification(model), _params(model)
     g = _generator(3)
-    first = ff.fisher(loss, params, batch, kind="mc", generator=g)
-    second = ff.fisher(loss, params, batch, kind="mc", generator=g)
+    first = ff.fisher(loss, params, batch, kind=ff.MC(generator=g))
+    second = ff.fisher(loss, params, batch, kind=ff.MC(generator=g))
     assert any(not torch.equal(first[n], second[n]) for n in first)
     # two batches from one generator equal one call over both, with the draws in order
-    both = ff.accumulate(loss, params, [batch, batch], kind="mc", generator=_generator(3))
+    both = ff.accumulate(loss, params, [batch, batch], kind=ff.MC(generator=_generator(3)))
     for n in first:
         assert torch.allclose(both.sums[n] / both.tokens, (first[n] + second[n]) / 2, rtol=1e-12, atol=0)
 
@@ -447,16 +448,16 @@ def test_chunk_size_does_not_change_the_result(what: str, path: str) -> None:
         batch = (x, torch.zeros(7, 3, dtype=torch.float64))
         loss = ff.losses.regression(model)
     params = _params(model)
-    for kind, options in (("mc", {"mc_samples": 3, "seed": 5}), ("exact", {})):
-        if what == "causal" and kind == "exact":
+    for kind in (ff.MC(samples=3, seed=5), ff.Exact()):
+        if what == "causal" and kind.name == "exact":
             continue
-        whole = ff.per_sample_fisher(loss, params, batch, kind=kind, path=path, **options)
-        total = ff.fisher(loss, params, batch, kind=kind, path=path, **options)
+        whole = ff.per_sample_fisher(loss, params, batch, kind=kind, path=path)
+        total = ff.fisher(loss, params, batch, kind=kind, path=path)
         for chunk_size in (1, 2, 5):
-            part = ff.per_sample_fisher(loss, params, batch, kind=kind, path=path, chunk_size=chunk_size, **options)
-            assert_groups_close(part.groups, whole.groups, 1e-12, f"{kind} chunk {chunk_size}: ")
-            summed = ff.fisher(loss, params, batch, kind=kind, path=path, chunk_size=chunk_size, **options)
-            assert_groups_close(summed, total, 1e-12, f"{kind} chunk {chunk_size}: ")
+            part = ff.per_sample_fisher(loss, params, batch, kind=kind, path=path, chunk_size=chunk_size)
+            assert_groups_close(part.groups, whole.groups, 1e-12, f"{kind.name} chunk {chunk_size}: ")
+            summed = ff.fisher(loss, params, batch, kind=kind, path=path, chunk_size=chunk_size)
+            assert_groups_close(summed, total, 1e-12, f"{kind.name} chunk {chunk_size}: ")
 
 
 @pytest.mark.parametrize(
@@ -473,11 +474,11 @@ def test_paths_agree_for_every_kind(kind: str, what: str) -> None:
         loss = ff.losses.causal_lm(model, inputs=0, labels=2, mask=1)
     params, batch = _params(model), (ids, mask, labels)
     resolved = resolve_spec(ff.infer_spec(model), params)
-    sites = discover_sites(loss, prepare(resolved, params), optree.tree_map(lambda t: t[0], batch))
+    sites = find_sites(loss, prepare(params, differentiated=resolved.active), resolved, optree.tree_map(lambda t: t[0], batch))
     assert {resolved.names[s.leaf] for s in sites} == {"emb.weight", "up.weight", "head.weight"}
-    options: dict[str, Any] = {"mc_samples": 2, "seed": 1} if kind == "mc" else {}
-    auto = ff.per_sample_fisher(loss, params, batch, kind=kind, path="auto", **options)
-    direct = ff.per_sample_fisher(loss, params, batch, kind=kind, path="direct", **options)
+    value = ff.MC(samples=2, seed=1) if kind == "mc" else kind
+    auto = ff.per_sample_fisher(loss, params, batch, kind=value, path="auto")
+    direct = ff.per_sample_fisher(loss, params, batch, kind=value, path="direct")
     assert torch.equal(auto.tokens, direct.tokens)
     assert_groups_close(auto.groups, direct.groups, 1e-12, f"{kind}: ")
 
@@ -507,7 +508,7 @@ def test_worked_example_empirical_and_true_fisher_disagree() -> None:
     # Monte Carlo agrees with exact within its standard error: one draw gives (1 − p)² with
     # probability p and p² with probability 1 − p, so SE = σ / √(samples · k).
     k = 4000
-    mc = ff.fisher(loss, params, right, kind="mc", mc_samples=k, seed=0)["weight"]
+    mc = ff.fisher(loss, params, right, kind=ff.MC(samples=k, seed=0))["weight"]
     sd = math.sqrt(p * (1 - p)) * (p**2 - (1 - p) ** 2)
     se = sd / math.sqrt(4 * k)
     assert float((mc - p * (1 - p)).abs().max()) <= 5 * se
@@ -520,7 +521,7 @@ def test_worked_example_empirical_and_true_fisher_disagree() -> None:
 def test_step_records_kind_and_a_seeded_step_is_pure() -> None:
     model, batch = _mlp()
     loss, params = ff.losses.classification(model), _params(model)
-    step = ff.make_fisher_step(loss, kind="mc", mc_samples=2, seed=4, decay=0.5)
+    step = ff.make_fisher_step(loss, kind=ff.MC(samples=2, seed=4), decay=0.5)
     state = step.init(params)
     assert state.kind == "mc" and ff.metadata(state)["kind"] == "mc"
     one, again = step(params, batch, state), step(params, batch, state)
@@ -528,11 +529,11 @@ def test_step_records_kind_and_a_seeded_step_is_pure() -> None:
     for n in one.ema:
         assert torch.equal(one.ema[n], again.ema[n]), "same (params, batch, state) must give the same state"
     # step t draws from step_generator(seed, t): the first step is fisher(..., generator=that)
-    expected = ff.fisher(loss, params, batch, kind="mc", mc_samples=2, generator=step_generator(4, 0))
+    expected = ff.fisher(loss, params, batch, kind=ff.MC(samples=2, generator=step_generator(4, 0)))
     for n in one.ema:
         assert torch.allclose(ff.estimate(one)[n], expected[n], rtol=1e-12, atol=0)
     two = step(params, batch, one)
-    fresh = ff.fisher(loss, params, batch, kind="mc", mc_samples=2, generator=step_generator(4, 1))
+    fresh = ff.fisher(loss, params, batch, kind=ff.MC(samples=2, generator=step_generator(4, 1)))
     assert any(not torch.allclose(fresh[n], expected[n]) for n in fresh), "step 1 must draw anew"
     for n in two.ema:
         assert torch.allclose(two.ema[n], 0.5 * one.ema[n] + 0.5 * fresh[n], rtol=1e-12, atol=0)
@@ -541,7 +542,7 @@ def test_step_records_kind_and_a_seeded_step_is_pure() -> None:
 def test_step_with_exact_kind_equals_fisher() -> None:
     model, batch = _mlp()
     loss, params = ff.losses.classification(model), _params(model)
-    step = ff.make_fisher_step(loss, kind=FisherKind.EXACT, decay=0.0)
+    step = ff.make_fisher_step(loss, kind=ff.Exact(), decay=0.0)
     state = step(params, batch, step.init(params))
     assert state.kind == "exact"
     for name, value in ff.fisher(loss, params, batch, kind="exact").items():
@@ -554,7 +555,7 @@ def test_state_of_another_kind_is_refused_and_left_intact() -> None:
     empirical = ff.make_fisher_step(loss, decay=0.5)
     state = empirical(params, batch, empirical.init(params))
     before = optree.tree_map(torch.clone, state.ema)
-    mc = ff.make_fisher_step(loss, kind="mc", seed=0, decay=0.5)
+    mc = ff.make_fisher_step(loss, kind=ff.MC(seed=0), decay=0.5)
     model.calls = 0
     with pytest.raises(ff.SpecError, match="'empirical' Fisher.*'mc'"):
         mc(params, batch, state)
@@ -573,22 +574,31 @@ def _custom_loss(model: nn.Module) -> Any:
 
 
 BAD = [
-    ({"kind": "true"}, ValueError, "kind must be one of 'empirical', 'mc', 'exact', got 'true'"),
-    ({"kind": None}, ValueError, "kind must be one of"),
-    ({"kind": "mc"}, ValueError, "pass seed=<int> or generator=torch.Generator"),
-    ({"kind": "mc", "seed": 1, "generator": torch.Generator()}, ValueError, "either generator= or seed="),
-    ({"kind": "mc", "seed": 1.5}, TypeError, "seed must be an int"),
-    ({"kind": "mc", "seed": True}, TypeError, "seed must be an int"),
-    ({"kind": "mc", "generator": 3}, TypeError, "generator must be a torch.Generator"),
-    ({"kind": "mc", "seed": 0, "mc_samples": 0}, ValueError, "mc_samples must be a positive int, got 0"),
-    ({"kind": "mc", "seed": 0, "mc_samples": -2}, ValueError, "mc_samples must be a positive int"),
-    ({"kind": "mc", "seed": 0, "mc_samples": 2.0}, ValueError, "mc_samples must be a positive int"),
-    ({"kind": "mc", "seed": 0, "mc_samples": True}, ValueError, "mc_samples must be a positive int"),
-    ({"kind": "exact", "mc_samples": 4}, ValueError, "mc_samples only applies to kind='mc'"),
-    ({"kind": "empirical", "seed": 0}, ValueError, "only apply to kind='mc'"),
-    ({"kind": "exact", "generator": torch.Generator()}, ValueError, "only apply to kind='mc'"),
-    ({"kind": "exact", "max_classes": 0}, ValueError, "max_classes must be a positive int"),
+    ({"kind": "true"}, ValueError, "kind must be one of 'empirical', 'mc', 'exact' or a kind value, got 'true'"),
+    ({"kind": None}, TypeError, "kind must be fisherfunc.Empirical(), MC(...), Exact(...) or a name"),
+    ({"kind": "mc"}, ValueError, "kind='mc' draws labels at random: pass kind=fisherfunc.MC(samples=k, seed=<int>)"),
 ]
+
+# A kind value is validated when it is built, before any entry point sees it.
+BAD_KINDS = [
+    (lambda: ff.MC(), ValueError, "give it seed=<int> or generator=torch.Generator()"),
+    (lambda: ff.MC(seed=1, generator=torch.Generator()), ValueError, "either generator= or seed="),
+    (lambda: ff.MC(seed=1.5), TypeError, "MC(seed=...) must be an int"),
+    (lambda: ff.MC(seed=True), TypeError, "MC(seed=...) must be an int"),
+    (lambda: ff.MC(generator=3), TypeError, "MC(generator=...) must be a torch.Generator"),
+    (lambda: ff.MC(seed=0, samples=0), ValueError, "MC(samples=...) must be a positive int, got 0"),
+    (lambda: ff.MC(seed=0, samples=-2), ValueError, "MC(samples=...) must be a positive int"),
+    (lambda: ff.MC(seed=0, samples=2.0), ValueError, "MC(samples=...) must be a positive int"),
+    (lambda: ff.MC(seed=0, samples=True), ValueError, "MC(samples=...) must be a positive int"),
+    (lambda: ff.Exact(max_classes=0), ValueError, "Exact(max_classes=...) must be a positive int"),
+    (lambda: ff.MC(4, seed=0), TypeError, "positional"),  # options are keyword-only
+]
+
+
+@pytest.mark.parametrize(("build", "error", "match"), BAD_KINDS, ids=[str(i) for i in range(len(BAD_KINDS))])
+def test_bad_kind_values_are_refused_when_built(build: Callable, error: type, match: str) -> None:
+    with pytest.raises(error, match=re.escape(match)):
+        build()
 
 
 def _entry_points() -> list[Callable[..., Any]]:
@@ -612,7 +622,7 @@ def test_bad_kind_options(entry: Callable, options: dict, error: type, match: st
 @pytest.mark.parametrize("kind", ["mc", "exact"])
 def test_kinds_need_a_known_distribution(entry: Callable, kind: str) -> None:
     model, batch = _mlp(torch.float32)
-    options = {"kind": kind, **({"seed": 0} if kind == "mc" else {})}
+    options = {"kind": ff.MC(seed=0) if kind == "mc" else kind}
     with pytest.raises(ValueError, match=r"no known output distribution \(fisherfunc.losses.custom\)"):
         entry(_custom_loss(model), _params(model), batch, **options)
 
@@ -628,7 +638,7 @@ def test_kinds_need_a_known_distribution(entry: Callable, kind: str) -> None:
 @pytest.mark.parametrize("entry", _entry_points(), ids=["fisher", "per_sample_fisher", "accumulate", "step"])
 def test_exact_causal_lm_is_refused_with_the_reason(entry: Callable) -> None:
     model, batch = _lm(torch.float32)
-    with pytest.raises(ValueError, match=r"not available for a causal LM.*T·V backward passes.*kind='mc'"):
+    with pytest.raises(ValueError, match=r"not available for a causal LM.*T·V backward passes.*kind=fisherfunc.MC"):
         entry(ff.losses.causal_lm(model, inputs=0, mask=1), _params(model), batch, kind="exact")
     assert model.calls == 0
 
@@ -641,16 +651,19 @@ def test_too_many_classes_suggests_mc(what: str) -> None:
         batch = (batch[0], torch.zeros(batch[0].shape[0], 4))
     else:
         loss = ff.losses.classification(model)
-    with pytest.raises(ValueError, match=r"enumerate 4 .*max_classes=3; use kind='mc'"):
-        ff.fisher(loss, _params(model), batch, kind="exact", max_classes=3, path="direct")
+    with pytest.raises(ValueError, match=r"enumerate 4 .*max_classes=3; use kind=fisherfunc.MC"):
+        ff.fisher(loss, _params(model), batch, kind=ff.Exact(max_classes=3), path="direct")
     assert model.calls == 1, "raised at the first (vectorised) forward, before any backward pass"
-    ff.fisher(loss, _params(model), batch, kind="exact", max_classes=4)  # the limit is inclusive
+    ff.fisher(loss, _params(model), batch, kind=ff.Exact(max_classes=4))  # the limit is inclusive
 
 
-def test_fisher_kind_is_a_str_enum() -> None:
-    assert [k.value for k in FisherKind] == ["empirical", "mc", "exact"]
-    assert FisherKind("mc") is FisherKind.MC and FisherKind.MC == "mc"
+def test_fisher_kinds_are_frozen_values_with_names() -> None:
+    assert [k.name for k in (ff.Empirical(), ff.MC(seed=0), ff.Exact())] == ["empirical", "mc", "exact"]
+    assert all(isinstance(k, FisherKind) for k in (ff.Empirical(), ff.MC(seed=0), ff.Exact()))
     assert ff.FisherKind is FisherKind
-    import fisherfunc.kinds as kinds
+    assert ff.MC(samples=2, seed=3) == ff.MC(samples=2, seed=3) and ff.Exact() == ff.Exact(max_classes=1024)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ff.MC(seed=0).samples = 4  # type: ignore[misc]
+    import fisherfunc._engine.kinds as kinds
 
     assert kinds.__doc__ and all(hasattr(kinds, name) for name in kinds.__all__)

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import fisherfunc as ff
-from fisherfunc.batch import batch_size, take
-from fisherfunc.codec import UNIT_ROUNDOFF
+from fisherfunc._engine.batches import batch_size, take
+from fisherfunc.storage import UNIT_ROUNDOFF
 from fisherfunc.testing import invariants as inv
 from fisherfunc.testing import strategies as fst
 

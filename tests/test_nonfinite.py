@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 import fisherfunc as ff
-from fisherfunc.nonfinite import NonFiniteWarning
+from fisherfunc._engine.nonfinite import NonFiniteWarning
 
 PARAMS = {"a": torch.tensor([0.5, -1.0, 2.0]), "b": torch.tensor([1.5, 0.25])}
 

@@ -1,4 +1,4 @@
-"""Fisher-guided perturbations (fisherfunc.perturb, fisherfunc.membership).
+"""Fisher-guided perturbations (fisherfunc.perturb, on the group numbering of the spec and rule membership).
 
 Sampling law of the Gumbel-top-k selection (k = 1 and k = 2, with computed tolerances), top-k in
 the τ → 0 limit, energies exact, bitwise reproducibility, inputs untouched, and two ground truths:
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import fisherfunc as ff
-from fisherfunc.membership import group_index, membership
+from fisherfunc._spec.groups import group_index
 
 # --- membership -----------------------------------------------------------------------------------
 
@@ -40,7 +40,7 @@ RULES = [
 @pytest.mark.parametrize("rule,shape", RULES, ids=[f"{r!r}-{s}" for r, s in RULES])
 def test_membership_scatter_sum_is_reduce(rule: ff.Rule, shape: tuple[int, ...]) -> None:
     x = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    member = membership(rule, torch.Size(shape))
+    member = rule.membership(torch.Size(shape))
     assert member.shape == torch.Size(shape) and member.dtype == torch.long
     groups = rule.group_shape(torch.Size(shape)).numel()
     scattered = torch.zeros(groups, dtype=torch.float64).index_add(0, member.reshape(-1), x.reshape(-1))
@@ -51,7 +51,7 @@ def test_membership_scatter_sum_is_reduce(rule: ff.Rule, shape: tuple[int, ...])
 
 def test_membership_refuses_skip() -> None:
     with pytest.raises(ff.SpecError):
-        membership(ff.Skip(), torch.Size([3]))
+        ff.Skip().membership(torch.Size([3]))
 
 
 # --- sampling law -----------------------------------------------------------------------------------

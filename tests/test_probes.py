@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fisherfunc as ff
-from fisherfunc.per_sample import prepare
-from fisherfunc.probes import discover_sites
-from fisherfunc.spec import resolve_spec
+from fisherfunc._engine.group_sums import find_sites
+from fisherfunc._engine.numerics import prepare
+from fisherfunc._spec.resolve import resolve_spec
 
 torch.manual_seed(0)
 
@@ -72,7 +72,7 @@ def _token_batch(batch: int, length: int, vocab: int = 13) -> tuple[torch.Tensor
 def _sites(loss, params, spec, batch) -> dict[str, tuple[str, str]]:
     resolved = resolve_spec(spec, params)
     sample = optree.tree_map(lambda x: x[0], batch)
-    return {resolved.names[s.leaf]: (s.op, s.need) for s in discover_sites(loss, prepare(resolved, params), sample)}
+    return {resolved.names[s.leaf]: (s.op, s.sums) for s in find_sites(loss, prepare(params, differentiated=resolved.active), resolved, sample)}
 
 
 def _assert_paths_agree(loss, params, batch, spec, chunk_size=None) -> None:
@@ -119,7 +119,7 @@ def test_token_model_probe_path_matches_direct(spec_name: str, length: int) -> N
 
 def test_gram_and_direct_forms_both_taken() -> None:
     # T (in + out) < in·out picks the Gram form: true for T=3 with 6→5, false for T=12.
-    from fisherfunc.probes import _square_sums
+    from fisherfunc._engine.group_sums import _square_sums
 
     g = torch.Generator().manual_seed(1)
     for t in (1, 3, 40):
@@ -257,12 +257,12 @@ def _assert_sums_agree(loss, params, batch, spec, chunk_size=None) -> None:
 
 
 def _batch_level(loss, params, spec, batch) -> set[str]:
-    from fisherfunc.probes import _summed_at_batch_level
+    from fisherfunc._engine.group_sums import contracted_per_chunk
 
     resolved = resolve_spec(spec, params)
     sample = optree.tree_map(lambda x: x[0], batch)
-    sites = discover_sites(loss, prepare(resolved, params), sample)
-    return {resolved.names[s.leaf] for s in sites if _summed_at_batch_level(s)}
+    sites = find_sites(loss, prepare(params, differentiated=resolved.active), resolved, sample)
+    return {resolved.names[s.leaf] for s in sites if contracted_per_chunk(s)}
 
 
 @pytest.mark.parametrize("spec_name", list(SPECS))
@@ -413,12 +413,11 @@ def test_fisher_step_discovers_once_per_shape_and_mode(monkeypatch: pytest.Monke
 
     calls: list[tuple] = []
 
-    def counting(loss, prepared, sample):
+    def counting(loss, prepared, spec, sample):
         calls.append(tuple(sample[0].shape))
-        return discover_sites(loss, prepared, sample)
+        return find_sites(loss, prepared, spec, sample)
 
-    for module in ("fisherfunc.estimate", "fisherfunc.probes"):
-        monkeypatch.setattr(sys.modules[module], "discover_sites", counting)
+    monkeypatch.setattr(sys.modules["fisherfunc._engine.group_sums"], "find_sites", counting)
     model = TokenModel().double()
     params = {k: v.detach() for k, v in model.named_parameters()}
     loss = ff.losses.causal_lm(model, inputs=0, mask=1)

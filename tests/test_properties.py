@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from torch.func import vmap
 
 import fisherfunc as ff
-from fisherfunc.batch import batch_size, take
-from fisherfunc.spec import resolve_spec
+from fisherfunc._engine.batches import batch_size, take
+from fisherfunc._spec.resolve import resolve_spec
 from fisherfunc.testing import invariants as inv
 from fisherfunc.testing import strategies as fst
 

@@ -50,7 +50,7 @@ def test_readme_loop_and_one_shot_blocks_run() -> None:
 def test_readme_kinds_and_state_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("safetensors")
     blocks = _python_blocks(ROOT / "README.md")
-    kinds = next(b for b in blocks if 'kind="exact"' in b)
+    kinds = next(b for b in blocks if "kind=ff.Exact()" in b)
     state_block = next(b for b in blocks if "ff.save(" in b)
     namespace = _loop_namespace()
     exec(kinds, namespace)

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import fisherfunc as ff
-from fisherfunc import codec, storage
-from fisherfunc.codec import UNIT_ROUNDOFF, Scaled, decode, encode
+from fisherfunc import storage
+from fisherfunc._state import codec
+from fisherfunc.storage import UNIT_ROUNDOFF, Scaled, decode, encode
 
 LOW = [torch.bfloat16, torch.float16]
 ALL = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

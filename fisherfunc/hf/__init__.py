@@ -1,10 +1,12 @@
-"""Hugging Face ``transformers`` models: head-level specs, per-sample attention masks and losses.
+"""Hugging Face ``transformers`` models: per-sample attention masks, losses, and the family rules.
 
-* :mod:`~fisherfunc.hf.spec`: the rules :func:`fisherfunc.infer_spec` uses for BERT-, GPT-2- and
-  Llama-like attention (per head, grouped-query aware), GPT-2 ``Conv1D`` and norms;
-* :mod:`~fisherfunc.hf.masks`: a sample's 2-D padding mask → the 4-D attention mask the model would
-  build, and position ids counted over real tokens (so the padding side does not matter);
-* :mod:`~fisherfunc.hf.losses`: :func:`causal_lm`, :func:`masked_lm`, :func:`sequence_classification`.
+* :func:`causal_lm`, :func:`masked_lm`, :func:`sequence_classification`: per-sample losses that
+  take a tokenizer's padded batch as it is (left or right padding, ``sdpa`` or ``eager``);
+* :func:`attention_mask`, :func:`position_ids`, :func:`attention_layout`: a sample's 2-D padding
+  mask → the 4-D attention mask the model would build, and position ids counted over real tokens
+  (so the padding side does not matter);
+* :func:`hf_rules`: the per-head rules :func:`fisherfunc.infer_spec` uses for BERT-, GPT-2- and
+  Llama-like attention (grouped-query aware), GPT-2 ``Conv1D`` and norms.
 
 Nothing here imports ``transformers``: models are recognised by their classes' modules and configs.
 
@@ -16,17 +18,15 @@ Per-head importance of a masked LM, in a few lines (``batch`` holds ``input_ids`
     F["bert.encoder.layer.0.attention.output.dense.weight"]     # [num_heads]
 """
 
-from . import masks as masks
-from . import spec as spec
-from .losses import HFInputs as HFInputs
-from .losses import causal_lm as causal_lm
-from .losses import masked_lm as masked_lm
-from .losses import sequence_classification as sequence_classification
-from .masks import AttentionLayout as AttentionLayout
-from .masks import attention_layout as attention_layout
-from .masks import attention_mask as attention_mask
-from .masks import position_ids as position_ids
-from .spec import hf_rules as hf_rules
+from .._spec.families import hf_rules as hf_rules
+from ._losses import HFInputs as HFInputs
+from ._losses import causal_lm as causal_lm
+from ._losses import masked_lm as masked_lm
+from ._losses import sequence_classification as sequence_classification
+from ._masks import AttentionLayout as AttentionLayout
+from ._masks import attention_layout as attention_layout
+from ._masks import attention_mask as attention_mask
+from ._masks import position_ids as position_ids
 
 __all__ = [
     "AttentionLayout",
@@ -36,8 +36,6 @@ __all__ = [
     "causal_lm",
     "hf_rules",
     "masked_lm",
-    "masks",
     "position_ids",
     "sequence_classification",
-    "spec",
 ]

@@ -31,11 +31,11 @@ import optree
 import torch
 from torch import Tensor
 
-from ..batch import batch_size, take
-from ..estimate import PerSampleFisher, accumulate, fisher, per_sample_fisher, resolve_for
-from ..rules import Rule, Skip
-from ..state import FisherState, estimate
-from ..step import make_fisher_step
+from .._engine.batches import batch_size, take
+from .._estimate import PerSampleFisher, accumulate, fisher, per_sample_fisher, resolve_for
+from .._spec.rules import Rule, Skip
+from .._state.state import FisherState, estimate
+from .._state.step import make_fisher_step
 
 __all__ = [
     "assert_fisher_close",

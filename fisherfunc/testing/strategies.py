@@ -26,8 +26,8 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
-from ..rules import Buckets, Channel, Elementwise, Heads, Rows, Rule, Skip, Whole
-from ._models import FAMILIES, Case, build_case, padded_token_batch
+from .._spec.rules import Buckets, Channel, Elementwise, Heads, Rows, Rule, Skip, Whole
+from .cases import FAMILIES, Case, build_case, padded_token_batch
 
 __all__ = ["FAMILIES", "Case", "build_case", "rules", "specs", "padded_batches", "model_cases", "seeds"]
 

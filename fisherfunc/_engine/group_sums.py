@@ -1,0 +1,341 @@
+"""Per-chunk group Fisher: ``rule.reduce(g_b ⊙ g_b)`` by the direct and the factorised path.
+
+**Direct**: differentiate the parameter, square, reduce (inside ``vmap``).
+
+**Factorised** (DESIGN §6): for a layer ``y = x Wᵀ + b`` the per-sample weight gradient is
+``G_b = Σ_t d_bt a_btᵀ`` with ``a`` the layer's input and ``d = ∂L_b/∂y``, both had from output
+probes (:mod:`~fisherfunc._engine.probes`), and the weight itself is never differentiated. A rule
+needs only some sums of ``G ⊙ G`` (:meth:`~fisherfunc.Rule.square_sums`). Writing ``G = Uᵀ V`` with
+``U [T, n0]`` and ``V [T, n1]`` the factors along the weight's two axes::
+
+    rows[i] = Σ_j G_ij² = Σ_t U_ti (K U)_ti,   K = V Vᵀ  [T, T]   (Gram form)
+    cols[j] = Σ_i G_ij² = Σ_t V_tj (K' V)_tj,  K' = U Uᵀ
+    T = 1:    rows = U² · ‖V‖²,  cols = V² · ‖U‖²
+
+The Gram form costs ``T²(n0 + n1)``, the direct form ``(Uᵀ V)²`` costs ``T n0 n1``; the cheaper is
+used. An embedding ``y_t = W[id_t]`` has ``G[v] = Σ_{t: id_t = v} d_t``; with ``S_tt' = [id_t = id_t']``::
+
+    r_t = Σ_t' S_tt' (d_t · d_t'),   rows[v] = Σ_{t: id_t = v} r_t,   cols[j] = Σ_t d_tj (S d)_tj
+
+A weight is factorised (a :class:`Site`) when one sample's forward shows it used exactly once, by a
+plain ``F.linear``, ``torch.addmm`` (GPT-2 ``Conv1D``) or ``F.embedding`` call; everything else —
+weights used twice (tied embeddings, recurrent weights: the square of a sum has cross terms),
+norms, biases — takes the direct path in the same ``grad`` call.
+
+Callers that only need the batch's sums (``fisher``, ``accumulate``, the step) get the sums form,
+which contracts some sites at chunk level: with one vector per sample,
+``Σ_b (u_b ⊗ v_b)² = (u²)ᵀ(v²)`` — one matrix product per chunk, not ``c`` per-sample
+``[n0, n1]`` squares — and embeddings' per-token values are scattered once into the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .._spec.resolve import ResolvedSpec
+from .._spec.rules import SpecError, SquareSums
+from .batches import Batch, cast_floating, first_sample, sample_key
+from .kinds import LabelSets
+from .loop import ChunkFns, summed
+from .numerics import Prepared
+from .probes import discover
+from .vectorise import PerSampleLoss, vectorise
+
+__all__ = ["Path", "Site", "find_sites", "group_chunk_fns", "GroupSums"]
+
+#: ``"auto"``: output probes for the weights that qualify, direct gradients elsewhere (exact either
+#: way); ``"direct"``: ``vmap(grad)`` of every parameter.
+Path = Literal["auto", "direct"]
+_FACTORISED = ("linear", "addmm", "embedding")
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """A factorised weight.
+
+    Attributes:
+        leaf: index of the weight among the params' leaves.
+        op: the call that uses it (``"linear"``, ``"addmm"`` or ``"embedding"``).
+        out_shape: per-sample shape of that call's output (the probe's shape).
+        sums: which sums of ``G ⊙ G`` the weight's rule needs.
+        padding_idx: for embeddings, the row whose gradient is always zero.
+    """
+
+    leaf: int
+    op: str
+    out_shape: tuple[int, ...]
+    sums: SquareSums
+    padding_idx: int | None = None
+
+
+def find_sites(loss: PerSampleLoss, prepared: Prepared, spec: ResolvedSpec, sample: Any) -> tuple[Site, ...]:
+    """The weights that can take the factorised path, found by one forward of one sample."""
+    needs: dict[int, SquareSums] = {}
+    for i in spec.active:
+        if len(spec.shapes[i]) == 2:
+            try:
+                needs[i] = spec.rules[i].square_sums(spec.shapes[i])
+            except SpecError:  # a rule without a partition geometry: the direct path computes it
+                continue
+    if not needs:
+        return ()
+    found = discover(lambda: loss(prepared.tree(), cast_floating(sample, prepared.dtype)), prepared, list(needs))
+    sites = []
+    for i, sums in needs.items():
+        call = found.single(i)
+        if call is not None and call.op in _FACTORISED:
+            sites.append(Site(leaf=i, op=call.op, out_shape=call.out_shape, sums=sums, padding_idx=call.padding_idx))
+    return tuple(sites)
+
+
+# --- square sums from factors ---------------------------------------------------------------------
+
+
+def _square_sums(u: Tensor, v: Tensor, sums: SquareSums) -> Tensor:
+    """Sums of ``G ⊙ G`` for ``G = uᵀ v`` (``u [T, n0]``, ``v [T, n1]``), as rows, columns or full."""
+    t, n0, n1 = u.shape[0], u.shape[1], v.shape[1]
+    if sums == "full":
+        g = u.t() @ v
+        return g * g
+    if sums == "cols":
+        u, v = v, u
+        n0, n1 = n1, n0
+    # rows[i] = Σ_j (Σ_t u_ti v_tj)²
+    if t == 1:
+        return u[0].square() * v[0].square().sum()
+    if t * (n0 + n1) < n0 * n1:  # Gram form: Σ_t u_ti (K u)_ti with K = v vᵀ
+        return (u * ((v @ v.t()) @ u)).sum(0)
+    g = u.t() @ v  # direct form
+    return (g * g).sum(1)
+
+
+def _factors(site: Site, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """``u [T, n0]``, ``v [T, n1]`` with ``G = uᵀ v`` in the weight's layout.
+
+    The layouts: linear ``[out, in]`` (``u = d``, ``v = a``), addmm ``[in, out]`` (``u = a``, ``v = d``).
+    """
+    a = a.reshape(-1, a.shape[-1])
+    d = d.reshape(a.shape[0], -1)
+    return (d, a) if site.op == "linear" else (a, d)
+
+
+def _embedding_d(site: Site, ids: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Flat ids ``[T]`` and output gradients ``[T, D]``, zero at the padding row's tokens."""
+    ids = ids.reshape(-1)
+    d = d.reshape(ids.shape[0], -1)
+    if site.padding_idx is not None:  # the padding row gets no gradient
+        d = d * (ids != site.padding_idx).unsqueeze(1).to(d.dtype)
+    return ids, d
+
+
+def _site_sums(site: Site, rows: int, a_or_ids: Tensor, d: Tensor) -> Tensor:
+    """One sample's sums of ``G ⊙ G`` (rows ``[n0]``, cols ``[n1]`` or full ``[n0, n1]``) from its factors."""
+    if site.op != "embedding":
+        u, v = _factors(site, a_or_ids, d)
+        return _square_sums(u, v, site.sums)
+    ids, d = _embedding_d(site, a_or_ids, d)
+    if site.sums == "full":
+        g = d.new_zeros(rows, d.shape[1]).index_add(0, ids, d)
+        return g * g
+    same = (ids.unsqueeze(0) == ids.unsqueeze(1)).to(d.dtype)  # S_tt'
+    if site.sums == "rows":
+        r = ((d @ d.t()) * same).sum(1)  # r_t = Σ_t' S_tt' d_t·d_t'
+        return d.new_zeros(rows).index_add(0, ids, r)
+    return (d * (same @ d)).sum(0)
+
+
+def contracted_per_chunk(site: Site) -> bool:
+    """Whether a site's chunk sums are contracted outside ``vmap`` (see :func:`_site_parts`).
+
+    Linear-like weights with one vector per sample (``T = 1``): ``Σ_b (u_b ⊗ v_b)² = (u²)ᵀ (v²)``
+    is one matrix product for the chunk instead of ``c`` per-sample ``[n0, n1]`` squares.
+    Embeddings' full squares and row sums: per-token values scattered once into the table
+    instead of one ``[V, D]`` (or ``[V]``) table per sample.
+    """
+    if site.op == "embedding":
+        return site.sums in ("full", "rows")
+    return math.prod(site.out_shape[:-1]) == 1
+
+
+def _site_parts(site: Site, a_or_ids: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """One sample's share of a chunk-level site (inside ``vmap``), summed by :func:`_contract`.
+
+    Linear-like (``T = 1``): the factors ``(u, v)``, ``G_b = u vᵀ``. Embedding: the ids ``[T]`` and a
+    per-token value ``[T, k]`` whose scatter-add into the rows is the sample's contribution::
+
+        full:  m = S d,  value_t = m_t² · [t is the first token with id_t]   (G_b[id_t] = m_t)
+        rows:  value_t = r_t = Σ_t' S_tt' d_t·d_t'
+    """
+    if site.op != "embedding":
+        u, v = _factors(site, a_or_ids, d)
+        return u[0], v[0]
+    ids, d = _embedding_d(site, a_or_ids, d)
+    same = (ids.unsqueeze(0) == ids.unsqueeze(1)).to(d.dtype)  # S_tt'
+    if site.sums == "rows":
+        return ids, ((d @ d.t()) * same).sum(1, keepdim=True)
+    first = (same.tril(-1).sum(1) == 0).to(d.dtype)  # no earlier token with the same id
+    return ids, (same @ d).square() * first.unsqueeze(1)
+
+
+def _contract(site: Site, rows: int, parts: tuple[Tensor, Tensor]) -> Tensor:
+    """``Σ_{b ∈ chunk}`` of a chunk-level site's square sums, from its stacked parts.
+
+    Linear-like with ``u [c, n0]``, ``v [c, n1]``::
+
+        full = (u²)ᵀ (v²),   rows = (u²)ᵀ ‖v‖²,   cols = (v²)ᵀ ‖u‖²
+    """
+    if site.op == "embedding":
+        ids, values = parts
+        k = values.shape[-1]
+        table = values.new_zeros(rows, k).index_add(0, ids.reshape(-1), values.reshape(-1, k))
+        return table if site.sums == "full" else table[:, 0]
+    u2, v2 = parts[0].square(), parts[1].square()
+    if site.sums == "full":
+        return u2.t() @ v2
+    if site.sums == "rows":
+        return u2.t() @ v2.sum(1)
+    return v2.t() @ u2.sum(1)
+
+
+# --- the chunk functions --------------------------------------------------------------------------
+
+
+def group_chunk_fns(
+    loss: PerSampleLoss,
+    prepared: Prepared,
+    spec: ResolvedSpec,
+    sites: Sequence[Site] = (),
+    *,
+    labels: LabelSets | None = None,
+) -> ChunkFns:
+    """Both forms of the per-chunk group Fisher: probes for ``sites``, direct gradients elsewhere.
+
+    With no sites this is the direct path. Values are in ``spec.active`` order.
+    """
+    site_of = {s.leaf: s for s in sites}
+    direct = [i for i in spec.active if i not in site_of]
+    position = {i: k for k, i in enumerate(spec.active)}
+    rules = spec.rules
+    # rule.reduce of the square sums, prepared outside vmap
+    to_groups = {s.leaf: rules[s.leaf].from_square_sums(spec.shapes[s.leaf], s.sums) for s in sites}
+
+    def make_reduce(chunk_level: frozenset[int]) -> Callable[..., tuple[Any, ...]]:
+        def reduce(g_direct: tuple[Tensor, ...], d: tuple[Tensor, ...], inputs: tuple[Tensor, ...]) -> tuple[Any, ...]:
+            out: list[Any] = [None] * len(spec.active)
+            for i, g in zip(direct, g_direct):
+                out[position[i]] = rules[i].reduce(g.square())  # s = rule.reduce(g ⊙ g), inside vmap
+            for k, site in enumerate(sites):
+                rows = spec.shapes[site.leaf][0]
+                if site.leaf in chunk_level:
+                    out[position[site.leaf]] = _site_parts(site, inputs[k], d[k])
+                else:
+                    out[position[site.leaf]] = to_groups[site.leaf](_site_sums(site, rows, inputs[k], d[k]))
+            return tuple(out)
+
+        return reduce
+
+    def run(chunk_level: frozenset[int]) -> Callable[[Any], tuple[tuple[Any, ...], Tensor]]:
+        fn = vectorise(
+            loss,
+            prepared,
+            direct=direct,
+            probed=[s.leaf for s in sites],
+            probe_shapes=[s.out_shape for s in sites],
+            reduce=make_reduce(chunk_level),
+            labels=labels,
+        )
+
+        def values(chunk: Any) -> tuple[tuple[Any, ...], Tensor]:
+            out, tokens, _ = fn(chunk)
+            return out, tokens
+
+        return values
+
+    per_sample = run(frozenset())
+    chunk_level = frozenset(s.leaf for s in sites if contracted_per_chunk(s)) if labels is None else frozenset()
+    if not chunk_level:
+        return summed(per_sample)
+    parts_fn = run(chunk_level)
+
+    def sums(chunk: Any) -> tuple[tuple[Tensor, ...], Tensor]:
+        parts, tokens = parts_fn(chunk)
+        out = []
+        for i, part in zip(spec.active, parts):
+            if i in chunk_level:
+                site = site_of[i]
+                out.append(to_groups[i](_contract(site, spec.shapes[i][0], part)))
+            else:
+                out.append(part.sum(0))
+        return tuple(out), tokens
+
+    return ChunkFns(per_sample, sums)
+
+
+#: Discovered sites kept across calls (a ``FisherStep``'s memo): at most this many keys, then it starts over.
+_MAX_DISCOVERED = 64
+
+
+class GroupSums:
+    """The per-chunk group Fisher of one call, for each sample shape of its batches.
+
+    Discovery (one sample's forward) runs once per distinct sample shape of a call; with a
+    ``discovered`` memo (a :class:`~fisherfunc.FisherStep`'s), once per shape across calls.
+
+    Args:
+        loss: the per-sample loss.
+        prepared: the prepared params.
+        spec: the resolved spec.
+        path: ``"auto"`` or ``"direct"``.
+        labels: the label sets of the ``"mc"`` / ``"exact"`` kinds, or ``None``.
+        discovered: a memo of sites kept across calls, or ``None``.
+    """
+
+    def __init__(
+        self,
+        loss: PerSampleLoss,
+        prepared: Prepared,
+        spec: ResolvedSpec,
+        path: Path,
+        labels: LabelSets | None = None,
+        discovered: dict[tuple, tuple[Site, ...]] | None = None,
+    ) -> None:
+        self.loss, self.prepared, self.spec, self.path, self.labels = loss, prepared, spec, path, labels
+        self.discovered = discovered
+        self._fns: dict[Any, ChunkFns] = {}
+
+    def _memo_key(self, key: tuple) -> tuple:
+        """Everything discovery depends on but the loss's code and the params' values.
+
+        The loss, the resolved spec (names, rules, shapes), the dtypes and devices of the leaves, the
+        samples' shapes and dtypes, and the training flags of ``loss.model``'s modules (a module may
+        call other layers in training mode).
+        """
+        model = getattr(self.loss, "model", None)
+        modes = tuple(m.training for m in model.modules()) if isinstance(model, torch.nn.Module) else ()
+        leaves = tuple((x.dtype, x.device) for x in self.prepared.leaves)
+        spec = self.spec
+        return (id(self.loss), spec.names, spec.rules, spec.shapes, self.prepared.dtype, leaves, modes, key)
+
+    def _sites(self, batch: Batch, key: tuple) -> tuple[Site, ...]:
+        if self.discovered is None:
+            return find_sites(self.loss, self.prepared, self.spec, first_sample(batch))
+        memo = self._memo_key(key)
+        if memo not in self.discovered:
+            if len(self.discovered) >= _MAX_DISCOVERED:
+                self.discovered.clear()
+            self.discovered[memo] = find_sites(self.loss, self.prepared, self.spec, first_sample(batch))
+        return self.discovered[memo]
+
+    def __call__(self, batch: Batch) -> ChunkFns:
+        """The per-chunk computation for ``batch``'s sample shapes."""
+        key = sample_key(batch)
+        if key not in self._fns:
+            sites = () if self.path == "direct" else self._sites(batch, key)
+            self._fns[key] = group_chunk_fns(self.loss, self.prepared, self.spec, sites, labels=self.labels)
+        return self._fns[key]

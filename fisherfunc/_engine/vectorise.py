@@ -1,0 +1,115 @@
+"""The per-sample gradient computation: ``vmap`` over samples of ``grad`` of the per-sample loss.
+
+For one sample ``b`` with summed loss ``L_b`` and token count ``n_b``, one ``torch.func.grad`` call
+differentiates with respect to two kinds of inputs at once::
+
+    direct leaves θ_i:        g_i = ∂L_b/∂θ_i                   (the direct path)
+    output probes p_k:        d_k = ∂L_b/∂y_k,  with a_k recorded (the factorised path, see probes)
+
+and a caller's ``reduce(g, d, a)`` turns them into what leaves the function — group sums of
+``g ⊙ g``, or ``(a, d)`` for K-FAC — *inside* ``vmap``, so the full per-sample gradients never
+exist outside it: at most ``chunk × |θ|`` per-sample gradient memory per chunk.
+
+For the ``"mc"`` and ``"exact"`` Fisher kinds (:mod:`~fisherfunc._engine.kinds`) a chunk is
+``(samples, noise)`` and the gradient is taken at every label set ``y_j`` of a sample, from one
+forward and one ``vjp``: ``Σ_j w_j reduce(g(y_j), d(y_j), a)`` leaves the function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+
+from ..dropout import vmap_randomness
+from .batches import cast_floating
+from .kinds import LabelSets
+from .numerics import Prepared, scope
+from .probes import ProbeMode
+
+__all__ = ["PerSampleLoss", "Reduce", "Output", "vectorise"]
+
+PerSampleLoss = Callable[[Any, Any], tuple[Tensor, Any]]
+#: ``(direct gradients, probe gradients d, recorded inputs a) -> per-sample outputs`` (inside ``vmap``).
+Reduce = Callable[[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]], tuple[Any, ...]]
+#: ``(outputs [c, ...], tokens [c], recorded inputs [c, ...] or ())`` of one chunk.
+Output = tuple[tuple[Any, ...], Tensor, tuple[Tensor, ...]]
+
+
+def vectorise(
+    loss: PerSampleLoss,
+    prepared: Prepared,
+    *,
+    direct: Sequence[int],
+    probed: Sequence[int] = (),
+    probe_shapes: Sequence[tuple[int, ...]] = (),
+    reduce: Reduce,
+    labels: LabelSets | None = None,
+    keep: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] | None = None,
+) -> Callable[[Any], Output]:
+    """The vectorised per-sample computation of one chunk.
+
+    Args:
+        loss: per-sample loss ``(params, sample) -> (loss_sum, num_tokens)``.
+        prepared: the prepared params.
+        direct: leaf indices differentiated directly.
+        probed: leaf indices of the weights whose calls get output probes.
+        probe_shapes: per-sample output shape of each probed call.
+        reduce: what leaves ``vmap`` per sample (per label set, weighted, for labelled kinds).
+        labels: the label sets of the ``"mc"`` / ``"exact"`` kinds; ``None``: the data's labels.
+        keep: also return ``keep(a)`` of the recorded inputs ``a`` of the probed calls (computed inside ``vmap``).
+
+    Returns:
+        ``chunk -> (outputs, tokens, inputs)``; a chunk is a slice of the batch, or
+        ``(samples, noise)`` with ``labels``.
+    """
+    dtype = prepared.dtype
+    direct = tuple(direct)
+    slots = {id(prepared.leaves[i]): k for k, i in enumerate(probed)}
+    zeros = tuple(torch.zeros(shape, dtype=dtype, device=prepared.device) for shape in probe_shapes)
+    direct_values = tuple(prepared.leaves[i] for i in direct)
+    like = torch.zeros((), dtype=dtype, device=prepared.device)
+
+    def run(call: Callable[[Any, Any], Any], direct_params: tuple[Tensor, ...], probes: tuple[Tensor, ...], sample: Any):
+        tree = prepared.tree(dict(zip(direct, direct_params)))
+        if not slots:
+            return call(tree, sample), ()
+        mode = ProbeMode(slots, probes)
+        with mode:
+            out = call(tree, sample)
+        return out, mode.recorded(like)
+
+    def sample_loss(direct_params: tuple[Tensor, ...], probes: tuple[Tensor, ...], sample: Any):
+        (value, tokens), inputs = run(loss, direct_params, probes, sample)
+        if not isinstance(value, Tensor) or value.ndim != 0:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"the per-sample loss must return a scalar loss_sum, got {shape}")
+        return value, (torch.as_tensor(tokens, dtype=dtype), inputs)
+
+    def per_sample(sample: Any) -> Output:
+        (g, d), (tokens, inputs) = grad(sample_loss, argnums=(0, 1), has_aux=True)(direct_values, zeros, sample)
+        return reduce(g, d, inputs), tokens, keep(inputs) if keep is not None else ()
+
+    def per_sample_labelled(sample_noise: Any) -> Output:
+        assert labels is not None
+        sample, noise = sample_noise
+
+        def predict(direct_params: tuple[Tensor, ...], probes: tuple[Tensor, ...]):
+            return run(labels.loss.forward, direct_params, probes, sample)
+
+        def reduce_set(grads: tuple[Any, ...], inputs: tuple[Tensor, ...]) -> tuple[Any, ...]:
+            return reduce(grads[0], grads[1], inputs)
+
+        values, tokens, inputs = labels.expected_squares(predict, (direct_values, zeros), reduce_set, sample, noise)
+        return values, tokens, keep(inputs) if keep is not None else ()
+
+    batched = vmap(per_sample if labels is None else per_sample_labelled, randomness=vmap_randomness(loss))
+
+    def chunk_fn(chunk: Any) -> Output:
+        with scope(prepared.device_types):
+            return batched(cast_floating(chunk, dtype))
+
+    return chunk_fn

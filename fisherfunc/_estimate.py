@@ -1,0 +1,283 @@
+"""One-shot estimates: per-sample group Fisher and the token-normalised batch / dataset Fisher.
+
+Token-normalised empirical Fisher over all samples ``b`` of all batches::
+
+    F̂ = ( Σ_b rule.reduce(g_b ⊙ g_b) ) / ( Σ_b n_b )
+
+Batches are streamed chunk by chunk (``chunk_size`` samples at a time, :mod:`~fisherfunc._engine.loop`)
+and each chunk's reduced values are summed immediately, so memory is ``chunk × |θ|`` for per-sample
+gradients plus the group sums; the result does not depend on how the data is split into batches or
+chunks.
+
+``kind`` chooses the targets of the squared gradients: the dataset's labels (``Empirical()``),
+labels sampled from the model (``MC(samples=k, seed=s)``) or the expectation over its classes
+(``Exact()``); see :mod:`fisherfunc._engine.kinds`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import optree
+import torch
+from torch import Tensor
+
+from ._engine import loop
+from ._engine.batches import Batch, BatchError, as_tree, batch_size
+from ._engine.group_sums import GroupSums, Path, Site
+from ._engine.kinds import Empirical, FisherKind, as_kind, label_sets
+from ._engine.nonfinite import NonFiniteError, NonFinitePolicy, NonFiniteWarning, check_nonfinite
+from ._engine.numerics import prepare, scope
+from ._engine.vectorise import PerSampleLoss
+from ._spec.resolve import Params, ResolvedSpec, Spec, resolve_spec
+from ._spec.rules import SpecError
+
+__all__ = [
+    "PerSampleFisher",
+    "Accumulator",
+    "fisher",
+    "per_sample_fisher",
+    "accumulate",
+    "resolve_for",
+    "check_options",
+    "precheck",
+    "batch_accumulator",
+]
+
+
+class PerSampleFisher(NamedTuple):
+    """Per-sample group Fisher of one batch.
+
+    Attributes:
+        groups: group tree (params' structure, ``None`` for skipped); each leaf
+            ``[B, *group_shape]`` holds ``rule.reduce(g_b ⊙ g_b)`` (not divided by tokens).
+        tokens: ``[B]`` token count ``n_b`` of each sample.
+    """
+
+    groups: Any
+    tokens: Tensor
+
+
+class Accumulator(NamedTuple):
+    """Exact one-shot sums: ``Σ_b rule.reduce(g_b ⊙ g_b)`` (group tree), ``Σ_b n_b`` and ``B``.
+
+    ``skipped`` counts the batches left out as non-finite (``nonfinite="skip"``); ``kind`` is the
+    name of the Fisher kind the sums were taken at. Accumulators of disjoint data and the same kind
+    merge exactly by adding every count field (:func:`fisherfunc.merge`).
+    """
+
+    sums: Any
+    tokens: float
+    samples: int
+    skipped: int = 0
+    kind: str = "empirical"
+
+
+def resolve_for(loss: PerSampleLoss, params: Params, spec: Spec | None) -> ResolvedSpec:
+    """Resolve ``spec`` against ``params``; with ``spec=None`` infer it from ``loss.model``."""
+    if isinstance(spec, ResolvedSpec):
+        return spec
+    if spec is None:
+        model = getattr(loss, "model", None)
+        if model is None:
+            raise SpecError(
+                "spec=None needs a loss built by fisherfunc.losses (which knows its model); for a plain "
+                "callable pass spec=, e.g. spec=fisherfunc.Elementwise() for the full diagonal"
+            )
+        from ._spec.infer import infer_spec
+
+        spec = infer_spec(model)
+    return resolve_spec(spec, params)
+
+
+def check_options(*, chunk_size: int | None = None, path: str = "auto", nonfinite: str = "raise") -> None:
+    """Validate the options every estimate takes, before any work.
+
+    Raises:
+        ValueError: naming the option and the value at fault.
+    """
+    valid = chunk_size is None or (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1)
+    if not valid:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if path not in ("auto", "direct"):
+        raise ValueError(f"path must be 'auto' or 'direct', got {path!r}")
+    check_nonfinite(nonfinite)
+
+
+def precheck(loss: PerSampleLoss, batch: Batch) -> int:
+    """Cheap checks before any model call: batch shape, the loss's own checks, token count; the batch size."""
+    size = batch_size(batch)
+    check = getattr(loss, "check", None)
+    if check is not None:
+        check(batch)
+    counter = getattr(loss, "count_tokens", None)
+    tokens = counter(batch) if counter is not None else None
+    if tokens is not None and not float(tokens.sum()) > 0:
+        raise BatchError("the batch has no tokens to learn from (every target is masked or ignored)")
+    return size
+
+
+def batch_accumulator(
+    loss: PerSampleLoss,
+    params: Params,
+    batches: Batch | Iterable[Batch],
+    *,
+    spec: Spec | None,
+    chunk_size: int | None,
+    path: Path,
+    kind: FisherKind | str,
+    nonfinite: NonFinitePolicy,
+    generator: torch.Generator | None = None,
+    discovered: dict[tuple, tuple[Site, ...]] | None = None,
+) -> Accumulator:
+    """:func:`accumulate`, drawing ``"mc"`` labels from ``generator`` and keeping sites in ``discovered``.
+
+    ``generator`` (default: ``kind.draws()``) is how a step draws from ``(seed, step)``;
+    ``discovered`` is a :class:`~fisherfunc.FisherStep`'s memo of probe sites.
+    """
+    check_options(chunk_size=chunk_size, path=path, nonfinite=nonfinite)
+    kind = as_kind(kind)
+    labels = label_sets(loss, kind)
+    draws = generator if generator is not None else kind.draws()
+    resolved = resolve_for(loss, params, spec)
+    prepared = prepare(params, differentiated=resolved.active)
+    engine = GroupSums(loss, prepared, resolved, path, labels, discovered)
+    names = [resolved.names[i] for i in resolved.active]
+
+    def compute(batch: Batch) -> tuple[list[Tensor], float, int]:
+        size = precheck(loss, batch)
+        fns = engine(batch)
+        source = batch if labels is None else (batch, labels.draw(batch, draws))
+        with scope(prepared.device_types):  # chunk-level contractions and sums: no outer autocast either
+            sums, tokens = loop.batch_sums(fns, source, size, chunk_size, names)
+        return sums, tokens, size
+
+    totals = loop.fold(batches, compute, nonfinite=nonfinite)
+    sums = totals.sums
+    if sums is None:  # every batch skipped: the empty accumulator (zeros), which merges as nothing
+        sums = [torch.zeros(resolved.group_shapes[i], dtype=prepared.dtype, device=prepared.leaves[i].device)
+                for i in resolved.active]  # fmt: skip
+    return Accumulator(resolved.unflatten_groups(sums), totals.tokens, totals.samples, totals.skipped, kind.name)
+
+
+def accumulate(
+    loss: PerSampleLoss,
+    params: Params,
+    batches: Batch | Iterable[Batch],
+    *,
+    spec: Spec | None = None,
+    chunk_size: int | None = None,
+    path: Path = "auto",
+    kind: FisherKind | str = Empirical(),
+    nonfinite: NonFinitePolicy = "raise",
+) -> Accumulator:
+    """Exact sums over one batch or an iterable of batches (see :class:`Accumulator`).
+
+    Two accumulators over disjoint data add up to the accumulator of their union. Arguments as
+    for :func:`fisher`; with ``nonfinite="skip"`` the skipped batches are counted in
+    ``Accumulator.skipped``, and if every batch is skipped the sums are zeros (0 tokens).
+    """
+    return batch_accumulator(
+        loss, params, batches, spec=spec, chunk_size=chunk_size, path=path, kind=kind, nonfinite=nonfinite
+    )
+
+
+def fisher(
+    loss: PerSampleLoss,
+    params: Params,
+    batches: Batch | Iterable[Batch],
+    *,
+    spec: Spec | None = None,
+    chunk_size: int | None = None,
+    path: Path = "auto",
+    kind: FisherKind | str = Empirical(),
+    nonfinite: NonFinitePolicy = "raise",
+) -> Any:
+    """Token-normalised group Fisher of one batch or of an iterable of batches.
+
+    ``F̂ = (Σ_b rule.reduce(g_b ⊙ g_b)) / (Σ_b n_b)`` over every sample of every batch: exact,
+    and independent of how the data is split into batches or chunks.
+
+    Args:
+        loss: per-sample loss ``(params, sample) -> (loss_sum, num_tokens)``.
+        params: pytree of parameter tensors (e.g. ``dict(model.named_parameters())``); not modified.
+        batches: one batch (a tensor, tuple or mapping of tensors with a leading batch dimension)
+            or an iterable of batches (list, generator, ``DataLoader``).
+        spec: group rules (prefix tree, or callable); ``None`` infers them from ``loss.model``.
+        chunk_size: samples per vectorised chunk (``None``: a whole batch at once). Peak
+            per-sample gradient memory is ``chunk_size × |θ|``.
+        path: ``"auto"`` (output probes for the linear-like weights that qualify, direct
+            gradients elsewhere) or ``"direct"`` (``vmap(grad)`` of every parameter). Both are exact.
+        kind: which targets: ``fisherfunc.Empirical()`` (the dataset's labels; the default),
+            ``fisherfunc.MC(samples=k, seed=s)`` (labels sampled from the model) or
+            ``fisherfunc.Exact(max_classes=C)`` (the expectation over the model's classes); the
+            strings ``"empirical"`` and ``"exact"`` are shorthands.
+        nonfinite: a batch whose per-sample values contain NaN/Inf is refused with a
+            :class:`~fisherfunc.NonFiniteError` naming parameters and samples (``"raise"``), or
+            left out with a ``NonFiniteWarning`` (``"skip"``; use :func:`accumulate` to get the
+            count instead).
+
+    Returns:
+        Group tree with the params' structure; leaf shapes are the rules' group shapes, ``None``
+        for ``Skip()``; float32 (float64 if the params are float64).
+
+    >>> import torch, fisherfunc as ff
+    >>> model = torch.nn.Linear(4, 3)
+    >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    >>> F = ff.fisher(ff.losses.classification(model), dict(model.named_parameters()), (x, y))
+    >>> F["weight"].shape   # one value per output channel
+    torch.Size([3])
+    """
+    acc = accumulate(
+        loss, params, batches, spec=spec, chunk_size=chunk_size, path=path, kind=kind, nonfinite=nonfinite
+    )
+    if acc.skipped and not acc.samples:
+        raise NonFiniteError.all_skipped(acc.skipped)
+    if acc.skipped:
+        warnings.warn(f"skipped {acc.skipped} batch(es) with non-finite per-sample values", NonFiniteWarning, 2)
+    return optree.tree_map(lambda s: s / acc.tokens, acc.sums)
+
+
+def per_sample_fisher(
+    loss: PerSampleLoss,
+    params: Params,
+    batch: Batch,
+    *,
+    spec: Spec | None = None,
+    chunk_size: int | None = None,
+    path: Path = "auto",
+    kind: FisherKind | str = Empirical(),
+) -> PerSampleFisher:
+    """Group Fisher of each sample of one batch: ``rule.reduce(g_b ⊙ g_b)`` and ``n_b``.
+
+    ``fisher(loss, params, batch) == sum over b of groups / tokens.sum()``. Memory is
+    ``chunk_size × |θ|`` for gradients plus the ``B × groups`` output.
+
+    Args:
+        loss: per-sample loss ``(params, sample) -> (loss_sum, num_tokens)``.
+        params: pytree of parameter tensors; not modified.
+        batch: one batch (leading dimension ``B``).
+        spec: group rules; ``None`` infers them from ``loss.model``.
+        chunk_size: samples per vectorised chunk (``None``: the whole batch).
+        path: ``"auto"`` (probes where possible) or ``"direct"``; see :func:`fisher`.
+        kind: ``Empirical()``, ``MC(samples=k, seed=s)`` or ``Exact()``; see :func:`fisher`.
+
+    Returns:
+        :class:`PerSampleFisher` with ``groups`` leaves ``[B, *group_shape]`` and ``tokens [B]``.
+    """
+    check_options(chunk_size=chunk_size, path=path)
+    kind = as_kind(kind)
+    labels = label_sets(loss, kind)
+    resolved = resolve_for(loss, params, spec)
+    prepared = prepare(params, differentiated=resolved.active)
+    batch = as_tree(batch)
+    size = precheck(loss, batch)
+    per_sample = GroupSums(loss, prepared, resolved, path, labels)(batch).per_sample
+    source = batch if labels is None else (batch, labels.draw(batch, kind.draws()))
+    with scope(prepared.device_types):
+        parts = [per_sample(chunk) for _, _, chunk in loop.stream(source, size, chunk_size)]
+    groups = [torch.cat([p[0][i] for p in parts]) for i in range(len(resolved.active))]
+    tokens = torch.cat([p[1] for p in parts])
+    return PerSampleFisher(resolved.unflatten_groups(groups), tokens)

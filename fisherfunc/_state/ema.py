@@ -1,0 +1,53 @@
+"""The exponential moving average every running estimate uses, and its bias correction.
+
+With one global decay ``β`` and one step counter for all tensors of a state::
+
+    m_t = β · m_{t−1} + (1 − β) · X_t          (stored: raw, not debiased)
+    estimate = m_t / (1 − β^t)                  (exact when X_t is constant)
+
+``X_t`` is the batch's token-normalised group Fisher (:class:`~fisherfunc.FisherState`) or its
+K-FAC factors (:class:`~fisherfunc.kfac.KFACState`). The arithmetic runs in float32 (float64 for
+float64 storage) on ``X_t``'s device — the compute device — one tensor at a time; the result is
+stored back where and how ``m`` was stored (:mod:`~fisherfunc._state.codec`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .codec import Stored, decode, encode, stored_device, stored_dtype
+
+__all__ = ["check_decay", "bias_correction", "ema"]
+
+
+def check_decay(decay: float) -> float:
+    """Validate an EMA decay: a real number in ``[0, 1)``."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+    return float(decay)
+
+
+def bias_correction(decay: float, step: int) -> float:
+    """``1 − β^t``, accurate to a few ulps for every ``β`` in ``[0, 1)``.
+
+    Written as ``−expm1(t · log β)``: the naive ``1.0 - decay**step`` cancels catastrophically for
+    ``β`` near 1 (``β = 1 − 10⁻⁹`` loses 7 digits), which would bias a float64 estimate.
+
+    >>> bias_correction(0.5, 2)
+    0.75
+    """
+    return 1.0 if decay == 0.0 else -math.expm1(step * math.log(decay))
+
+
+def ema(m: Stored, x: Tensor, decay: float) -> Stored:
+    """``β m + (1 − β) x``, computed in float32 (float64 for float64 storage) on ``x``'s device, stored like ``m``.
+
+    >>> ema(torch.zeros(2), torch.ones(2), 0.75)
+    tensor([0.2500, 0.2500])
+    """
+    work = torch.float64 if stored_dtype(m) == torch.float64 else torch.float32
+    new = decay * decode(m, device=x.device, dtype=work) + (1.0 - decay) * x.to(work)
+    return encode(new, dtype=stored_dtype(m), device=stored_device(m))

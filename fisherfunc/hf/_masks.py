@@ -1,0 +1,182 @@
+"""Per-sample attention masks and position ids for Hugging Face models under ``torch.func.vmap``.
+
+A 2-D padding mask cannot go to a Hugging Face model inside ``vmap``: the model builds its
+attention mask from it with data-dependent Python control flow (``if padding_mask.all(): ...``)
+that a batched tensor refuses. A 4-D mask is passed through unchanged by ``transformers``' mask
+builders (``create_causal_mask``, ``create_bidirectional_mask``; BERT, GPT-2, Llama, Mistral and
+Qwen alike), so inside the per-sample function the padding mask ``m [1, T]`` becomes the mask
+those builders would have made, as pure tensor algebra::
+
+    allowed[q, k] = m_k  ∧  (k ≤ q, if causal)  ∧  (q − k < W, if a sliding window W applies)
+    allowed[q, q] = 1   for a row q that would allow no key at all
+    sdpa:  allowed                                   (bool, [1, 1, T, T])
+    eager: 0 where allowed, finfo(dtype).min elsewhere  (additive, [1, 1, T, T])
+
+The second line differs from ``transformers``: with left padding a causal model's padding rows
+allow no key, and some eager implementations (Llama's softmax runs in float32) turn such a row of a
+float64 model into NaN, which the backward pass spreads into every gradient (``0 · NaN``).
+Letting an empty row attend to itself changes only the outputs at padding positions, which reach
+neither a real token (padding keys are masked) nor the loss, so every real output, the loss and
+the Fisher are unchanged — and finite.
+
+Models whose layers mix full and sliding-window attention (``config.layer_types``) get a dict
+``{"full_attention": ..., "sliding_attention": ...}``, which those models also accept as is.
+
+Position ids are counted over the real tokens only — the convention of ``transformers``'
+``generate`` (``_prepare_position_ids_for_generation``)::
+
+    position_ids_t = (Σ_{t' ≤ t} m_t') − 1 for a real token, 0 for padding
+
+so a left-padded sequence is embedded exactly like the same sequence unpadded (with right padding
+this equals ``arange(T)`` on the real tokens). A batch that carries its own ``position_ids``
+keeps them.
+
+>>> import torch
+>>> position_ids(torch.tensor([[0, 0, 1, 1, 1]]))
+tensor([[0, 0, 0, 1, 2]])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._spec.families import attention_families
+
+__all__ = ["AttentionLayout", "attention_layout", "attention_mask", "position_ids"]
+
+_IMPLEMENTATIONS = ("sdpa", "eager")
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionLayout:
+    """What 4-D attention mask a Hugging Face model expects.
+
+    Attributes:
+        causal: whether a token attends only to itself and earlier tokens.
+        implementation: ``"sdpa"`` (boolean mask) or ``"eager"`` (additive float mask).
+        sliding_window: ``W``: a token attends only to the ``W`` latest positions (``None``: all).
+        mixed: whether layers mix full and sliding-window attention (then the mask is a dict).
+    """
+
+    causal: bool
+    implementation: str
+    sliding_window: int | None = None
+    mixed: bool = False
+
+
+def attention_layout(model: nn.Module, *, causal: bool | None = None) -> AttentionLayout:
+    """Read a Hugging Face model's attention layout from its config and attention modules.
+
+    Args:
+        model: a ``transformers`` model (``model.config`` is read).
+        causal: override whether attention is causal; ``None`` decides by family: BERT-like
+            models attend both ways unless ``config.is_decoder``; GPT-2- and Llama-like models are
+            causal unless ``config.is_causal`` is ``False``.
+
+    Raises:
+        ValueError: for a model without a ``transformers`` config, an attention implementation
+            other than ``sdpa``/``eager``, an encoder-decoder, or a family whose causality is unknown.
+    """
+    config = getattr(model, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        raise ValueError(
+            f"{type(model).__name__} is not a Hugging Face transformers model (it has no config with an "
+            "attention implementation); use the builders in fisherfunc.losses instead"
+        )
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"{type(model).__name__} uses attn_implementation={implementation!r}; per-sample Fisher runs under "
+            "torch.func.vmap, which needs 'sdpa' or 'eager': load the model with attn_implementation='sdpa' (or "
+            "call model.set_attn_implementation('sdpa'))"
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder model; fisherfunc.hf supports encoder-only and "
+            "decoder-only models. Write a per-sample loss for it (see fisherfunc.losses.custom)"
+        )
+    families = attention_families(model)
+    if causal is None:
+        if families == {"bert"}:
+            causal = bool(getattr(config, "is_decoder", False))
+        elif families and families <= {"gpt2", "llama"}:
+            causal = getattr(config, "is_causal", True) is not False
+        else:
+            found = ", ".join(sorted(families)) or "no BERT-, GPT-2- or Llama-like attention"
+            raise ValueError(
+                f"cannot tell whether {type(model).__name__} attends causally (found {found}); pass causal=True "
+                "(decoder) or causal=False (encoder)"
+            )
+    layer_types = tuple(getattr(config, "layer_types", None) or ())
+    unknown = sorted(set(layer_types) - set(_LAYER_TYPES))
+    if unknown:
+        raise ValueError(
+            f"{type(model).__name__} has attention layer types {unknown}; fisherfunc.hf builds masks for "
+            f"{list(_LAYER_TYPES)} only"
+        )
+    window = getattr(config, "sliding_window", None) if causal else None
+    mixed = "sliding_attention" in layer_types
+    if layer_types and not mixed:
+        window = None  # every layer attends fully; a configured window is unused
+    return AttentionLayout(causal=causal, implementation=implementation, sliding_window=window, mixed=mixed)
+
+
+def position_ids(mask: Tensor) -> Tensor:
+    """Positions counted over real tokens: ``cumsum(m) − 1``, and 0 at padding.
+
+    Args:
+        mask: ``[..., T]`` padding mask (nonzero = real token).
+
+    Returns:
+        ``[..., T]`` int64 position ids.
+    """
+    m = (mask != 0).long()
+    return (m.cumsum(-1) - 1).masked_fill(m == 0, 0)
+
+
+def _allowed(mask: Tensor, causal: bool, window: int | None) -> Tensor:
+    """``allowed[b, 0, q, k]`` (bool, ``[B, 1, T, T]``) from a ``[B, T]`` padding mask."""
+    t = mask.shape[-1]
+    q = torch.arange(t, device=mask.device).unsqueeze(1)
+    k = torch.arange(t, device=mask.device).unsqueeze(0)
+    allowed = (mask != 0)[:, None, None, :]  # the key is a real token
+    if causal:
+        allowed = allowed & (k <= q)
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    allowed = allowed.expand(mask.shape[0], 1, t, t)
+    empty = ~allowed.any(-1, keepdim=True)  # a padding query with no key to attend to
+    return allowed | (empty & (k == q))
+
+
+def _encode(allowed: Tensor, implementation: str, dtype: torch.dtype) -> Tensor:
+    if implementation == "eager":  # additive: 0 where allowed, the dtype's most negative value elsewhere
+        return torch.where(allowed, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)
+    return allowed
+
+
+def attention_mask(mask: Tensor, layout: AttentionLayout, dtype: torch.dtype) -> Any:
+    """The 4-D attention mask (or dict of masks) a model with ``layout`` builds from ``mask``.
+
+    Args:
+        mask: ``[B, T]`` padding mask (nonzero = real token); under ``vmap`` ``B`` is 1.
+        layout: the model's :class:`AttentionLayout`.
+        dtype: the compute dtype (of an eager model's additive mask).
+
+    Returns:
+        ``[B, 1, T, T]`` bool (sdpa) or ``dtype`` (eager) tensor; a dict of two for mixed layers.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"the padding mask of one sample must have shape [1, T], got {tuple(mask.shape)}")
+    full = _encode(
+        _allowed(mask, layout.causal, None if layout.mixed else layout.sliding_window), layout.implementation, dtype
+    )
+    if not layout.mixed:
+        return full
+    sliding = _encode(_allowed(mask, layout.causal, layout.sliding_window), layout.implementation, dtype)
+    return {"full_attention": full, "sliding_attention": sliding}

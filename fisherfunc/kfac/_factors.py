@@ -1,0 +1,466 @@
+"""K-FAC factors: one-shot over batches, and an EMA state with bias correction.
+
+For a covered layer with augmented weight ``W̃ = [W | b]`` (``[out, in + 1]``), the per-sample
+gradient is ``vec(∇_W̃ L_b) = Σ_t d_bt ⊗ ã_bt`` (row-major ``vec``). The token-normalised Fisher
+block ``F = Σ_b vec(∇L_b) vec(∇L_b)ᵀ / Σ_b n_b`` is approximated by ``G ⊗ A``, with one of two
+conventions for the T positions of a sequence (Eschenhagen et al. 2023):
+
+``"expand"`` — every position is an example (cross-position terms dropped)::
+
+    A = Σ_{b,t} ã_bt ã_btᵀ / N          N = Σ_b T_b   (positions seen by the layer)
+    G = Σ_{b,t} d_bt d_btᵀ / Σ_b n_b
+
+``"reduce"`` — positions are pooled before the outer products::
+
+    ā_b = (1/T_b) Σ_t ã_bt,  d̄_b = Σ_t d_bt        (T_b: the sample's real positions)
+    A = Σ_b ā_b ā_bᵀ / B
+    G = Σ_b d̄_b d̄_bᵀ / Σ_b n_b
+
+With one position per example both are ``Σ_b (d_b d_bᵀ) ⊗ (ã_b ã_bᵀ) / B`` approximated by
+``E[d dᵀ] ⊗ E[ã ãᵀ]``, and exact for one example. ``A`` is an average over positions: the real
+ones when the loss knows a padding mask (``mask=`` of :mod:`fisherfunc.losses`, the Hugging Face
+losses) and the layer sees those positions, else every position (as the peers do); a padded
+position's ``d`` is zero either way. ``G`` carries the Fisher's token normalisation, so
+``diag(G ⊗ A)`` is directly comparable with :func:`fisherfunc.fisher`.
+
+Merging estimates of disjoint data is exact: ``A`` by positions, ``G`` by tokens
+(:func:`merge`). The EMA state folds per-batch ``A_t``, ``G_t`` as the group-Fisher state does
+(:mod:`fisherfunc.state`): ``m_t = β m_{t−1} + (1 − β) X_t``, read as ``m_t / (1 − β^t)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._engine import loop
+from .._engine.batches import Batch, BatchError, as_tree, batch_size, first_sample, iter_batches
+from .._engine.kinds import Empirical, FisherKind, LabelSets, as_kind, label_sets
+from .._engine.nonfinite import NonFiniteError, NonFinitePolicy
+from .._engine.numerics import Prepared, prepare, scope
+from .._estimate import check_options, precheck
+from .._state.ema import bias_correction, check_decay, ema
+from ._capture import capture_fn
+from ._layers import Layer, LayerShapes, discover_layers
+
+__all__ = ["Approx", "KFAC", "KFACState", "KFACStep", "kfac", "make_kfac_step", "estimate", "merge", "check_approx"]
+
+Approx = Literal["expand", "reduce"]
+
+
+class KFAC(NamedTuple):
+    """K-FAC factors of the covered layers: ``F_layer ≈ G ⊗ A`` (see the module docstring).
+
+    Attributes:
+        layers: the covered layers (:class:`~fisherfunc.kfac.layers.Layer`), in forward order.
+        A: ``{layer name: [in(+1), in(+1)]}`` input factors (last row/column: the bias's 1).
+        G: ``{layer name: [out, out]}`` output-gradient factors, token-normalised.
+        positions: ``{layer name: N}``, the positions ``A`` averages over.
+        tokens: ``Σ_b n_b``, the tokens ``G`` is normalised by.
+        samples: samples seen.
+        approx: ``"expand"`` or ``"reduce"``.
+        kind: ``"empirical"``, ``"mc"`` or ``"exact"`` (the targets ``d`` was taken at).
+        names: every parameter's dotted name (for matching vectors to layers).
+    """
+
+    layers: tuple[Layer, ...]
+    A: dict[str, Tensor]
+    G: dict[str, Tensor]
+    positions: dict[str, float]
+    tokens: float
+    samples: int
+    approx: str
+    kind: str
+    names: tuple[str, ...]
+
+
+class KFACState(NamedTuple):
+    """Running K-FAC factors: raw EMAs of the per-batch ``A_t`` and ``G_t`` (debiased by :func:`estimate`).
+
+    Attributes:
+        layers: the covered layers.
+        A: ``{layer name: raw EMA of A_t}``.
+        G: ``{layer name: raw EMA of G_t}``.
+        positions: ``{layer name: positions seen over all steps}``.
+        step: steps taken ``t``.
+        tokens: tokens seen over all steps.
+        samples: samples seen.
+        decay: the EMA decay ``β`` in ``[0, 1)``.
+        approx: ``"expand"`` or ``"reduce"``.
+        kind: the Fisher kind.
+        names: every parameter's dotted name.
+    """
+
+    layers: tuple[Layer, ...]
+    A: dict[str, Tensor]
+    G: dict[str, Tensor]
+    positions: dict[str, float]
+    step: int
+    tokens: float
+    samples: int
+    decay: float
+    approx: str
+    kind: str
+    names: tuple[str, ...]
+
+
+def check_approx(approx: str) -> str:
+    """Validate the sequence convention."""
+    if approx not in ("expand", "reduce"):
+        raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
+    return approx
+
+
+def augment(a: Tensor) -> Tensor:
+    """``ã = [a, 1]`` along the last axis."""
+    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+
+
+def _outer_statistic(approx: str) -> Callable[[int, Tensor, Tensor], Tensor]:
+    """Per-sample ``Σ_t d dᵀ`` (expand) or ``d̄ d̄ᵀ`` (reduce), for the labelled kinds (inside ``vmap``)."""
+
+    def stat(k: int, a: Tensor, d: Tensor) -> Tensor:  # (layer, inputs, output gradients)
+        if approx == "reduce":
+            d = d.sum(0, keepdim=True)
+        return d.t() @ d
+
+    return stat
+
+
+def _input_factor(layer: Layer, a: Tensor, approx: str, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``Σ ã ãᵀ`` over a chunk's real positions (expand) or samples (reduce), and the count.
+
+    ``mask [c, T]`` (1 = real token) leaves padded positions out; ``None`` counts every position.
+    """
+    if layer.bias is not None:
+        a = augment(a)
+    if mask is None:  # every position
+        a = a.mean(1) if approx == "reduce" else a.reshape(-1, a.shape[-1])
+        return a.t() @ a, a.new_tensor(float(a.shape[0]))
+    m = mask.to(a.dtype).unsqueeze(-1)  # [c, T, 1]
+    if approx == "reduce":  # ā_b = Σ_t m_t ã_bt / Σ_t m_t
+        a = (a * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return a.t() @ a, a.new_tensor(float(a.shape[0]))
+    weighted = (a * m).reshape(-1, a.shape[-1])
+    return weighted.t() @ a.reshape(-1, a.shape[-1]), m.sum()
+
+
+def _position_mask(loss: Any, chunk: Any, layer: Layer) -> Tensor | None:
+    """The loss's padding mask ``[c, T]`` if the layer sees exactly those T positions, else ``None``."""
+    mask_of = getattr(loss, "mask_of", None)
+    mask = mask_of(chunk) if mask_of is not None else None
+    if not isinstance(mask, Tensor) or mask.ndim != 2:
+        return None
+    lead = [n for n in layer.out_shape[:-1] if n != 1]  # e.g. (1, T) when the loss keeps a batch axis of 1
+    if layer.positions != mask.shape[1] or len(lead) > 1:
+        return None
+    return mask != 0
+
+
+def _factor_names(layers: Sequence[Layer]) -> list[str]:
+    """The names of the summed values, for error messages: ``A[layer]``, ``G[layer]``, ``positions[layer]``."""
+    return [f"{field}[{x.name}]" for field in ("A", "G", "positions") for x in layers]
+
+
+def _factor_sums(
+    loss: Any, params: Prepared, layers: tuple[Layer, ...], approx: str, labels: LabelSets | None
+) -> loop.ChunkFns:
+    """A chunk's ``Σ ã ãᵀ``, ``Σ d dᵀ`` and positions of every layer (the values of :func:`_factor_names`)."""
+    run = capture_fn(loss, params, layers, labels=labels, statistic=_outer_statistic(approx))
+
+    def sums(source: Any) -> tuple[tuple[Tensor, ...], Tensor]:
+        chunk = source if labels is None else source[0]
+        inputs, outputs, n = run(source)
+        A, G, positions = [], [], []
+        for k, layer in enumerate(layers):
+            part, count = _input_factor(layer, inputs[k], approx, _position_mask(loss, chunk, layer))
+            A.append(part)
+            positions.append(count)
+            if labels is not None:  # the per-sample Σ_j w_j (d dᵀ), summed over the chunk
+                G.append(outputs[k].sum(0))
+            else:
+                d = outputs[k].sum(1) if approx == "reduce" else outputs[k].reshape(-1, layer.out_features)
+                G.append(d.t() @ d)
+        return (*A, *G, *positions), n
+
+    return loop.ChunkFns(loop.one_by_one(sums), sums)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Plan:
+    """What one call needs for every batch: the prepared params, the layers, their shapes per batch."""
+
+    loss: Any
+    params: Prepared
+    layers: tuple[Layer, ...]
+    shapes: LayerShapes
+
+    @classmethod
+    def discover(cls, loss: Any, params: Any, first: Batch, patterns: Sequence[str] | None) -> _Plan:
+        """Prepare ``params`` and find the covered layers on the first batch's first sample."""
+        prepared = prepare(params)
+        layers = discover_layers(loss, prepared, first_sample(first), patterns)
+        return cls(loss, prepared, layers, LayerShapes(loss, prepared, layers, first=first))
+
+
+def _fold(
+    plan: _Plan,
+    batches: Batch | Iterable[Batch],
+    approx: str,
+    chunk_size: int | None,
+    labels: LabelSets | None,
+    generator: torch.Generator | None,
+    nonfinite: NonFinitePolicy,
+) -> loop.Totals:
+    """Exact sums of every layer's ``Σ ã ãᵀ``, ``Σ d dᵀ`` and positions over the batches (one chunk loop)."""
+    names = _factor_names(plan.layers)
+
+    def compute(batch: Batch) -> tuple[list[Tensor], float, int]:
+        size = precheck(plan.loss, batch)
+        fns = _factor_sums(plan.loss, plan.params, plan.shapes(batch), approx, labels)
+        source = batch if labels is None else (batch, labels.draw(batch, generator))
+        with scope(plan.params.device_types):  # the factors' products: no outer autocast either
+            sums, tokens = loop.batch_sums(fns, source, size, chunk_size, names)
+        return sums, tokens, size
+
+    return loop.fold(batches, compute, nonfinite=nonfinite)
+
+
+def _first(batches: Batch | Iterable[Batch]) -> tuple[Batch, Batch | Iterable[Batch]]:
+    """The first batch (to discover the layers on) and the batches to fold, iterators included."""
+    if isinstance(batches, (Tensor, tuple, Mapping)):
+        first = as_tree(batches)
+        batch_size(first)
+        return first, first
+    items = iter_batches(batches)
+    try:
+        first = next(items)
+    except StopIteration:
+        raise BatchError("no batches were given") from None
+    batch_size(first)
+    return first, itertools.chain([first], items)
+
+
+def kfac(
+    loss: Any,
+    params: Any,
+    batches: Any,
+    *,
+    approx: Approx = "expand",
+    layers: Sequence[str] | None = None,
+    chunk_size: int | None = None,
+    kind: FisherKind | str = Empirical(),
+    nonfinite: NonFinitePolicy = "raise",
+) -> KFAC:
+    """K-FAC factors of one batch or an iterable of batches (exact sums, then normalised).
+
+    Args:
+        loss: per-sample loss ``(params, sample) -> (loss_sum, num_tokens)``.
+        params: pytree of parameter tensors (e.g. ``dict(model.named_parameters())``); not modified.
+        batches: one batch or an iterable of batches.
+        approx: ``"expand"`` or ``"reduce"`` (identical for one position per example).
+        layers: glob patterns of the weight names to cover (``None``: every weight used once by
+            ``F.linear`` / ``torch.addmm`` / ``F.conv1d`` / ``F.conv2d``).
+        chunk_size: samples per vectorised chunk (``None``: a whole batch).
+        kind: ``fisherfunc.Empirical()``, ``MC(samples=k, seed=s)`` or ``Exact()``; ``G`` is taken
+            at those targets, ``A`` does not depend on them.
+        nonfinite: a batch with NaN/Inf inputs or output gradients is refused with a
+            :class:`~fisherfunc.NonFiniteError` naming the factors (``"raise"``) or left out
+            (``"skip"``); nothing of it reaches the factors either way.
+
+    Returns:
+        :class:`KFAC` with float32 factors (float64 for float64 params).
+
+    >>> import torch, fisherfunc as ff
+    >>> model = torch.nn.Linear(4, 3)
+    >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    >>> F = ff.kfac.kfac(ff.losses.classification(model), dict(model.named_parameters()), (x, y))
+    >>> F.A["weight"].shape, F.G["weight"].shape   # [in + 1 (bias), in + 1], [out, out]
+    (torch.Size([5, 5]), torch.Size([3, 3]))
+    """
+    check_approx(approx)
+    check_options(chunk_size=chunk_size, nonfinite=nonfinite)
+    kind = as_kind(kind)
+    labels = label_sets(loss, kind)
+    first, batches = _first(batches)
+    plan = _Plan.discover(loss, params, first, layers)
+    totals = _fold(plan, batches, approx, chunk_size, labels, kind.draws(), nonfinite)
+    if totals.sums is None:
+        raise NonFiniteError.all_skipped(totals.skipped)
+    found = plan.layers
+    count = len(found)
+    A, G, positions = totals.sums[:count], totals.sums[count : 2 * count], totals.sums[2 * count :]
+    return KFAC(
+        layers=found,
+        A={x.name: s.div_(float(n)) for x, s, n in zip(found, A, positions)},
+        G={x.name: s.div_(totals.tokens) for x, s in zip(found, G)},
+        positions={x.name: float(n) for x, n in zip(found, positions)},
+        tokens=totals.tokens,
+        samples=totals.samples,
+        approx=approx,
+        kind=kind.name,
+        names=plan.params.names,
+    )
+
+
+def merge(first: KFAC, *others: KFAC) -> KFAC:
+    """K-FAC factors of the union of disjoint data: ``A`` weighted by positions, ``G`` by tokens (exact).
+
+    Raises:
+        ValueError: if the estimates cover different layers or use different conventions or kinds.
+    """
+    items = (first, *others)
+    for i, item in enumerate(items[1:], 1):
+        for field in ("layers", "approx", "kind", "names"):
+            if getattr(item, field) != getattr(first, field):
+                raise ValueError(f"K-FAC estimate {i} differs from estimate 0 in {field!r}; only alike estimates merge")
+    tokens = sum(x.tokens for x in items)
+    out_A: dict[str, Tensor] = {}
+    out_G: dict[str, Tensor] = {}
+    out_n: dict[str, float] = {}
+    for layer in first.layers:
+        n = sum(x.positions[layer.name] for x in items)
+        out_A[layer.name] = torch.stack([x.A[layer.name] * (x.positions[layer.name] / n) for x in items]).sum(0)
+        out_G[layer.name] = torch.stack([x.G[layer.name] * (x.tokens / tokens) for x in items]).sum(0)
+        out_n[layer.name] = n
+    return first._replace(A=out_A, G=out_G, positions=out_n, tokens=tokens, samples=sum(x.samples for x in items))
+
+
+# --- the EMA state --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KFACStep:
+    """A configured, pure K-FAC step (built by :func:`make_kfac_step`): ``state = step(params, batch, state)``.
+
+    Attributes:
+        loss: per-sample loss.
+        decay: the EMA decay ``β``.
+        approx: ``"expand"`` or ``"reduce"``.
+        layers: glob patterns of the covered weights (``None``: all that qualify).
+        chunk_size: samples per vectorised chunk.
+        kind: the Fisher kind value; an ``MC`` with a seed draws step ``t`` from ``(seed, t)``.
+        nonfinite: ``"raise"`` or ``"skip"`` (then the state only counts nothing: it is returned as is).
+    """
+
+    loss: Any
+    decay: float
+    approx: str
+    layers: Sequence[str] | None
+    chunk_size: int | None
+    kind: FisherKind
+    nonfinite: NonFinitePolicy = "raise"
+
+    def init(self, params: Any, example: Any) -> KFACState:
+        """A fresh state (zero EMAs, step 0); ``example`` is a batch used only to find the layers' shapes."""
+        batch = as_tree(example)
+        batch_size(batch)
+        plan = _Plan.discover(self.loss, params, batch, self.layers)
+        prepared, found = plan.params, plan.layers
+        device = prepared.leaves[found[0].weight].device
+        return KFACState(
+            layers=found,
+            A={x.name: torch.zeros(x.a_dim, x.a_dim, dtype=prepared.dtype, device=device) for x in found},
+            G={x.name: torch.zeros(x.out_features, x.out_features, dtype=prepared.dtype, device=device) for x in found},
+            positions={x.name: 0.0 for x in found},
+            step=0,
+            tokens=0.0,
+            samples=0,
+            decay=self.decay,
+            approx=self.approx,
+            kind=self.kind.name,
+            names=prepared.names,
+        )
+
+    def __call__(self, params: Any, batch: Any, state: KFACState) -> KFACState:
+        """Fold one batch's ``A_t`` and ``G_t`` into the EMA; returns a new state (``state`` is untouched).
+
+        Raises:
+            ValueError: a state made with another decay, convention, kind or for other parameters.
+            NonFiniteError: under ``nonfinite="raise"``, a batch with NaN/Inf values (the state is
+                untouched; under ``"skip"`` it is returned as it was).
+        """
+        if not isinstance(state, KFACState):
+            raise TypeError(f"state must be a KFACState (from step.init), got {type(state).__name__}")
+        for field, mine in (("decay", self.decay), ("approx", self.approx), ("kind", self.kind.name)):
+            if getattr(state, field) != mine:
+                raise ValueError(f"the state has {field}={getattr(state, field)!r}, this step {mine!r}")
+        batch = as_tree(batch)
+        batch_size(batch)
+        prepared = prepare(params)
+        if prepared.names != state.names:
+            raise ValueError("the state was made for other parameters (their names differ)")
+        for layer in state.layers:
+            w = prepared.leaves[layer.weight]
+            if tuple(w.shape) != layer.weight_shape:
+                raise ValueError(
+                    f"parameter '{layer.name}' has shape {tuple(w.shape)}, the state expects {layer.weight_shape}"
+                )
+        plan = _Plan(self.loss, prepared, state.layers, LayerShapes(self.loss, prepared, state.layers))
+        labels = label_sets(self.loss, self.kind)
+        generator = self.kind.draws(step=state.step)
+        totals = _fold(plan, batch, self.approx, self.chunk_size, labels, generator, self.nonfinite)
+        if totals.sums is None:  # skipped as non-finite
+            return state
+        count = len(state.layers)
+        A, G, positions = totals.sums[:count], totals.sums[count : 2 * count], totals.sums[2 * count :]
+        # m_t = β m_{t−1} + (1 − β) X_t, with X_t = A_t = Σ ã ãᵀ / positions and G_t = Σ d dᵀ / tokens
+        return state._replace(
+            A={x.name: ema(state.A[x.name], s / n, self.decay) for x, s, n in zip(state.layers, A, positions)},
+            G={x.name: ema(state.G[x.name], s / totals.tokens, self.decay) for x, s in zip(state.layers, G)},
+            positions={x.name: state.positions[x.name] + float(n) for x, n in zip(state.layers, positions)},
+            step=state.step + 1,
+            tokens=state.tokens + totals.tokens,
+            samples=state.samples + totals.samples,
+        )
+
+
+def make_kfac_step(
+    loss: Any,
+    *,
+    decay: float = 0.95,
+    approx: Approx = "expand",
+    layers: Sequence[str] | None = None,
+    chunk_size: int | None = None,
+    kind: FisherKind | str = Empirical(),
+    nonfinite: NonFinitePolicy = "raise",
+) -> KFACStep:
+    """Bind a loss, decay and convention into a pure ``kfac_step(params, batch, state) -> state``.
+
+    Arguments as for :func:`kfac`; ``decay`` is the EMA decay ``β`` in ``[0, 1)`` (``0``: each
+    step is the one-shot batch estimate). ``kind=MC(samples=k, seed=s)`` draws step ``t`` from a
+    generator seeded by ``(s, t)``, so a run is reproducible.
+    """
+    decay = check_decay(decay)
+    check_approx(approx)
+    check_options(chunk_size=chunk_size, nonfinite=nonfinite)
+    kind = as_kind(kind)
+    label_sets(loss, kind)  # validate early
+    return KFACStep(loss, decay, approx, layers, chunk_size, kind, nonfinite)
+
+
+def estimate(state: KFACState) -> KFAC:
+    """The bias-corrected factors ``m_t / (1 − β^t)`` as a :class:`KFAC`.
+
+    Raises:
+        ValueError: if the state has taken no step yet.
+    """
+    if state.step == 0:
+        raise ValueError("the state has taken no step yet; call kfac_step(params, batch, state) first")
+    c = bias_correction(state.decay, state.step)
+    return KFAC(
+        layers=state.layers,
+        A={k: v / c for k, v in state.A.items()},
+        G={k: v / c for k, v in state.G.items()},
+        positions=dict(state.positions),
+        tokens=state.tokens,
+        samples=state.samples,
+        approx=state.approx,
+        kind=state.kind,
+        names=state.names,
+    )
