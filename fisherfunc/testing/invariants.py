@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import optree
 import torch
 from torch import Tensor
@@ -103,7 +104,7 @@ def _assert_close(check: str, what: str, actual: Any, expected: Any, rtol: float
         tol = atol + rtol * max(scale, (scale * tree_scale) ** 0.5)
         worst = float(diff.max())
         if not worst <= tol:
-            index = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+            index = tuple(int(i) for i in np.unravel_index(int(diff.argmax()), tuple(diff.shape)))
             raise AssertionError(
                 f"{check}: {what}: entry '{name}' differs at group {list(index)}: "
                 f"{float(a64[index]):.17g} vs expected {float(e64[index]):.17g}; "
