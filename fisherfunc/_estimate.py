@@ -157,7 +157,7 @@ def batch_accumulator(
     totals = loop.fold(batches, compute, nonfinite=nonfinite)
     sums = totals.sums
     if sums is None:  # every batch skipped: the empty accumulator (zeros), which merges as nothing
-        sums = [torch.zeros(resolved.group_shapes[i], dtype=prepared.dtype, device=prepared.leaves[i].device)
+        sums = [torch.zeros(resolved.groups_of(i), dtype=prepared.dtype, device=prepared.leaves[i].device)
                 for i in resolved.active]  # fmt: skip
     return Accumulator(resolved.unflatten_groups(sums), totals.tokens, totals.samples, totals.skipped, kind.name)
 

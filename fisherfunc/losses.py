@@ -159,7 +159,9 @@ class ModelLoss:
 
     def __call__(self, params: Mapping[str, Tensor], sample: Any) -> tuple[Tensor, Tensor]:
         """``(loss_sum, num_tokens)`` of one sample."""
-        return self.nll(self.forward(params, sample), self.targets_of(sample), self.mask_of(sample))
+        targets = self.targets_of(sample)
+        assert targets is not None, "every builder names its targets"
+        return self.nll(self.forward(params, sample), targets, self.mask_of(sample))
 
     def check(self, batch: Any) -> None:
         """Checks made before any heavy work: model mode, the dropout option and the batch's entries."""

@@ -82,7 +82,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -374,9 +374,10 @@ class LabelSets:
             ``(groups, tokens, aux)``: the weighted group sums, ``n_b`` of the dataset targets, and
             ``predict``'s auxiliary output of the one forward (e.g. recorded layer inputs).
         """
-        pred, pullback, aux = vjp(predict, *primals, has_aux=True)
+        pred, pullback, aux = cast(tuple[Tensor, Callable[..., Any], Any], vjp(predict, *primals, has_aux=True))
         fixed = pred.detach()
         targets, mask = self.loss.targets_of(sample), self.loss.mask_of(sample)
+        assert targets is not None  # label sets need a loss with targets (label_sets checks the distribution)
         labels, weights = self.sets(fixed, targets, noise)
 
         def one(y: Tensor, w: Tensor) -> tuple[Tensor, ...]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -37,7 +37,7 @@ def _matcher(where: Where) -> Callable[[str, Rule], bool]:
         return lambda name, rule: isinstance(rule, classes)
     if callable(where):
         return where
-    patterns = tuple(where)
+    patterns = tuple(cast(Sequence[str], where))
     return lambda name, rule: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -69,7 +69,7 @@ class GroupIndex:
     def unflatten(self, flat: Tensor) -> Any:
         """A vector ``[G]`` as a group tree (``None`` for skipped leaves)."""
         parts = [
-            flat[a:b].reshape(self.spec.group_shapes[i])
+            flat[a:b].reshape(self.spec.groups_of(i))
             for i, a, b in zip(self.spec.active, self.offsets[:-1], self.offsets[1:])
         ]
         return self.spec.unflatten_groups(parts)

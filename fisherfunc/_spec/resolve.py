@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import optree
 import torch
@@ -70,13 +70,24 @@ class ResolvedSpec:
             leaves[i] = v
         return optree.tree_unflatten(self.treespec, leaves)
 
+    def leaves_of(self, tree: Any) -> list[Any]:
+        """The leaves of ``tree`` (params, a group tree or a state's EMA) down to this spec's structure."""
+        return list(self.treespec.flatten_up_to(tree))
+
+    def groups_of(self, leaf: int) -> torch.Size:
+        """The group shape of an active leaf."""
+        shape = self.group_shapes[leaf]
+        if shape is None:
+            raise SpecError(f"parameter '{self.names[leaf]}' is skipped and has no groups")
+        return shape
+
     def flatten_groups(self, tree: Any, what: str = "group tree") -> list[Tensor]:
         """The active leaves of a group tree, checked against this spec's structure and shapes."""
-        leaves = self.treespec.flatten_up_to(tree)
-        out = []
+        leaves = self.leaves_of(tree)
+        out: list[Tensor] = []
         for i in self.active:
             value = leaves[i]
-            expected = self.group_shapes[i]
+            expected = self.groups_of(i)
             if not isinstance(value, Tensor) or value.shape != expected:
                 got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise SpecError(f"{what}: entry '{self.names[i]}' should have shape {tuple(expected)}, got {got}")
@@ -120,15 +131,14 @@ def resolve_spec(spec: Spec | Callable[[Params], Spec], params: Params) -> Resol
     """
     if isinstance(spec, type) and issubclass(spec, Rule):
         raise SpecError(f"spec is the rule class {spec.__name__}, not a rule: pass an instance, {spec.__name__}(...)")
-    if callable(spec) and not is_rule(spec):
-        spec = spec(params)
+    tree: Any = cast(Callable[[Params], Spec], spec)(params) if callable(spec) and not is_rule(spec) else spec
     paths, leaves, treespec = _flatten_params(params)
     names = tuple(path_name(p) for p in paths)
     for name, leaf in zip(names, leaves):
         if not isinstance(leaf, Tensor):
             raise SpecError(f"parameter '{name}' is a {type(leaf).__name__}, not a torch.Tensor")
 
-    spec_paths, spec_leaves, _ = optree.tree_flatten_with_path(spec, is_leaf=is_rule, none_is_leaf=True)
+    spec_paths, spec_leaves, _ = optree.tree_flatten_with_path(tree, is_leaf=is_rule, none_is_leaf=True)
     for sp, sl in zip(spec_paths, spec_leaves):
         if sl is None:
             raise SpecError(f"spec entry '{path_name(sp)}' is None; use fisherfunc.Skip() to exclude a parameter")

@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
@@ -140,7 +140,10 @@ class Rule:
         """
         shape = torch.Size(shape)
         groups = self.group_shape(shape)
-        _, transpose = torch.func.vjp(self.reduce, torch.zeros(shape, dtype=torch.float64, device=device))
+        _, transpose = cast(
+            tuple[Tensor, Callable[[Tensor], tuple[Tensor]]],
+            torch.func.vjp(self.reduce, torch.zeros(shape, dtype=torch.float64, device=device)),
+        )
         (owner,) = transpose(torch.arange(math.prod(groups), dtype=torch.float64, device=device).reshape(groups))
         (count,) = transpose(torch.ones(groups, dtype=torch.float64, device=device))
         if not bool((count == 1).all()):

@@ -14,11 +14,12 @@ stored back where and how ``m`` was stored (:mod:`~fisherfunc._state.codec`).
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import torch
 from torch import Tensor
 
-from .codec import Stored, decode, encode, stored_device, stored_dtype
+from .codec import Scaled, Stored, decode, encode, stored_device, stored_dtype
 
 __all__ = ["check_decay", "bias_correction", "ema"]
 
@@ -40,6 +41,14 @@ def bias_correction(decay: float, step: int) -> float:
     0.75
     """
     return 1.0 if decay == 0.0 else -math.expm1(step * math.log(decay))
+
+
+@overload
+def ema(m: Tensor, x: Tensor, decay: float) -> Tensor: ...
+
+
+@overload
+def ema(m: Scaled, x: Tensor, decay: float) -> Scaled: ...
 
 
 def ema(m: Stored, x: Tensor, decay: float) -> Stored:

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import optree
 import torch
+from torch import Tensor
 
 from .._engine.kinds import FisherKind, kind_name
 from .._spec.resolve import ResolvedSpec, named_rules, resolve_spec
@@ -57,12 +58,12 @@ class FisherState(NamedTuple):
 
 
 def _zeros(resolved: ResolvedSpec, params: Any, dtype: torch.dtype | None, device: Any) -> Any:
-    leaves = resolved.treespec.flatten_up_to(params)
+    leaves: list[Tensor] = resolved.leaves_of(params)
     stored = []
     for i in resolved.active:
         p = leaves[i]
         zdtype = dtype or (torch.float64 if p.dtype == torch.float64 else torch.float32)
-        stored.append(zeros(resolved.group_shapes[i], dtype=zdtype, device=p.device if device is None else device))
+        stored.append(zeros(resolved.groups_of(i), dtype=zdtype, device=p.device if device is None else device))
     return resolved.unflatten_groups(stored)
 
 

@@ -88,7 +88,7 @@ class Plan(NamedTuple):
         energy: ``E = ε²``, the squared L2 norm of the whole perturbation.
     """
 
-    index: GroupIndex
+    index: GroupIndex  # type: ignore[assignment]  # a field named like tuple.index, kept for users
     density: Tensor
     groups: Tensor
     shares: Tensor
@@ -193,7 +193,7 @@ def _noise(params: Params, plan: Plan, generator: torch.Generator) -> list[Tenso
     """
     index = plan.index
     spec = index.spec
-    leaves = spec.treespec.flatten_up_to(params)
+    leaves: list[Tensor] = spec.leaves_of(params)
     scale = torch.zeros(index.num_groups, dtype=torch.float64)
     scale[plan.groups] = plan.shares  # e_g, then √(e_g / ‖z_g‖²)
     out: list[Tensor | None] = []
@@ -233,7 +233,7 @@ def perturb(params: Params, plan: Plan, *, generator: torch.Generator) -> tuple[
 
 def _apply(params: Params, plan: Plan, generator: torch.Generator) -> Params:
     spec = plan.index.spec
-    leaves = list(spec.treespec.flatten_up_to(params))
+    leaves: list[Tensor] = spec.leaves_of(params)
     with torch.no_grad():
         for i, d in zip(spec.active, _noise(params, plan, generator)):
             if d is not None:
@@ -258,7 +258,7 @@ def delta(params: Params, record: Record) -> Params:
     spec = record.plan.index.spec
     generator = torch.Generator(device=record.device)
     generator.set_state(record.generator_state)
-    leaves = spec.treespec.flatten_up_to(params)
+    leaves: list[Tensor] = spec.leaves_of(params)
     out = [torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32) for p in leaves]
     for i, d in zip(spec.active, _noise(params, record.plan, generator)):
         if d is not None:
@@ -282,7 +282,7 @@ def predicted_increase(fisher: Any, delta: Any) -> float:
         The predicted increase of the mean loss per token (float64 arithmetic).
     """
     f_leaves, treespec = optree.tree_flatten(fisher, none_is_leaf=True)
-    d_leaves = treespec.flatten_up_to(delta)
+    d_leaves: list[Any] = list(treespec.flatten_up_to(delta))
     total = 0.0
     for f, d in zip(f_leaves, d_leaves):
         if f is None or d is None:
