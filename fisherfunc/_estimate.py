@@ -27,8 +27,8 @@ from torch import Tensor
 from ._engine import loop
 from ._engine.batches import Batch, BatchError, as_tree, batch_size
 from ._engine.group_sums import GroupSums, Path, Site
-from ._engine.kinds import Empirical, FisherKind, as_kind, label_sets
-from ._engine.nonfinite import NonFiniteError, NonFinitePolicy, NonFiniteWarning, check_nonfinite
+from ._engine.kinds import FisherKind, as_kind, label_sets
+from ._engine.nonfinite import NonFiniteError, NonFinitePolicy, NonFiniteWarning, check_nonfinite, check_per_sample
 from ._engine.numerics import prepare, scope
 from ._engine.vectorise import PerSampleLoss
 from ._spec.resolve import Params, ResolvedSpec, Spec, resolve_spec
@@ -170,7 +170,7 @@ def accumulate(
     spec: Spec | None = None,
     chunk_size: int | None = None,
     path: Path = "auto",
-    kind: FisherKind | str = Empirical(),
+    kind: FisherKind | str = "empirical",
     nonfinite: NonFinitePolicy = "raise",
 ) -> Accumulator:
     """Exact sums over one batch or an iterable of batches (see :class:`Accumulator`).
@@ -192,7 +192,7 @@ def fisher(
     spec: Spec | None = None,
     chunk_size: int | None = None,
     path: Path = "auto",
-    kind: FisherKind | str = Empirical(),
+    kind: FisherKind | str = "empirical",
     nonfinite: NonFinitePolicy = "raise",
 ) -> Any:
     """Token-normalised group Fisher of one batch or of an iterable of batches.
@@ -230,9 +230,7 @@ def fisher(
     >>> F["weight"].shape   # one value per output channel
     torch.Size([3])
     """
-    acc = accumulate(
-        loss, params, batches, spec=spec, chunk_size=chunk_size, path=path, kind=kind, nonfinite=nonfinite
-    )
+    acc = accumulate(loss, params, batches, spec=spec, chunk_size=chunk_size, path=path, kind=kind, nonfinite=nonfinite)
     if acc.skipped and not acc.samples:
         raise NonFiniteError.all_skipped(acc.skipped)
     if acc.skipped:
@@ -248,7 +246,7 @@ def per_sample_fisher(
     spec: Spec | None = None,
     chunk_size: int | None = None,
     path: Path = "auto",
-    kind: FisherKind | str = Empirical(),
+    kind: FisherKind | str = "empirical",
 ) -> PerSampleFisher:
     """Group Fisher of each sample of one batch: ``rule.reduce(g_b ⊙ g_b)`` and ``n_b``.
 
@@ -266,6 +264,9 @@ def per_sample_fisher(
 
     Returns:
         :class:`PerSampleFisher` with ``groups`` leaves ``[B, *group_shape]`` and ``tokens [B]``.
+
+    Raises:
+        NonFiniteError: NaN/Inf per-sample values, naming the parameters and samples.
     """
     check_options(chunk_size=chunk_size, path=path)
     kind = as_kind(kind)
@@ -280,4 +281,5 @@ def per_sample_fisher(
         parts = [per_sample(chunk) for _, _, chunk in loop.stream(source, size, chunk_size)]
     groups = [torch.cat([p[0][i] for p in parts]) for i in range(len(resolved.active))]
     tokens = torch.cat([p[1] for p in parts])
+    check_per_sample([resolved.names[i] for i in resolved.active], groups, tokens)  # NaN/Inf: NonFiniteError
     return PerSampleFisher(resolved.unflatten_groups(groups), tokens)

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._engine.batches import BatchError, entry
-from ._engine.modules import check_model
+from ._model_check import check_model
 from .dropout import DropoutMode, check_dropout
 from .dropout import scope as dropout_scope
 
@@ -58,6 +58,7 @@ __all__ = [
 Key = Hashable  # an index into a tuple batch or a key of a mapping batch
 Inputs = Key | tuple[Key, ...] | Mapping[str, Key]
 Distribution = Literal["categorical", "gaussian"] | None
+
 
 def _default_output(out: Any) -> Tensor:
     if isinstance(out, Tensor):

@@ -1,8 +1,9 @@
 """Storage policy: where a state's EMA lives and in which dtype, separate from where it is computed.
 
 A state is stored in float32 (the default), float64, bfloat16 or float16 — float16 with a
-per-value power-of-two exponent, so nothing in 1e-38..3.4e38 flushes or overflows (precision table
-in :mod:`~fisherfunc._state.codec`, whose :class:`Scaled`, :func:`encode` and :func:`decode` are re-exported here) — on any device, e.g. the CPU while the model runs on a GPU::
+per-value power-of-two exponent, so nothing in 1e-38..3.4e38 flushes or overflows (the precision
+table is in :mod:`~fisherfunc._state.codec`, whose :class:`Scaled`, :func:`encode` and
+:func:`decode` are re-exported here) — on any device, e.g. the CPU while the model runs on a GPU::
 
     state = fisher_step.init(params, dtype=torch.bfloat16, device="cpu")   # or store(state, ...)
     state = fisher_step(params_on_gpu, batch_on_gpu, state)                 # still bfloat16 on CPU

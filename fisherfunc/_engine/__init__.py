@@ -3,6 +3,5 @@
 ``batches`` (what a batch is) → ``numerics`` (compute dtype and scope) → ``probes`` (the one probe
 mechanism: layer inputs and output gradients without hooks) → ``vectorise`` (``vmap(grad)`` of the
 per-sample loss) → ``group_sums`` (direct and factorised group Fisher) → ``loop`` (the one chunk
-loop); ``kinds`` (which targets), ``nonfinite`` (NaN/Inf policy) and ``modules`` (which models can
-run) alongside.
+loop); ``kinds`` (which targets) and ``nonfinite`` (NaN/Inf policy) alongside.
 """

@@ -14,7 +14,18 @@ from torch import Tensor
 
 from .._naming import path_name
 
-__all__ = ["Batch", "BatchError", "entry", "batch_size", "take", "cast_floating", "iter_batches", "as_tree", "sample_key", "first_sample"]
+__all__ = [
+    "Batch",
+    "BatchError",
+    "entry",
+    "batch_size",
+    "take",
+    "cast_floating",
+    "iter_batches",
+    "as_tree",
+    "sample_key",
+    "first_sample",
+]
 
 Batch = Any  # a tensor, tuple, dict (or any pytree) of tensors with a leading batch dimension
 

@@ -348,7 +348,8 @@ class LabelSets:
         if isinstance(self.kind, Exact) and outputs > self.kind.max_classes:
             raise ValueError(
                 f"kind='exact' would enumerate {outputs} Gaussian outputs (one backward pass each), more "
-                f"than max_classes={self.kind.max_classes}; use kind=fisherfunc.MC(samples=k, ...), or raise Exact(max_classes=...)"
+                f"than max_classes={self.kind.max_classes}; use kind=fisherfunc.MC(samples=k, ...), or raise "
+                "Exact(max_classes=...)"
             )
         unit = torch.eye(outputs, dtype=mean.dtype, device=mean.device).reshape(outputs, *mean.shape)
         return mean + sigma * unit, torch.ones(outputs, dtype=mean.dtype, device=mean.device)

@@ -28,7 +28,14 @@ from torch import Tensor
 from .._naming import few
 from .batches import BatchError
 
-__all__ = ["NonFinitePolicy", "NonFiniteError", "NonFiniteWarning", "FiniteCheck", "check_nonfinite"]
+__all__ = [
+    "NonFinitePolicy",
+    "NonFiniteError",
+    "NonFiniteWarning",
+    "FiniteCheck",
+    "check_nonfinite",
+    "check_per_sample",
+]
 
 #: What to do with a batch whose per-sample values contain NaN or Inf.
 NonFinitePolicy = Literal["raise", "skip"]
@@ -92,6 +99,42 @@ def _rebuild(
     return err
 
 
+def _nonfinite_samples(values: Sequence[Tensor], tokens: Tensor) -> dict[int, list[int]]:
+    """``{value index: samples}`` of the per-sample ``values [B, ...]`` and ``tokens [B]`` (last) with NaN/Inf."""
+    rows = [~torch.isfinite(v).reshape(v.shape[0], -1).all(1) for v in values] + [~torch.isfinite(tokens)]
+    found = {i: torch.nonzero(row.cpu()).flatten().tolist() for i, row in enumerate(rows)}
+    return {i: idx for i, idx in found.items() if idx}
+
+
+def _located(names: Sequence[str], found: dict[int, list[int]]) -> NonFiniteError:
+    """The error naming each value (``names``, then ``"num_tokens"``) and its non-finite samples."""
+    every = (*names, "num_tokens")
+    per_name = [(every[i], sorted(found[i])) for i in sorted(found)]
+    samples = sorted({i for _, idx in per_name for i in idx})
+    parts = [f"'{name}' at samples [{few(idx, _SHOWN_SAMPLES, quote=False)}]" for name, idx in per_name[:_SHOWN_PARAMS]]
+    more = f" and {len(per_name) - _SHOWN_PARAMS} more parameters" if len(per_name) > _SHOWN_PARAMS else ""
+    return NonFiniteError(
+        "NaN/Inf per-sample values in " + "; ".join(parts) + more,
+        parameters=[name for name, _ in per_name],
+        samples=samples,
+    )
+
+
+def check_per_sample(names: Sequence[str], values: Sequence[Tensor], tokens: Tensor) -> None:
+    """Raise :class:`NonFiniteError` naming the values and samples if per-sample ``values`` hold NaN/Inf.
+
+    Args:
+        names: a name for each value.
+        values: per-sample values, each ``[B, ...]``.
+        tokens: ``[B]`` token counts.
+    """
+    flags = torch.stack([_screen(v) for v in values] + [~torch.isfinite(tokens).all()])
+    if bool(flags.any()):  # one host sync
+        found = _nonfinite_samples(values, tokens)
+        if found:
+            raise _located(names, found)
+
+
 def _screen(x: Tensor) -> Tensor:
     """``True`` (a 0-d bool tensor) if ``x`` may hold NaN/Inf: its total ``Σ x`` is not finite.
 
@@ -141,25 +184,15 @@ class FiniteCheck:
         overflow = torch.stack([_screen(s) for s in sums]).to(flags.device)
         if not bool(flags.any() | overflow.any()):  # the batch's one host sync
             return
-        names = (*self.names, "num_tokens")
         found: dict[int, list[int]] = {}
         for (start, stop), chunk_flags in zip(self._bounds, flags.cpu()):
             if not chunk_flags.any():
                 continue
             groups, tokens = self._rerun(start, stop)
-            rows = [~torch.isfinite(g).reshape(g.shape[0], -1).all(1) for g in groups] + [~torch.isfinite(tokens)]
-            for i, row in enumerate(rows):
-                found.setdefault(i, []).extend((torch.nonzero(row.cpu()).flatten() + start).tolist())
-        per_name = [(names[i], found[i]) for i in sorted(found) if found[i]]
-        if per_name:
-            samples = sorted({i for _, idx in per_name for i in idx})
-            parts = [f"'{name}' at samples [{few(idx, _SHOWN_SAMPLES, quote=False)}]" for name, idx in per_name[:_SHOWN_PARAMS]]
-            more = f" and {len(per_name) - _SHOWN_PARAMS} more parameters" if len(per_name) > _SHOWN_PARAMS else ""
-            raise NonFiniteError(
-                "NaN/Inf per-sample values in " + "; ".join(parts) + more,
-                parameters=[name for name, _ in per_name],
-                samples=samples,
-            )
+            for i, idx in _nonfinite_samples(groups, tokens).items():
+                found.setdefault(i, []).extend(j + start for j in idx)
+        if found:
+            raise _located(self.names, found)
         # no sample is non-finite: some sums overflow — or only the screening totals did
         culprits = [name for name, s in zip(self.names, sums) if not bool(torch.isfinite(s).all())]
         if not culprits:

@@ -73,7 +73,9 @@ def vectorise(
     direct_values = tuple(prepared.leaves[i] for i in direct)
     like = torch.zeros((), dtype=dtype, device=prepared.device)
 
-    def run(call: Callable[[Any, Any], Any], direct_params: tuple[Tensor, ...], probes: tuple[Tensor, ...], sample: Any):
+    def run(
+        call: Callable[[Any, Any], Any], direct_params: tuple[Tensor, ...], probes: tuple[Tensor, ...], sample: Any
+    ):
         tree = prepared.tree(dict(zip(direct, direct_params)))
         if not slots:
             return call(tree, sample), ()

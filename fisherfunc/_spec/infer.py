@@ -33,7 +33,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from .._engine.modules import check_model
+from .._model_check import check_model
 from .families import placements as hf_placements
 from .rules import Channel, Heads, Rows, Rule, SpecError
 
@@ -92,7 +92,7 @@ def _parameter(module: nn.Module, path: str) -> nn.Parameter | None:
         return None
 
 
-def infer_spec(model: nn.Module, overrides: Mapping[str, Rule] | None = None) -> dict[str, Rule]:
+def infer_spec(model: nn.Module, *, overrides: Mapping[str, Rule] | None = None) -> dict[str, Rule]:
     """Build a spec ``{name: rule}`` for ``dict(model.named_parameters())`` from module types.
 
     Args:

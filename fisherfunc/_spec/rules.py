@@ -196,7 +196,7 @@ class _Broadcast(Rule):
     ``reduce(rows[:, None])`` sums row sums exactly as ``reduce`` sums the rows of ``G ⊙ G``.
     """
 
-    def from_square_sums(self, shape: torch.Size | Sequence[int], sums: SquareSums) -> Callable[[Tensor], Tensor]:  # noqa: D102
+    def from_square_sums(self, shape: torch.Size | Sequence[int], sums: SquareSums) -> Callable[[Tensor], Tensor]:
         _check_2d(torch.Size(shape), self)
         if sums == "rows":
             return lambda values: self.reduce(values.unsqueeze(1))
@@ -223,7 +223,7 @@ class Channel(_Broadcast):
     groups: int = 1
     group_type: str = dataclasses.field(default="channel", init=False, repr=False)
 
-    def group_shape(self, shape: torch.Size, name: str = "<param>") -> torch.Size:  # noqa: D102
+    def group_shape(self, shape: torch.Size, name: str = "<param>") -> torch.Size:
         axis = _normalise_axis(self.axis, len(shape), name, self)
         if self.groups < 1:
             raise SpecError(f"parameter '{name}': {self!r} needs groups >= 1")
@@ -237,7 +237,7 @@ class Channel(_Broadcast):
                 )
         return torch.Size([self.groups * shape[axis]])
 
-    def reduce(self, x: Tensor) -> Tensor:  # noqa: D102
+    def reduce(self, x: Tensor) -> Tensor:
         axis = self.axis % x.ndim
         if self.groups == 1:
             return _sum_except(x, [axis])
@@ -245,7 +245,7 @@ class Channel(_Broadcast):
         xg = x.reshape(self.groups, x.shape[0] // self.groups, *x.shape[1:])
         return _sum_except(xg, [0, axis + 1]).reshape(-1)
 
-    def membership(self, shape: torch.Size | Sequence[int], device: Device = None) -> Tensor:  # noqa: D102
+    def membership(self, shape: torch.Size | Sequence[int], device: Device = None) -> Tensor:
         shape = torch.Size(shape)
         self.group_shape(shape)
         axis = self.axis % len(shape)
@@ -255,7 +255,7 @@ class Channel(_Broadcast):
             index = _along(block, 0, shape) * shape[axis] + index
         return index
 
-    def square_sums(self, shape: torch.Size | Sequence[int]) -> SquareSums:  # noqa: D102
+    def square_sums(self, shape: torch.Size | Sequence[int]) -> SquareSums:
         _check_2d(torch.Size(shape), self)
         if self.groups > 1:  # a row block and a column together make a channel
             return "full"
@@ -282,7 +282,7 @@ class Heads(_Broadcast):
     parts: int = 1
     group_type: str = dataclasses.field(default="head", init=False, repr=False)
 
-    def group_shape(self, shape: torch.Size, name: str = "<param>") -> torch.Size:  # noqa: D102
+    def group_shape(self, shape: torch.Size, name: str = "<param>") -> torch.Size:
         axis = _normalise_axis(self.axis, len(shape), name, self)
         if self.num_heads < 1 or self.parts < 1:
             raise SpecError(f"parameter '{name}': {self!r} needs num_heads >= 1 and parts >= 1")
@@ -294,12 +294,12 @@ class Heads(_Broadcast):
             )
         return torch.Size([self.num_heads] if self.parts == 1 else [self.parts, self.num_heads])
 
-    def reduce(self, x: Tensor) -> Tensor:  # noqa: D102
+    def reduce(self, x: Tensor) -> Tensor:
         axis = self.axis % x.ndim
         per_block = _sum_except(x, [axis]).reshape(self.parts, self.num_heads, -1).sum(-1)
         return per_block[0] if self.parts == 1 else per_block
 
-    def membership(self, shape: torch.Size | Sequence[int], device: Device = None) -> Tensor:  # noqa: D102
+    def membership(self, shape: torch.Size | Sequence[int], device: Device = None) -> Tensor:
         shape = torch.Size(shape)
         self.group_shape(shape)
         axis = self.axis % len(shape)
@@ -307,7 +307,7 @@ class Heads(_Broadcast):
         block = torch.div(torch.arange(shape[axis], device=device), width, rounding_mode="floor")
         return _along(block, axis, shape)
 
-    def square_sums(self, shape: torch.Size | Sequence[int]) -> SquareSums:  # noqa: D102
+    def square_sums(self, shape: torch.Size | Sequence[int]) -> SquareSums:
         _check_2d(torch.Size(shape), self)
         return "rows" if self.axis % 2 == 0 else "cols"
 
@@ -318,20 +318,20 @@ class Rows(_Broadcast):
 
     group_type: str = dataclasses.field(default="token", init=False, repr=False)
 
-    def group_shape(self, shape: torch.Size, name: str = "<param>") -> torch.Size:  # noqa: D102
+    def group_shape(self, shape: torch.Size, name: str = "<param>") -> torch.Size:
         if len(shape) < 1:
             raise SpecError(f"parameter '{name}': Rows() needs at least one dimension, got a scalar")
         return torch.Size([shape[0]])
 
-    def reduce(self, x: Tensor) -> Tensor:  # noqa: D102
+    def reduce(self, x: Tensor) -> Tensor:
         return _sum_except(x, [0])
 
-    def membership(self, shape: torch.Size | Sequence[int], device: Device = None) -> Tensor:  # noqa: D102
+    def membership(self, shape: torch.Size | Sequence[int], device: Device = None) -> Tensor:
         shape = torch.Size(shape)
         self.group_shape(shape)
         return _along(torch.arange(shape[0], device=device), 0, shape)
 
-    def square_sums(self, shape: torch.Size | Sequence[int]) -> SquareSums:  # noqa: D102
+    def square_sums(self, shape: torch.Size | Sequence[int]) -> SquareSums:
         _check_2d(torch.Size(shape), self)
         return "rows"
 
@@ -365,7 +365,7 @@ class Buckets(_Broadcast):
         assert self.num_buckets is not None  # set by __post_init__
         return self.num_buckets
 
-    def group_shape(self, shape: torch.Size, name: str = "<param>") -> torch.Size:  # noqa: D102
+    def group_shape(self, shape: torch.Size, name: str = "<param>") -> torch.Size:
         if len(shape) < 1:
             raise SpecError(f"parameter '{name}': {self!r} needs at least one dimension")
         if self.buckets < 1:
@@ -387,17 +387,17 @@ class Buckets(_Broadcast):
         rows = torch.arange(num_rows, device=device)
         return torch.div(rows * self.buckets, num_rows, rounding_mode="floor")
 
-    def reduce(self, x: Tensor) -> Tensor:  # noqa: D102
+    def reduce(self, x: Tensor) -> Tensor:
         per_row = _sum_except(x, [0])
         index = self.bucket_of_rows(x.shape[0], device=x.device)
         return per_row.new_zeros(self.buckets).index_add(0, index, per_row)
 
-    def membership(self, shape: torch.Size | Sequence[int], device: Device = None) -> Tensor:  # noqa: D102
+    def membership(self, shape: torch.Size | Sequence[int], device: Device = None) -> Tensor:
         shape = torch.Size(shape)
         self.group_shape(shape)
         return _along(self.bucket_of_rows(shape[0], device=device), 0, shape)
 
-    def square_sums(self, shape: torch.Size | Sequence[int]) -> SquareSums:  # noqa: D102
+    def square_sums(self, shape: torch.Size | Sequence[int]) -> SquareSums:
         _check_2d(torch.Size(shape), self)
         return "rows"
 
@@ -408,17 +408,17 @@ class Elementwise(_Broadcast):
 
     group_type: str = dataclasses.field(default="param", init=False, repr=False)
 
-    def group_shape(self, shape: torch.Size, name: str = "<param>") -> torch.Size:  # noqa: D102
+    def group_shape(self, shape: torch.Size, name: str = "<param>") -> torch.Size:
         return torch.Size(shape)
 
-    def reduce(self, x: Tensor) -> Tensor:  # noqa: D102
+    def reduce(self, x: Tensor) -> Tensor:
         return x
 
-    def membership(self, shape: torch.Size | Sequence[int], device: Device = None) -> Tensor:  # noqa: D102
+    def membership(self, shape: torch.Size | Sequence[int], device: Device = None) -> Tensor:
         shape = torch.Size(shape)
         return torch.arange(shape.numel(), device=device).reshape(shape)
 
-    def square_sums(self, shape: torch.Size | Sequence[int]) -> SquareSums:  # noqa: D102
+    def square_sums(self, shape: torch.Size | Sequence[int]) -> SquareSums:
         _check_2d(torch.Size(shape), self)
         return "full"
 
@@ -429,16 +429,16 @@ class Whole(_Broadcast):
 
     group_type: str = dataclasses.field(default="tensor", init=False, repr=False)
 
-    def group_shape(self, shape: torch.Size, name: str = "<param>") -> torch.Size:  # noqa: D102
+    def group_shape(self, shape: torch.Size, name: str = "<param>") -> torch.Size:
         return torch.Size([])
 
-    def reduce(self, x: Tensor) -> Tensor:  # noqa: D102
+    def reduce(self, x: Tensor) -> Tensor:
         return x.sum()
 
-    def membership(self, shape: torch.Size | Sequence[int], device: Device = None) -> Tensor:  # noqa: D102
+    def membership(self, shape: torch.Size | Sequence[int], device: Device = None) -> Tensor:
         return torch.zeros(torch.Size(shape), dtype=torch.long, device=device)
 
-    def square_sums(self, shape: torch.Size | Sequence[int]) -> SquareSums:  # noqa: D102
+    def square_sums(self, shape: torch.Size | Sequence[int]) -> SquareSums:
         _check_2d(torch.Size(shape), self)
         return "rows"
 
@@ -449,13 +449,13 @@ class Skip(Rule):
 
     group_type: str = dataclasses.field(default="", init=False, repr=False)
 
-    def group_shape(self, shape: torch.Size, name: str = "<param>") -> torch.Size:  # noqa: D102
+    def group_shape(self, shape: torch.Size, name: str = "<param>") -> torch.Size:
         raise SpecError(f"parameter '{name}' is skipped and has no groups")
 
-    def reduce(self, x: Tensor) -> Tensor:  # noqa: D102
+    def reduce(self, x: Tensor) -> Tensor:
         raise SpecError("Skip() has no groups")
 
-    def membership(self, shape: torch.Size | Sequence[int], device: Device = None) -> Tensor:  # noqa: D102
+    def membership(self, shape: torch.Size | Sequence[int], device: Device = None) -> Tensor:
         raise SpecError("Skip() has no groups, so its entries belong to none")
 
 

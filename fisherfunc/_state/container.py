@@ -134,7 +134,9 @@ def read(
     try:
         header = json.loads(metadata[key])
     except json.JSONDecodeError as err:
-        raise StateFileError(f"{target}: its fisherfunc metadata is not valid JSON ({err}): the file is corrupted") from None
+        raise StateFileError(
+            f"{target}: its fisherfunc metadata is not valid JSON ({err}): the file is corrupted"
+        ) from None
     if not isinstance(header, dict) or header.get("format") != format:
         raise StateFileError(f"{target}: its metadata is not a fisherfunc {what} description")
     found = header.get("version")

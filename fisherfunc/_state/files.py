@@ -9,9 +9,10 @@ dtype; a float16 state stores the float16 mantissa under the key and the int8 ex
 ``{key}|exponent`` (value = mantissa · 2^exponent, see :mod:`~fisherfunc._state.codec`). The
 header's ``__metadata__["fisherfunc"]`` is one JSON document: format and version, fisherfunc and
 torch versions, the UTC time, the parameter names and shapes, a SHA-256 seal of the header and of
-every tensor's bytes (:mod:`~fisherfunc._state.container`), and per task the keys, the rules (readable and reconstructible), Fisher kind, decay,
-step, tokens, samples, skipped batches, storage dtype and bias correction ``1 − β^t`` (divide a
-stored tensor by it for the estimate, e.g. when reading the file with another tool).
+every tensor's bytes (:mod:`~fisherfunc._state.container`), and per task the keys, the rules
+(readable and reconstructible), Fisher kind, decay, step, tokens, samples, skipped batches,
+storage dtype and bias correction ``1 − β^t`` (divide a stored tensor by it for the estimate, e.g.
+when reading the file with another tool).
 
 **Safety.** A save writes a temporary file next to the target, flushes it to disk (``fsync``) and
 renames it over the target (``os.replace``, atomic on POSIX and Windows): a crash leaves either the

@@ -173,7 +173,7 @@ def make_fisher_step(
     decay: float = 0.99,
     chunk_size: int | None = None,
     path: Path = "auto",
-    kind: FisherKind | str = Empirical(),
+    kind: FisherKind | str = "empirical",
     nonfinite: NonFinitePolicy = "raise",
 ) -> FisherStep:
     """Bind configuration into a pure ``fisher_step(params, batch, state) -> state``.
@@ -214,4 +214,6 @@ def make_fisher_step(
     check_options(chunk_size=chunk_size, path=path, nonfinite=nonfinite)
     kind = as_kind(kind)
     label_sets(loss, kind)  # a kind the loss cannot compute is refused now, not at the first step
-    return FisherStep(loss=loss, spec=spec, decay=decay, chunk_size=chunk_size, path=path, kind=kind, nonfinite=nonfinite)
+    return FisherStep(
+        loss=loss, spec=spec, decay=decay, chunk_size=chunk_size, path=path, kind=kind, nonfinite=nonfinite
+    )

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .._engine import loop
 from .._engine.batches import Batch
-from .._engine.kinds import Empirical, FisherKind, as_kind, label_sets
+from .._engine.kinds import FisherKind, as_kind, label_sets
 from .._engine.nonfinite import NonFiniteError, NonFinitePolicy
 from .._engine.numerics import prepare, scope
 from .._estimate import check_options, precheck
@@ -100,7 +100,7 @@ def ekfac(
     approx: Approx = "expand",
     layers: Sequence[str] | None = None,
     chunk_size: int | None = None,
-    kind: FisherKind | str = Empirical(),
+    kind: FisherKind | str = "empirical",
     nonfinite: NonFinitePolicy = "raise",
 ) -> EKFAC:
     """EK-FAC over one batch or an iterable of batches.

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .._engine import loop
 from .._engine.batches import Batch, BatchError, as_tree, batch_size, first_sample, iter_batches
-from .._engine.kinds import Empirical, FisherKind, LabelSets, as_kind, label_sets
+from .._engine.kinds import FisherKind, LabelSets, as_kind, label_sets
 from .._engine.nonfinite import NonFiniteError, NonFinitePolicy
 from .._engine.numerics import Prepared, prepare, scope
 from .._estimate import check_options, precheck
@@ -202,7 +202,8 @@ class _Plan:
 
     @classmethod
     def discover(cls, loss: Any, params: Any, first: Batch, patterns: Sequence[str] | None) -> _Plan:
-        """Prepare ``params`` and find the covered layers on the first batch's first sample."""
+        """Prepare ``params`` and find the covered layers on the first batch's first sample (checked first)."""
+        precheck(loss, first)
         prepared = prepare(params)
         layers = discover_layers(loss, prepared, first_sample(first), patterns)
         return cls(loss, prepared, layers, LayerShapes(loss, prepared, layers, first=first))
@@ -254,7 +255,7 @@ def kfac(
     approx: Approx = "expand",
     layers: Sequence[str] | None = None,
     chunk_size: int | None = None,
-    kind: FisherKind | str = Empirical(),
+    kind: FisherKind | str = "empirical",
     nonfinite: NonFinitePolicy = "raise",
 ) -> KFAC:
     """K-FAC factors of one batch or an iterable of batches (exact sums, then normalised).
@@ -427,7 +428,7 @@ def make_kfac_step(
     approx: Approx = "expand",
     layers: Sequence[str] | None = None,
     chunk_size: int | None = None,
-    kind: FisherKind | str = Empirical(),
+    kind: FisherKind | str = "empirical",
     nonfinite: NonFinitePolicy = "raise",
 ) -> KFACStep:
     """Bind a loss, decay and convention into a pure ``kfac_step(params, batch, state) -> state``.

@@ -112,9 +112,7 @@ def _select(names: Sequence[str], patterns: Sequence[str] | None) -> list[int]:
     return sorted(set(chosen))
 
 
-def discover_layers(
-    loss: Any, params: Prepared, sample: Any, patterns: Sequence[str] | None
-) -> tuple[Layer, ...]:
+def discover_layers(loss: Any, params: Prepared, sample: Any, patterns: Sequence[str] | None) -> tuple[Layer, ...]:
     """Find the covered layers by one forward of one sample (no gradients).
 
     Args:
