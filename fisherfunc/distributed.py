@@ -16,7 +16,7 @@ if every process succeeded — the group sums as one flat buffer in the compute 
 on the params' device, so any backend works: ``nccl`` with CUDA params, ``gloo`` with CPU params.
 
 A process that fails never leaves the others waiting: failures are caught locally and exchanged
-in the first collective, then every process raises — a :class:`~fisherfunc.nonfinite.NonFiniteError`
+in the first collective, then every process raises — a :class:`~fisherfunc.NonFiniteError`
 on every process when one shard had NaN/Inf values (its own process names parameters and
 samples; sample indices are within that shard), a :class:`DistributedError` for any other
 failure. With ``nonfinite="skip"`` a batch that is non-finite on any process is skipped by all,
@@ -220,7 +220,7 @@ class DataParallelStep:
             DistributedError: on the other processes, when one process fails (it raises its own error).
         """
         _check_ready(self.group)
-        rank = dist.get_rank(self.group)  # kind="mc" with a seed: each process draws its own labels
+        rank = dist.get_rank(self.group)  # MC with a seed: each process draws its own labels
         acc, failure = _attempt(lambda: self.fisher_step.batch_sums(params, shard, state, stream=rank))
         skip = self.fisher_step.nonfinite == "skip"
         total = _reduce(acc, failure, device=_device(params), group=self.group, skip_nonfinite=skip)

@@ -47,7 +47,7 @@ def store(
 ) -> FisherState:
     """The same state stored in ``dtype`` on ``device`` (a new state; ``state`` is untouched).
 
-    Converting to a lower precision rounds once (see :mod:`fisherfunc.codec`); converting back up
+    Converting to a lower precision rounds once (see :mod:`~fisherfunc._state.codec`); converting back up
     is exact, so ``store(store(s, dtype=bfloat16), dtype=float32)`` equals ``s`` rounded to bfloat16.
 
     Args:

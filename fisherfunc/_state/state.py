@@ -83,7 +83,7 @@ def init_state(
         spec: group rules (prefix tree or callable), resolved and validated here.
         decay: EMA decay ``β`` in ``[0, 1)``.
         dtype: storage dtype of the EMA: float32 (default; float64 for float64 params), float64,
-            bfloat16 or float16 (kept with a per-value exponent, see :mod:`fisherfunc.codec`).
+            bfloat16 or float16 (kept with a per-value exponent, see :mod:`~fisherfunc._state.codec`).
         device: where the EMA is stored (default: each parameter's device), e.g. ``"cpu"`` while
             the params are on a GPU; every step computes on the params' device and stores back.
         kind: the Fisher kind the steps will compute (a kind value or its name); the state records its name.

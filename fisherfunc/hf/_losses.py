@@ -3,7 +3,7 @@
 Batches are dicts of ``[B, T]`` tensors with ``transformers``' names (``dict(tokenizer(...))`` plus
 ``labels``). Each builder returns a :class:`~fisherfunc.losses.ModelLoss` whose ``prepare`` step
 turns one sample's 2-D ``attention_mask`` into the 4-D mask the model would have built
-(:mod:`fisherfunc.hf.masks`) and adds ``position_ids`` counted over the real tokens, so that
+(:mod:`~fisherfunc.hf._masks`) and adds ``position_ids`` counted over the real tokens, so that
 
     L_b is the same whatever the padding side (left, right, none),
 

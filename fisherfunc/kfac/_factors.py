@@ -25,7 +25,7 @@ position's ``d`` is zero either way. ``G`` carries the Fisher's token normalisat
 
 Merging estimates of disjoint data is exact: ``A`` by positions, ``G`` by tokens
 (:func:`merge`). The EMA state folds per-batch ``A_t``, ``G_t`` as the group-Fisher state does
-(:mod:`fisherfunc.state`): ``m_t = β m_{t−1} + (1 − β) X_t``, read as ``m_t / (1 − β^t)``.
+(:mod:`~fisherfunc._state.ema`): ``m_t = β m_{t−1} + (1 − β) X_t``, read as ``m_t / (1 − β^t)``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class KFAC(NamedTuple):
     """K-FAC factors of the covered layers: ``F_layer ≈ G ⊗ A`` (see the module docstring).
 
     Attributes:
-        layers: the covered layers (:class:`~fisherfunc.kfac.layers.Layer`), in forward order.
+        layers: the covered layers (:class:`~fisherfunc.kfac.Layer`), in forward order.
         A: ``{layer name: [in(+1), in(+1)]}`` input factors (last row/column: the bias's 1).
         G: ``{layer name: [out, out]}`` output-gradient factors, token-normalised.
         positions: ``{layer name: N}``, the positions ``A`` averages over.

@@ -10,9 +10,12 @@ fraction), the sampling in ``_selection``.
 >>> params = {name: p.detach() for name, p in model.named_parameters()}
 >>> batch = (torch.randn(16, 6), torch.randint(0, 4, (16,)))
 >>> F = ff.fisher(ff.losses.classification(model), params, batch, kind="exact")
->>> plan = ff.perturb.plan(F, ff.Channel(0), params, concentration=0.5, energy=1e-2,
-...                        generator=torch.Generator().manual_seed(0))
+>>> g = torch.Generator().manual_seed(0)
+>>> plan = ff.perturb.plan(F, ff.Channel(0), params, concentration=0.5, energy=1e-2, generator=g)
 >>> new_params, record = ff.perturb.perturb(params, plan, generator=torch.Generator().manual_seed(1))
+>>> delta = {name: new_params[name] - params[name] for name in params}
+>>> round(sum(float(d.square().sum()) for d in delta.values()), 6)   # ‖δ‖² = E
+0.01
 >>> ff.perturb.risk(plan).stressed_fraction <= 1.0
 True
 """

@@ -31,19 +31,7 @@ the first-order term vanishes) in the units of ``L̄``. Use ``kind="exact"`` (or
 true Fisher is the expected Hessian of the negative log-likelihood (for classification, the
 expected KL: ``KL(p_θ ‖ p_{θ+δ}) ≈ ½ δᵀ F δ``); the empirical Fisher is not.
 
->>> import torch, fisherfunc as ff
->>> model = torch.nn.Linear(6, 4)
->>> params = {name: p.detach() for name, p in model.named_parameters()}
->>> batch = (torch.randn(16, 6), torch.randint(0, 4, (16,)))
->>> F = ff.fisher(ff.losses.classification(model), params, batch, kind="exact")
->>> g = torch.Generator().manual_seed(0)
->>> plan = ff.perturb.plan(F, ff.Channel(0), params, concentration=0.5, energy=1e-2, generator=g)
->>> new_params, record = ff.perturb.perturb(params, plan, generator=torch.Generator().manual_seed(1))
->>> delta = {name: new_params[name] - params[name] for name in params}
->>> round(sum(float(d.square().sum()) for d in delta.values()), 6)   # ‖δ‖² = E
-0.01
->>> ff.perturb.risk(plan).stressed_fraction <= 1.0
-True
+A worked example is in :mod:`fisherfunc.perturb`'s documentation.
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def specs(params: Any, *, skip: bool = True, broadcast: bool = True) -> st.Searc
     Full trees have the params' structure, each leaf drawn from :func:`rules` of its shape; with
     ``skip=True`` some leaves are ``Skip()``, but never all of them. In nested params, some
     subtrees may be replaced by one rule valid for all of their leaves (a prefix spec, broadcast
-    by :func:`fisherfunc.spec.resolve_spec`). Non-floating leaves are always ``Skip()`` (they
+    when the spec is resolved). Non-floating leaves are always ``Skip()`` (they
     cannot be differentiated).
 
     Args:
