@@ -19,18 +19,21 @@ import dataclasses
 import importlib
 import inspect
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import optree
 import pytest
 import torch
-import torch.nn.functional as F
 import torch.utils._pytree as torch_pytree
 from torch import Tensor, nn
 
 import fisherfunc as ff
+from fisherfunc.testing import cases
+from fisherfunc.testing.cases import Case
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 def _all_modules() -> list[str]:
     import pkgutil
 
@@ -42,70 +45,25 @@ ALL_MODULES = _all_modules()
 # --- cases ----------------------------------------------------------------------------------------
 
 
-class Case(NamedTuple):
-    model: nn.Module
-    loss: Any
-    params: Any
-    batch: Any
-    spec: Any
-
-
-class TokenNet(nn.Module):
-    def __init__(self, vocab: int = 11, dim: int = 6) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, dim)
-        self.norm = nn.LayerNorm(dim)
-        self.proj = nn.Linear(dim, dim)
-        self.head = nn.Linear(dim, vocab)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        h = self.norm(self.emb(ids))
-        return self.head(h + torch.tanh(self.proj(h)))
-
-
 def mlp_case(dtype: torch.dtype = torch.float32, device: str = "cpu", train: bool = True) -> Case:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3)).to(device=device, dtype=dtype)
-    model.train(train)
-    spec = ff.infer_spec(
-        model,
-        overrides={"0.weight": ff.Heads(2), "0.bias": ff.Skip(), "2.weight": ff.Whole(), "3.bias": ff.Elementwise()},
-    )
-    batch = (torch.randn(6, 5, device=device, dtype=dtype), torch.randint(0, 3, (6,), device=device))
-    return Case(model, ff.losses.classification(model), dict(model.named_parameters()), batch, spec)
+    """Linear → Tanh → LayerNorm → Linear, with a spec mixing Heads, Skip, Whole and Elementwise."""
+    case = cases.case("mlp", batch=6, features=5, hidden=8, norm=True, spec="mixed", dtype=dtype, device=device)
+    case.model.train(train)
+    return case
 
 
 def token_case(dtype: torch.dtype = torch.float32, device: str = "cpu", train: bool = True) -> Case:
-    torch.manual_seed(0)
-    model = TokenNet().to(device=device, dtype=dtype)
-    model.train(train)
-    spec = ff.infer_spec(model, overrides={"emb.weight": ff.Buckets(4), "proj.bias": ff.Skip()})
-    mask = torch.ones(4, 7, device=device)
-    mask[1, 5:] = 0
-    batch = {"ids": torch.randint(0, 11, (4, 7), device=device), "mask": mask}
-    return Case(
-        model, ff.losses.causal_lm(model, inputs="ids", mask="mask"), dict(model.named_parameters()), batch, spec
+    """A residual token LM with padding, Buckets(4) on the embedding and a skipped bias."""
+    case = cases.case(
+        "causal_lm", batch=4, seq_len=7, vocab=11, dim=6, hidden=6, spec="mixed", dtype=dtype, device=device
     )
+    case.model.train(train)
+    return case
 
 
 def nested_case() -> Case:
     """Params as a nested pytree (dict of dict and tuple), with a plain-callable loss."""
-    torch.manual_seed(0)
-    params = {
-        "enc": {"w": torch.randn(6, 4), "b": torch.randn(6)},
-        "head": (torch.randn(3, 6), torch.randn(3)),
-        "scale": torch.tensor(1.5),
-    }
-
-    def loss(p: Any, sample: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
-        x, y = sample
-        h = torch.tanh(p["enc"]["w"] @ x + p["enc"]["b"]) * p["scale"]
-        z = p["head"][0] @ h + p["head"][1]
-        return F.cross_entropy(z[None], y[None], reduction="sum"), 1
-
-    spec = {"enc": ff.Channel(), "head": (ff.Elementwise(), ff.Skip()), "scale": ff.Whole()}
-    batch = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
-    return Case(nn.Module(), loss, params, batch, spec)
+    return cases.case("nested_params", dtype=torch.float32)
 
 
 CASES = {"mlp": mlp_case, "tokens": token_case}
@@ -624,7 +582,7 @@ def test_keyed_state_is_its_estimate() -> None:
     assert all(torch.equal(keyed[k], direct[k]) for k in keyed)
     _assert_identical(ff.from_keyed(keyed, task="t", like=case.params), ff.estimate(state))
     assert {k.split("|")[2] for k in keyed} == {"bucket", "channel"}
-    assert not any("proj.bias" in k for k in keyed)  # Skip() has no key
+    assert not any("up.bias" in k for k in keyed)  # Skip() has no key
 
 
 def test_single_rule_spec_keys() -> None:
@@ -705,11 +663,10 @@ def test_fisher_step_takes_a_dataloader_batch() -> None:
     # DataLoader's default collate yields one batch as a list [x, y]; a step takes it as one batch.
     from torch.utils.data import DataLoader, TensorDataset
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    data = TensorDataset(torch.randn(10, 4), torch.randint(0, 3, (10,)))
-    fisher_step = ff.make_fisher_step(ff.losses.classification(model), decay=0.0)
+    case = cases.case("mlp", batch=10, dtype=torch.float32)
+    params = {k: v.detach() for k, v in case.params.items()}
+    data = TensorDataset(*case.batch)
+    fisher_step = ff.make_fisher_step(case.loss, decay=0.0)
     (listed,) = list(DataLoader(data, batch_size=10))
     assert isinstance(listed, list)
     from_list = fisher_step(params, listed, fisher_step.init(params))
@@ -717,7 +674,7 @@ def test_fisher_step_takes_a_dataloader_batch() -> None:
     assert from_list.samples == 10
     for name in params:
         assert torch.equal(from_list.ema[name], from_tuple.ema[name])
-    loader_fisher = ff.fisher(ff.losses.classification(model), params, DataLoader(data, batch_size=4))
+    loader_fisher = ff.fisher(case.loss, params, DataLoader(data, batch_size=4))
     assert all(torch.allclose(loader_fisher[k], from_tuple.ema[k], rtol=1e-6) for k in params)
 
 
@@ -725,11 +682,10 @@ def test_a_mapping_that_is_not_a_dict_is_a_batch() -> None:
     # Hugging Face's BatchEncoding is a UserDict: a Mapping that optree does not walk into.
     from collections import UserDict
 
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    loss = ff.losses.classification(model, inputs="x", targets="y")
-    plain = {"x": torch.randn(6, 4), "y": torch.randint(0, 3, (6,))}
+    case = cases.case("mlp", hidden=(), batch=6, dtype=torch.float32)  # a single Linear(4, 3)
+    params = {k: v.detach() for k, v in case.params.items()}
+    loss = ff.losses.classification(case.model, inputs="x", targets="y")
+    plain = {"x": case.batch[0], "y": case.batch[1]}
     wrapped = UserDict(plain)
     expected = ff.fisher(loss, params, plain)
     assert all(torch.equal(ff.fisher(loss, params, wrapped)[k], expected[k]) for k in params)

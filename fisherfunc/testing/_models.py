@@ -320,14 +320,14 @@ class AttentionClassifier(nn.Module):
         self, dim: int, heads: int, classes: int, *, layers: int, block: str, dropout: float, batch_first: bool
     ) -> None:
         super().__init__()
-        if block == "mha":
-            make = lambda: nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=batch_first)  # noqa: E731
-        elif block == "encoder":
-            make = lambda: nn.TransformerEncoderLayer(  # noqa: E731
-                dim, heads, 2 * dim, dropout=dropout, batch_first=batch_first
-            )
-        else:
+        if block not in ("mha", "encoder"):
             raise ValueError(f"block must be 'mha' or 'encoder', got {block!r}")
+
+        def make() -> nn.Module:
+            if block == "mha":
+                return nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=batch_first)
+            return nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=dropout, batch_first=batch_first)
+
         self.layers = nn.ModuleList(make() for _ in range(layers))
         self.head = nn.Linear(dim, classes)
         self.block, self.batch_first = block, batch_first
@@ -377,7 +377,15 @@ class PerSampleAttention(nn.Module):
     """
 
     def __init__(
-        self, dim: int, heads: int, classes: int, *, batch_first: bool, need_weights: bool, inputs: str, kdim: int | None
+        self,
+        dim: int,
+        heads: int,
+        classes: int,
+        *,
+        batch_first: bool,
+        need_weights: bool,
+        inputs: str,
+        kdim: int | None,
     ) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first, kdim=kdim, vdim=kdim)

@@ -91,8 +91,9 @@ class Case:
         first = optree.tree_leaves(self.params)
         dtype = next((t.dtype for t in first if isinstance(t, Tensor) and t.is_floating_point()), torch.float64)
         device = next((t.device for t in first if isinstance(t, Tensor)), torch.device("cpu"))
-        options = {"seed": self.seed, "dtype": dtype, "device": device} | {**self.sizes, **changes}
-        return case(self.name, **options)
+        sizes = {**self.sizes, **changes}
+        seed, dtype, device = sizes.pop("seed", self.seed), sizes.pop("dtype", dtype), sizes.pop("device", device)
+        return case(self.name, seed=seed, dtype=dtype, device=device, **sizes)
 
     def __repr__(self) -> str:
         def shapes(tree: Any) -> str:

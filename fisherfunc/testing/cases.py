@@ -1,249 +1,152 @@
-"""Tiny model families with a matching per-sample loss and batch, built from plain integers.
+"""One seeded registry of test cases: a model, its per-sample loss, params, batches and a spec, by name.
 
-Pure torch, no hypothesis: :mod:`fisherfunc.testing.strategies` draws the integers (sizes and a
-seed) and calls :func:`build_case`. Every family is small enough that one Fisher pass over a batch
-of a few samples takes milliseconds on a CPU.
+>>> from fisherfunc.testing import cases
+>>> c = cases.case("mlp", seed=3, hidden=8)
+>>> c.model
+Sequential(
+  (0): Linear(in_features=4, out_features=8, bias=True)
+  (1): Tanh()
+  (2): Linear(in_features=8, out_features=3, bias=True)
+)
+>>> c.batch[0].shape, c.batch[0].dtype, c.spec["0.weight"]
+(torch.Size([8, 4]), torch.float64, Channel(axis=0, groups=1))
+>>> "mlp" in cases.names("classification") and cases.case("mlp", seed=3, hidden=8).batch[0].equal(c.batch[0])
+True
 
-| family                  | model                                                  | loss                     |
-|-------------------------|--------------------------------------------------------|--------------------------|
-| ``mlp``                 | Linear → Tanh → Linear                                 | ``classification``       |
-| ``cnn1d``               | grouped Conv1d → Tanh → Flatten → Linear               | ``classification``       |
-| ``cnn2d``               | grouped Conv2d → GroupNorm → Tanh → mean pool → Linear | ``classification``       |
-| ``conv_transpose``      | grouped ConvTranspose1d/2d → Tanh → Flatten → Linear   | ``classification``       |
-| ``token_classification``| Embedding → LayerNorm → Linear, right-padded batch     | ``token_classification`` |
-| ``causal_lm``           | Embedding → LayerNorm → Linear (optionally tied)       | ``causal_lm`` with mask  |
-| ``transformer``         | Embedding → TransformerEncoderLayer → Linear           | ``causal_lm`` with mask  |
-| ``regression``          | Linear → Tanh → Linear                                 | ``regression``           |
+:func:`case` builds an entry under ``torch.random.fork_rng`` from ``torch.manual_seed(seed)``
+(the caller's RNG state is untouched; the same arguments give the same case), in float32, then
+casts to ``dtype`` (default float64) and moves to ``device``; the model comes back in eval mode.
+Every model of fisherfunc's own classes counts its forward calls in ``model.calls``. Sizes are
+keyword arguments, each with a default; ``batch`` (and ``seq_len`` where there is one) may be a
+tuple, one entry per batch, giving ``Case.batches``. :func:`names` selects entries by tag for
+``pytest.mark.parametrize``; :func:`register` adds an entry. The tags used here: ``hypothesis``
+(drawn by :func:`fisherfunc.testing.strategies.model_cases`), ``classification``, ``regression``,
+``token``, ``causal``, ``mlp``, ``conv``, ``embedding``, ``attention``, ``transformer``, ``norm``
+(has norm layers), ``callable`` (the loss is a plain callable), ``special`` (hand-built for one
+property) and ``hf`` (needs ``transformers``, imported only when the case is built).
+
+Batches: ``(x, y)`` tuples for classification and regression (``x [B, ...]`` from ``N(0, 1)``,
+``y [B]`` class indices or ``[B, outputs]``); right-padded token dicts ``{"input_ids", "labels",
+"attention_mask"}`` ``[B, T]`` for token models. The spec is ``fisherfunc.infer_spec(model)``
+unless the table says otherwise (``spec="mixed"`` where offered).
+
+Models and losses (every loss a ``fisherfunc.losses`` builder unless it says otherwise):
+
+Models and losses (every loss a ``fisherfunc.losses`` builder unless it says otherwise):
+
+| name                       | model                                              | loss                          |
+|----------------------------|----------------------------------------------------|-------------------------------|
+| mlp                        | Linear → act [→ LayerNorm] [→ Dropout] … → Linear  | classification (or per token) |
+| regression                 | the mlp network with a Gaussian output             | regression(variance)          |
+| cnn1d                      | grouped Conv1d → Tanh → Flatten → Linear           | classification                |
+| cnn2d                      | grouped Conv2d → GroupNorm → Tanh → mean → Linear  | classification                |
+| conv_transpose             | grouped ConvTranspose1d/2d → Tanh → Linear         | classification                |
+| token_classification       | Embedding [→ LayerNorm] [→ residual MLP] → Linear  | token_classification          |
+| causal_lm                  | the same, optionally tied or causal-mean           | causal_lm [, labels]          |
+| transformer                | Embedding → TransformerEncoderLayer(s) → Linear    | causal_lm                     |
+| conv_stack                 | Conv2d plain/grouped/depthwise → Conv1d same       | classification                |
+| deconv_stack               | ConvTranspose1d/2d/3d, groups 1, 2, 3, depthwise   | classification                |
+| embedding_bag              | EmbeddingBag mean and sum → Linear                 | classification                |
+| norms                      | InstanceNorm, BatchNorm2d/1d, GroupNorm, RMSNorm   | classification                |
+| sequence_classifier        | Embedding → Linear → MHA [→ LayerNorm] → Linear    | classification                |
+| self_attention             | MultiheadAttention, fused [, bias_kv]              | regression(variance)          |
+| cross_attention            | MultiheadAttention with kdim/vdim and bias_kv      | regression of q, k, v         |
+| attention_classifier       | MHA blocks or TransformerEncoderLayers → Linear    | classification                |
+| encoder_decoder            | TransformerEncoderLayer → DecoderLayer → Linear    | classification                |
+| per_sample_attention       | MHA on one sample (self / kv / qkv inputs)         | plain callable                |
+| conv_tagger                | Conv1d (k 3) → Tanh → Conv1d (1×1)                 | token_classification          |
+| causal_attention           | causal single-head attention → Linear              | token_classification          |
+| conv_patches               | Conv (stride or dilation 2) → Tanh → Conv → Linear | classification                |
+| reused_weight              | one Linear used twice (or in a matmul) → Linear    | classification                |
+| conv1d_linear              | one GPT-2 Conv1D (addmm, weight [in, out])         | classification                |
+| index_net                  | Linear and an int64 parameter order                | classification                |
+| functional_dropout         | SDPA and F.dropout(training=True)                  | classification                |
+| nested_params              | none: a nested params tree                         | plain callable                |
+| linear_scores              | none: L_b = a·x_b + b·z_b                          | plain callable                |
+| scaled_gradients           | none: gradients ~1e-15 and ~1e15                   | plain callable                |
+| hf_causal_lm               | tiny GPT-2 / Llama / Mistral / Qwen2               | hf.causal_lm                  |
+| hf_masked_lm               | tiny BERT                                          | hf.masked_lm                  |
+| hf_sequence_classification | tiny BERT / GPT-2 / Llama                          | hf.sequence_classification    |
+
+Batches, specs and tags (``inferred*``: or ``spec='mixed'``; tags ending in … have more, see
+:func:`entry`):
+
+| name                       | batch                          | spec          | tags                                   |
+|----------------------------|--------------------------------|---------------|----------------------------------------|
+| mlp                        | (x [B, f], y [B]) or per token | inferred*     | hypothesis, classification, mlp        |
+| regression                 | (x [B, f], y [B, outputs])     | inferred      | hypothesis, regression, mlp            |
+| cnn1d                      | (x [B, C, L], y [B])           | inferred      | hypothesis, classification, conv       |
+| cnn2d                      | (x [B, C, L, L], y [B])        | inferred      | hypothesis, classification, conv, norm |
+| conv_transpose             | (x [B, C, L(, L)], y [B])      | inferred      | hypothesis, classification, conv       |
+| token_classification       | padded tokens                  | inferred*     | hypothesis, token, embedding, norm     |
+| causal_lm                  | padded tokens, ≥ 2 real each   | inferred*     | hypothesis, token, causal, …           |
+| transformer                | padded tokens, ≥ 2 real each   | inferred      | hypothesis, token, causal, …           |
+| conv_stack                 | (x [B, 3, 7, 7], y [B])        | inferred      | classification, conv                   |
+| deconv_stack               | (x [B, 6, 3, 3, 3], y [B])     | inferred      | classification, conv                   |
+| embedding_bag              | (ids [B, bag], y [B])          | inferred      | classification, embedding              |
+| norms                      | (x [B, 3, 6, 6], y [B])        | inferred      | classification, conv, norm             |
+| sequence_classifier        | (ids [B, T], y [B])            | inferred      | classification, embedding, attention   |
+| self_attention             | (x [B, T, E], y [B, T, E])     | inferred      | regression, attention                  |
+| cross_attention            | {q, k, v, y}                   | inferred      | regression, attention                  |
+| attention_classifier       | (x [B, T, E], y [B])           | inferred      | classification, attention, …           |
+| encoder_decoder            | (x [B, T, E], y [B])           | inferred      | classification, attention, …           |
+| per_sample_attention       | (x [B, T, E], mask [B, T], y)  | inferred      | classification, attention, callable    |
+| conv_tagger                | (x [B, 3, T], labels, mask)    | inferred      | token, conv                            |
+| causal_attention           | (x [B, T, d], y [B, T])        | inferred      | token, attention                       |
+| conv_patches               | (x [B, 2, 6, 6], y) or 1-D     | inferred      | classification, conv                   |
+| reused_weight              | (x [B, d], y [B])              | inferred      | classification                         |
+| conv1d_linear              | (x [B, f], y [B])              | Channel 1/0   | classification                         |
+| index_net                  | (x [B, d], y [B])              | order: Skip   | classification, special                |
+| functional_dropout         | (x [B, T, E], y [B])           | inferred      | classification, attention, special     |
+| nested_params              | (x [B, f], y [B])              | prefix rules  | classification, callable, special      |
+| linear_scores              | (x [B, 3], z [B, 2])           | Elementwise() | callable, special                      |
+| scaled_gradients           | (x [B, 3], z [B, 2])           | per parameter | callable, special                      |
+| hf_causal_lm               | {input_ids, attention_mask}    | inferred      | hf, token, causal, attention, …        |
+| hf_masked_lm               | + MLM labels [B, T]            | inferred      | hf, token, attention, transformer      |
+| hf_sequence_classification | + labels [B]                   | inferred      | hf, classification, attention, …       |
+
+Each builder's docstring gives its sizes and defaults (``cases.entry(name).defaults``). The
+hypothesis families (:data:`FAMILIES`) are rebuilt from the integers a strategy draws with
+:func:`build_case`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
-from .. import losses
-from ..losses import ModelLoss
+from ._batches import padded_token_batch
+from ._builders import MODEL_CASES
+from ._hf import HF_CASES
+from ._registry import Built, Case, Entry, case, entry, names, register
+from ._special import SPECIAL_CASES
 
-__all__ = ["FAMILIES", "Case", "build_case", "padded_token_batch"]
+__all__ = [
+    "FAMILIES",
+    "Built",
+    "Case",
+    "Entry",
+    "build_case",
+    "case",
+    "entry",
+    "names",
+    "padded_token_batch",
+    "register",
+]
 
-FAMILIES = (
-    "mlp",
-    "cnn1d",
-    "cnn2d",
-    "conv_transpose",
-    "token_classification",
-    "causal_lm",
-    "transformer",
-    "regression",
-)
+#: The entries :func:`fisherfunc.testing.strategies.model_cases` draws from (tag ``hypothesis``).
+FAMILIES: tuple[str, ...] = tuple(names("hypothesis"))
 
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Case:
-    """A model with a matching per-sample loss, its params and one batch.
-
-    Attributes:
-        model: the module (float64 unless asked otherwise).
-        loss: a :class:`~fisherfunc.losses.ModelLoss` for ``model`` and ``batch``.
-        params: ``dict(model.named_parameters())`` (tied parameters once).
-        batch: one batch, leading dimension ``B``.
-        family: the family name (one of :data:`FAMILIES`).
-        seed: the seed the weights and data were drawn from.
-        sizes: the family's sizes; ``build_case(family, seed, sizes, dtype)`` rebuilds the case.
-    """
-
-    model: nn.Module
-    loss: ModelLoss
-    params: dict[str, Tensor]
-    batch: Any
-    family: str
-    seed: int
-    sizes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-    def __repr__(self) -> str:
-        def shapes(tree: Any) -> str:
-            if isinstance(tree, Tensor):
-                return "x".join(map(str, tree.shape)) or "scalar"
-            if isinstance(tree, Mapping):
-                return "{" + ", ".join(f"{k}: {shapes(v)}" for k, v in tree.items()) + "}"
-            return "(" + ", ".join(shapes(v) for v in tree) + ")"
-
-        return (
-            f"Case(family={self.family!r}, seed={self.seed}, sizes={dict(self.sizes)!r}, "
-            f"batch={shapes(self.batch)}, params={len(self.params)})"
-        )
-
-
-class _TokenModel(nn.Module):
-    """Embedding → LayerNorm → Linear head; optionally the head's weight is the embedding's."""
-
-    def __init__(self, vocab: int, dim: int, classes: int, *, tied: bool, padding_idx: int | None) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim, padding_idx=padding_idx)
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes, bias=not tied)
-        if tied:
-            self.head.weight = self.embed.weight
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        return self.head(self.norm(self.embed(input_ids)))
-
-
-class _TinyTransformer(nn.Module):
-    """Embedding → one ``nn.TransformerEncoderLayer`` (key padding from the mask) → Linear."""
-
-    def __init__(self, vocab: int, dim: int, heads: int, *, norm_first: bool) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.layer = nn.TransformerEncoderLayer(
-            dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True, norm_first=norm_first
-        )
-        self.head = nn.Linear(dim, vocab)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.head(self.layer(self.embed(input_ids), src_key_padding_mask=attention_mask == 0))
-
-
-class _MeanPool(nn.Module):
-    """Mean over every axis after the channel axis: ``[N, C, *spatial] -> [N, C]``."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.flatten(2).mean(-1)
-
-
-def padded_token_batch(
-    lengths: list[int], seq_len: int, vocab: int, *, pad_id: int = 0, ignore_index: int = -100
-) -> dict[str, Tensor]:
-    """Make a right-padded token batch from the global RNG: ``input_ids``, ``labels``, ``attention_mask``.
-
-    Sample ``b`` has ``lengths[b]`` real tokens (ids in ``[1, vocab)``) followed by ``pad_id``;
-    ``attention_mask`` is 1 on real tokens; ``labels`` are random classes in ``[0, vocab)`` on real
-    tokens and ``ignore_index`` on padding. All three are ``[B, seq_len]`` int64.
-    """
-    size = len(lengths)
-    real = torch.arange(seq_len).expand(size, seq_len) < torch.tensor(lengths).unsqueeze(1)
-    ids = torch.randint(1, vocab, (size, seq_len))
-    labels = torch.randint(0, vocab, (size, seq_len))
-    return {
-        "input_ids": torch.where(real, ids, torch.full_like(ids, pad_id)),
-        "labels": torch.where(real, labels, torch.full_like(labels, ignore_index)),
-        "attention_mask": real.long(),
-    }
+assert set(MODEL_CASES + SPECIAL_CASES + HF_CASES) == set(names()), "every entry is listed by its module"
 
 
 def build_case(family: str, seed: int, sizes: Mapping[str, Any], dtype: torch.dtype = torch.float64) -> Case:
-    """Build one case of ``family`` deterministically from ``seed`` and ``sizes``.
+    """Build one case of ``family`` deterministically from ``seed`` and ``sizes``: :func:`case` by another name.
 
-    The global RNG is seeded inside :func:`torch.random.fork_rng`, so the caller's RNG state is
-    left as it was. ``sizes`` holds the family's integers (see the strategies for their ranges).
+    ``sizes`` may hold sizes the family does not take (the strategies draw one set for several
+    families); they are ignored.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model, loss, batch = _BUILDERS[family](dict(sizes))
-        model = model.to(dtype)
-        batch = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.items()}
-    params = dict(model.named_parameters())
-    return Case(model=model, loss=loss, params=params, batch=batch, family=family, seed=seed, sizes=dict(sizes))
-
-
-def _labels(size: int, classes: int) -> Tensor:
-    return torch.randint(0, classes, (size,))
-
-
-def _mlp(s: dict[str, Any]) -> tuple[nn.Module, ModelLoss, dict[str, Tensor]]:
-    model = nn.Sequential(nn.Linear(s["features"], s["hidden"]), nn.Tanh(), nn.Linear(s["hidden"], s["classes"]))
-    batch = {"x": torch.randn(s["batch"], s["features"]), "y": _labels(s["batch"], s["classes"])}
-    return model, losses.classification(model, inputs="x", targets="y"), batch
-
-
-def _cnn1d(s: dict[str, Any]) -> tuple[nn.Module, ModelLoss, dict[str, Tensor]]:
-    g, length, k = s["groups"], s["length"], s["kernel"]
-    c_in, c_out = g * s["in_per_group"], g * s["out_per_group"]
-    model = nn.Sequential(
-        nn.Conv1d(c_in, c_out, k, groups=g, padding=k // 2),
-        nn.Tanh(),
-        nn.Flatten(),
-        nn.Linear(c_out * (length + 2 * (k // 2) - k + 1), s["classes"]),
-    )
-    batch = {"x": torch.randn(s["batch"], c_in, length), "y": _labels(s["batch"], s["classes"])}
-    return model, losses.classification(model, inputs="x", targets="y"), batch
-
-
-def _cnn2d(s: dict[str, Any]) -> tuple[nn.Module, ModelLoss, dict[str, Tensor]]:
-    g = s["groups"]
-    c_in, c_out = g * s["in_per_group"], g * s["out_per_group"]
-    model = nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, groups=g, padding=1),
-        nn.GroupNorm(g, c_out),
-        nn.Tanh(),
-        _MeanPool(),
-        nn.Linear(c_out, s["classes"]),
-    )
-    batch = {"x": torch.randn(s["batch"], c_in, s["length"], s["length"]), "y": _labels(s["batch"], s["classes"])}
-    return model, losses.classification(model, inputs="x", targets="y"), batch
-
-
-def _conv_transpose(s: dict[str, Any]) -> tuple[nn.Module, ModelLoss, dict[str, Tensor]]:
-    g, k, stride, length = s["groups"], s["kernel"], s["stride"], s["length"]
-    c_in, c_out = g * s["in_per_group"], g * s["out_per_group"]
-    out_len = (length - 1) * stride + k
-    if s["two_d"]:
-        conv: nn.Module = nn.ConvTranspose2d(c_in, c_out, k, stride=stride, groups=g)
-        x, flat = torch.randn(s["batch"], c_in, length, length), c_out * out_len * out_len
-    else:
-        conv = nn.ConvTranspose1d(c_in, c_out, k, stride=stride, groups=g)
-        x, flat = torch.randn(s["batch"], c_in, length), c_out * out_len
-    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(flat, s["classes"]))
-    batch = {"x": x, "y": _labels(s["batch"], s["classes"])}
-    return model, losses.classification(model, inputs="x", targets="y"), batch
-
-
-def _token_classification(s: dict[str, Any]) -> tuple[nn.Module, ModelLoss, dict[str, Tensor]]:
-    padding_idx = 0 if s["padding_idx"] else None
-    model = _TokenModel(s["vocab"], s["dim"], s["classes"], tied=False, padding_idx=padding_idx)
-    batch = padded_token_batch(s["lengths"], s["seq_len"], s["vocab"])
-    batch["labels"] = torch.where(batch["attention_mask"] == 1, batch["labels"] % s["classes"], batch["labels"])
-    loss = losses.token_classification(model, inputs="input_ids", targets="labels", mask="attention_mask")
-    return model, loss, batch
-
-
-def _causal_lm(s: dict[str, Any]) -> tuple[nn.Module, ModelLoss, dict[str, Tensor]]:
-    padding_idx = 0 if s["padding_idx"] else None
-    model = _TokenModel(s["vocab"], s["dim"], s["vocab"], tied=s["tied"], padding_idx=padding_idx)
-    batch = padded_token_batch(s["lengths"], s["seq_len"], s["vocab"])
-    return model, losses.causal_lm(model, inputs="input_ids", mask="attention_mask"), batch
-
-
-def _transformer(s: dict[str, Any]) -> tuple[nn.Module, ModelLoss, dict[str, Tensor]]:
-    heads = s["heads"]
-    model = _TinyTransformer(s["vocab"], heads * s["head_dim"], heads, norm_first=s["norm_first"])
-    batch = padded_token_batch(s["lengths"], s["seq_len"], s["vocab"])
-    loss = losses.causal_lm(
-        model,
-        inputs={"input_ids": "input_ids", "attention_mask": "attention_mask"},
-        labels="input_ids",
-        mask="attention_mask",
-    )
-    return model, loss, batch
-
-
-def _regression(s: dict[str, Any]) -> tuple[nn.Module, ModelLoss, dict[str, Tensor]]:
-    model = nn.Sequential(nn.Linear(s["features"], s["hidden"]), nn.Tanh(), nn.Linear(s["hidden"], s["outputs"]))
-    batch = {"x": torch.randn(s["batch"], s["features"]), "y": torch.randn(s["batch"], s["outputs"])}
-    return model, losses.regression(model, inputs="x", targets="y", variance=s["variance"]), batch
-
-
-_BUILDERS = {
-    "mlp": _mlp,
-    "cnn1d": _cnn1d,
-    "cnn2d": _cnn2d,
-    "conv_transpose": _conv_transpose,
-    "token_classification": _token_classification,
-    "causal_lm": _causal_lm,
-    "transformer": _transformer,
-    "regression": _regression,
-}
+    known = entry(family).defaults
+    return case(family, seed=seed, dtype=dtype, **{k: v for k, v in sizes.items() if k in known})
