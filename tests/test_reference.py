@@ -43,6 +43,7 @@ from reference import (
 from torch import nn
 
 import fisherfunc as ff
+from fisherfunc.testing import cases
 
 F64_TOL = 1e-10
 F32_TOL = 1e-5
@@ -54,406 +55,39 @@ F32_TOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
-# --- models ---------------------------------------------------------------------------------------
-
-
-class MLP(nn.Module):
-    """A small classifier / regressor: Linear → Tanh → Linear → GELU → Linear."""
-
-    def __init__(self, d_in: int = 6, hidden: int = 10, d_out: int = 5) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, d_out)
-        )
+# --- cases: registry models, each with the reference's own per-sample loss ------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
+def _classify(m: nn.Module, s: tuple) -> tuple[torch.Tensor, float]:
+    return cross_entropy_sum(m(s[0]), s[1])
 
-class ConvNet(nn.Module):
-    """Conv2d (plain, grouped, depthwise) into Conv1d (plain, grouped, depthwise)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.c2 = nn.Conv2d(6, 6, 3, groups=3)
-        self.c3 = nn.Conv2d(6, 6, 3, groups=6, padding=1)  # depthwise
-        self.d1 = nn.Conv1d(6, 8, 3)
-        self.d2 = nn.Conv1d(8, 8, 3, groups=4)
-        self.d3 = nn.Conv1d(8, 8, 3, groups=8, padding=1)  # depthwise
-        self.fc = nn.Linear(8, 4)
+def _tokens(m: nn.Module, s: dict) -> tuple[torch.Tensor, float]:
+    return token_cross_entropy(m(s["input_ids"]), s["labels"], s["attention_mask"])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 3, 7, 7]
-        h = torch.tanh(self.c3(torch.tanh(self.c2(torch.tanh(self.c1(x))))))  # [B, 6, 5, 5]
-        h = h.flatten(2)  # [B, 6, 25]
-        h = torch.tanh(self.d3(torch.tanh(self.d2(torch.tanh(self.d1(h))))))  # [B, 8, 21]
-        return self.fc(h.mean(-1))
 
+def _tokens_ignore(m: nn.Module, s: dict) -> tuple[torch.Tensor, float]:
+    return token_cross_entropy(m(s["input_ids"]), s["labels"], None, ignore_index=-1)
 
-class DeconvNet(nn.Module):
-    """ConvTranspose1d/2d/3d, with groups 1, 2, 3 and depthwise (groups = in_channels)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.t1 = nn.ConvTranspose1d(6, 4, 3, groups=2, stride=2)  # weight [6, 2, 3]
-        self.t2a = nn.ConvTranspose2d(6, 6, 2)  # weight [6, 6, 2, 2]
-        self.t2b = nn.ConvTranspose2d(6, 9, 3, groups=3, stride=2)  # weight [6, 3, 3, 3]
-        self.t3 = nn.ConvTranspose3d(6, 6, 2, groups=6)  # weight [6, 1, 2, 2, 2]
-        self.fc = nn.Linear(4 + 9 + 6, 5)
+def _causal_labels(m: nn.Module, s: dict) -> tuple[torch.Tensor, float]:
+    return causal_cross_entropy(m(s["input_ids"]), s["labels"], s["attention_mask"])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 6, 3, 3, 3]
-        a = torch.tanh(self.t1(x.flatten(2))).mean(-1)
-        b = torch.tanh(self.t2b(torch.tanh(self.t2a(x[..., 0])))).mean((-2, -1))
-        c = torch.tanh(self.t3(x)).mean((-3, -2, -1))
-        return self.fc(torch.cat([a, b, c], -1))
 
+def _causal_ids(m: nn.Module, s: dict) -> tuple[torch.Tensor, float]:
+    return causal_cross_entropy(m(s["input_ids"]), s["input_ids"], s["attention_mask"])
 
-class TokenMLP(nn.Module):
-    """Per-token model: Embedding (padding_idx 0) → LayerNorm → Linear → GELU → Linear."""
 
-    def __init__(self, vocab: int = 13, dim: int = 8) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
-        self.norm = nn.LayerNorm(dim)
-        self.up = nn.Linear(dim, 2 * dim)
-        self.down = nn.Linear(2 * dim, vocab)
+def _encoder(m: nn.Module, s: dict) -> tuple[torch.Tensor, float]:
+    return causal_cross_entropy(m(s["input_ids"], s["attention_mask"]), s["input_ids"], s["attention_mask"])
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(self.norm(self.emb(ids)))))
 
+def _gaussian(variance: float) -> SampleLoss:
+    return lambda m, s: gaussian_nll_sum(m(s[0]), s[1], variance)
 
-class TinyEncoder(nn.Module):
-    """Embedding → two ``nn.TransformerEncoderLayer`` (post- and pre-LN) → Linear, key padding mask."""
-
-    def __init__(self, vocab: int = 11, dim: int = 8, heads: int = 2) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, dim)
-        self.layers = nn.ModuleList(
-            [
-                nn.TransformerEncoderLayer(dim, heads, 16, dropout=0.0, batch_first=True),
-                nn.TransformerEncoderLayer(
-                    dim, heads, 12, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
-                ),
-            ]
-        )
-        self.head = nn.Linear(dim, vocab)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h, pad = self.emb(ids), mask == 0
-        for layer in self.layers:
-            h = layer(h, src_key_padding_mask=pad)
-        return self.head(h)
-
-
-class SelfAttention(nn.Module):
-    """``nn.MultiheadAttention`` with a fused in-projection, used directly."""
-
-    def __init__(self, dim: int = 8, heads: int = 2, bias_kv: bool = False, need_weights: bool = True) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True, add_bias_kv=bias_kv)
-        self.need_weights = need_weights
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attn(x, x, x, need_weights=self.need_weights)[0]
-
-
-class CrossAttention(nn.Module):
-    """``nn.MultiheadAttention`` with separate q/k/v projections (``kdim``, ``vdim``) and ``bias_k/v``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=5, batch_first=True, add_bias_kv=True)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.attn(q, k, v, need_weights=False)[0]
-
-
-class Bags(nn.Module):
-    """Two ``nn.EmbeddingBag`` (mean and sum) over fixed-length bags, then a classifier."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.mean = nn.EmbeddingBag(12, 6, mode="mean")
-        self.sum = nn.EmbeddingBag(12, 6, mode="sum")
-        self.head = nn.Linear(12, 3)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.cat([self.mean(ids), self.sum(ids)], -1))
-
-
-class NormNet(nn.Module):
-    """BatchNorm2d/1d (eval), GroupNorm, InstanceNorm2d (affine) and RMSNorm between layers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inorm = nn.InstanceNorm2d(3, affine=True)
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn2 = nn.BatchNorm2d(4)
-        self.gn = nn.GroupNorm(2, 4)
-        self.fc = nn.Linear(4 * 4 * 4, 6)
-        self.bn1 = nn.BatchNorm1d(6)
-        self.rms = nn.RMSNorm(6)
-        self.out = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 3, 6, 6]
-        h = self.gn(torch.relu(self.bn2(self.conv(self.inorm(x)))))  # [B, 4, 4, 4]
-        return self.out(self.rms(self.bn1(self.fc(h.flatten(1)))))
-
-
-class RuleNet(nn.Module):
-    """A sequence classifier with an Embedding, Linears and an attention layer: a target for every rule."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(12, 6)
-        self.lin = nn.Linear(6, 12)
-        self.attn = nn.MultiheadAttention(12, 2, batch_first=True)
-        self.head = nn.Linear(12, 4)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.lin(self.emb(ids)))
-        h = h + self.attn(h, h, h, need_weights=False)[0]
-        return self.head(h).mean(1)
-
-
-def randomise_norms(model: nn.Module, gen: torch.Generator) -> nn.Module:
-    """Give norm layers non-trivial affine parameters and running statistics (in place), eval mode."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(
-                m, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.InstanceNorm2d, nn.BatchNorm1d, nn.BatchNorm2d)
-            ):
-                if getattr(m, "weight", None) is not None:
-                    m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
-                if getattr(m, "bias", None) is not None:
-                    m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=gen))
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
-    return model.eval()
-
-
-# --- cases ----------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Case:
-    """A model with its library loss, the matching reference loss, and a few batches.
-
-    Attributes:
-        model: the module (eval mode).
-        make_loss: builds the library's per-sample loss for a model.
-        ref_loss: the reference per-sample loss ``(model, one_sample_batch) -> (loss_sum, n)``.
-        batches: a list of batches (different sizes, different padding).
-        spec: the spec given to both (``None``: inferred).
-    """
-
-    model: nn.Module
-    make_loss: Callable[[nn.Module], ff.losses.ModelLoss]
-    ref_loss: SampleLoss
-    batches: list[Any]
-    spec: Any = None
-
-    def to(self, dtype: torch.dtype) -> Case:
-        """A copy with the model and the floating batch entries in ``dtype``."""
-        return dataclasses.replace(
-            self, model=copy.deepcopy(self.model).to(dtype), batches=[cast_batch(b, dtype) for b in self.batches]
-        )
-
-    @property
-    def loss(self) -> ff.losses.ModelLoss:
-        return self.make_loss(self.model)
-
-    @property
-    def params(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.model.named_parameters()}
-
-
-def padded_tokens(
-    gen: torch.Generator, batch: int, length: int, vocab: int, ignore_index: int = -100, ignore_frac: float = 0.2
-) -> dict[str, torch.Tensor]:
-    """Token ids right-padded to ``length`` (pad id 0, mask 0), labels with some ``ignore_index``."""
-    lengths = torch.randint(2, length + 1, (batch,), generator=gen)
-    lengths[0] = length
-    mask = (torch.arange(length) < lengths[:, None]).long()
-    ids = torch.randint(1, vocab, (batch, length), generator=gen) * mask
-    labels = torch.randint(0, vocab, (batch, length), generator=gen)
-    labels = labels.masked_fill(torch.rand(batch, length, generator=gen) < ignore_frac, ignore_index)
-    return {"ids": ids, "labels": labels, "mask": mask}
-
-
-def _classify(x_shape: tuple[int, ...], classes: int, gen: torch.Generator, sizes=(5, 3)) -> list[tuple]:
-    return [(torch.randn(b, *x_shape, generator=gen), torch.randint(0, classes, (b,), generator=gen)) for b in sizes]
-
-
-def mlp_case() -> Case:
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(100)
-    return Case(
-        MLP().eval(),
-        lambda m: ff.losses.classification(m),
-        lambda m, s: cross_entropy_sum(m(s[0]), s[1]),
-        _classify((6,), 5, gen),
-    )
-
-
-def cnn_case() -> Case:
-    torch.manual_seed(1)
-    gen = torch.Generator().manual_seed(101)
-    return Case(
-        ConvNet().eval(),
-        lambda m: ff.losses.classification(m),
-        lambda m, s: cross_entropy_sum(m(s[0]), s[1]),
-        _classify((3, 7, 7), 4, gen, sizes=(4, 3)),
-    )
-
-
-def deconv_case() -> Case:
-    torch.manual_seed(2)
-    gen = torch.Generator().manual_seed(102)
-    return Case(
-        DeconvNet().eval(),
-        lambda m: ff.losses.classification(m),
-        lambda m, s: cross_entropy_sum(m(s[0]), s[1]),
-        _classify((6, 3, 3, 3), 5, gen, sizes=(4, 3)),
-    )
-
-
-def token_case() -> Case:
-    torch.manual_seed(3)
-    gen = torch.Generator().manual_seed(103)
-    return Case(
-        TokenMLP().eval(),
-        lambda m: ff.losses.token_classification(m, inputs="ids", targets="labels", mask="mask"),
-        lambda m, s: token_cross_entropy(m(s["ids"]), s["labels"], s["mask"]),
-        [padded_tokens(gen, 5, 7, 13), padded_tokens(gen, 4, 6, 13)],
-    )
-
-
-def token_ignore_case() -> Case:
-    """A non-default ``ignore_index`` and no padding mask."""
-    torch.manual_seed(4)
-    gen = torch.Generator().manual_seed(104)
-    batches = [padded_tokens(gen, 4, 6, 13, ignore_index=-1, ignore_frac=0.4) for _ in range(2)]
-    return Case(
-        TokenMLP().eval(),
-        lambda m: ff.losses.token_classification(m, inputs="ids", targets="labels", ignore_index=-1),
-        lambda m, s: token_cross_entropy(m(s["ids"]), s["labels"], None, ignore_index=-1),
-        batches,
-    )
-
-
-def causal_case() -> Case:
-    """Causal LM with labels (holding ``ignore_index``) and a padding mask."""
-    torch.manual_seed(5)
-    gen = torch.Generator().manual_seed(105)
-    return Case(
-        TokenMLP().eval(),
-        lambda m: ff.losses.causal_lm(m, inputs="ids", labels="labels", mask="mask"),
-        lambda m, s: causal_cross_entropy(m(s["ids"]), s["labels"], s["mask"]),
-        [padded_tokens(gen, 5, 7, 13), padded_tokens(gen, 3, 5, 13)],
-    )
-
-
-def causal_ids_case() -> Case:
-    """Causal LM whose targets are the input ids themselves, with a padding mask."""
-    torch.manual_seed(6)
-    gen = torch.Generator().manual_seed(106)
-    return Case(
-        TokenMLP().eval(),
-        lambda m: ff.losses.causal_lm(m, inputs="ids", mask="mask"),
-        lambda m, s: causal_cross_entropy(m(s["ids"]), s["ids"], s["mask"]),
-        [padded_tokens(gen, 4, 7, 13), padded_tokens(gen, 4, 5, 13)],
-    )
-
-
-def transformer_case() -> Case:
-    torch.manual_seed(7)
-    gen = torch.Generator().manual_seed(107)
-    model = randomise_norms(TinyEncoder(), gen)
-    return Case(
-        model,
-        lambda m: ff.losses.token_classification(m, inputs=("ids", "mask"), targets="labels", mask="mask"),
-        lambda m, s: token_cross_entropy(m(s["ids"], s["mask"]), s["labels"], s["mask"]),
-        [padded_tokens(gen, 4, 6, 11), padded_tokens(gen, 3, 5, 11)],
-    )
-
-
-def _attention_regression(model: nn.Module, gen: torch.Generator, variance: float) -> Case:
-    batches = [(torch.randn(b, 5, 8, generator=gen), torch.randn(b, 5, 8, generator=gen)) for b in (4, 3)]
-    return Case(
-        model.eval(),
-        lambda m: ff.losses.regression(m, variance=variance),
-        lambda m, s: gaussian_nll_sum(m(s[0]), s[1], variance),
-        batches,
-    )
-
-
-def mha_fused_case() -> Case:
-    torch.manual_seed(8)
-    return _attention_regression(SelfAttention(), torch.Generator().manual_seed(108), variance=0.7)
-
-
-def mha_bias_kv_case() -> Case:
-    torch.manual_seed(9)
-    return _attention_regression(
-        SelfAttention(heads=4, bias_kv=True, need_weights=False), torch.Generator().manual_seed(109), variance=1.3
-    )
-
-
-def mha_kdim_vdim_case() -> Case:
-    torch.manual_seed(10)
-    gen = torch.Generator().manual_seed(110)
-    batches = [
-        {
-            "q": torch.randn(b, 4, 8, generator=gen),
-            "k": torch.randn(b, 6, 6, generator=gen),
-            "v": torch.randn(b, 6, 5, generator=gen),
-            "y": torch.randn(b, 4, 8, generator=gen),
-        }
-        for b in (4, 3)
-    ]
-    return Case(
-        CrossAttention().eval(),
-        lambda m: ff.losses.regression(m, inputs=("q", "k", "v"), targets="y", variance=0.5),
-        lambda m, s: gaussian_nll_sum(m(s["q"], s["k"], s["v"]), s["y"], 0.5),
-        batches,
-    )
-
-
-def embedding_bag_case() -> Case:
-    torch.manual_seed(11)
-    gen = torch.Generator().manual_seed(111)
-    batches = [(torch.randint(0, 12, (b, 4), generator=gen), torch.randint(0, 3, (b,), generator=gen)) for b in (5, 3)]
-    return Case(
-        Bags().eval(),
-        lambda m: ff.losses.classification(m),
-        lambda m, s: cross_entropy_sum(m(s[0]), s[1]),
-        batches,
-    )
-
-
-def norms_case() -> Case:
-    torch.manual_seed(12)
-    gen = torch.Generator().manual_seed(112)
-    return Case(
-        randomise_norms(NormNet(), gen),
-        lambda m: ff.losses.classification(m),
-        lambda m, s: cross_entropy_sum(m(s[0]), s[1]),
-        _classify((3, 6, 6), 3, gen, sizes=(4, 3)),
-    )
-
-
-def regression_case() -> Case:
-    torch.manual_seed(13)
-    gen = torch.Generator().manual_seed(113)
-    batches = [(torch.randn(b, 5, generator=gen), torch.randn(b, 3, generator=gen)) for b in (5, 4)]
-    return Case(
-        MLP(5, 8, 3).eval(),
-        lambda m: ff.losses.regression(m, variance=0.5),
-        lambda m, s: gaussian_nll_sum(m(s[0]), s[1], 0.5),
-        batches,
-    )
+def _cross(m: nn.Module, s: dict) -> tuple[torch.Tensor, float]:
+    return gaussian_nll_sum(m(s["q"], s["k"], s["v"]), s["y"], 0.5)
 
 
 def _log_cosh_library(pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -462,52 +96,115 @@ def _log_cosh_library(pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     return (d + F.softplus(-2.0 * d) - math.log(2.0)).sum(), y.numel()
 
 
-def custom_case() -> Case:
-    torch.manual_seed(14)
-    gen = torch.Generator().manual_seed(114)
-    batches = [(torch.randn(b, 5, generator=gen), 2 * torch.randn(b, 3, generator=gen)) for b in (5, 4)]
-
-    def ref(m: nn.Module, s: tuple) -> tuple[torch.Tensor, float]:
-        return torch.log(torch.cosh(m(s[0]) - s[1])).sum(), float(s[1][0].numel())
-
-    return Case(MLP(5, 8, 3).eval(), lambda m: ff.losses.custom(m, _log_cosh_library), ref, batches)
+def _log_cosh(m: nn.Module, s: tuple) -> tuple[torch.Tensor, float]:
+    return torch.log(torch.cosh(m(s[0]) - s[1])).sum(), float(s[1][0].numel())
 
 
-def rule_case(spec: Any = None) -> Case:
-    torch.manual_seed(15)
-    gen = torch.Generator().manual_seed(115)
-    batches = [(torch.randint(0, 12, (b, 5), generator=gen), torch.randint(0, 4, (b,), generator=gen)) for b in (4, 3)]
-    return Case(
-        RuleNet().eval(),
-        lambda m: ff.losses.classification(m),
-        lambda m, s: cross_entropy_sum(m(s[0]), s[1]),
-        batches,
-        spec,
-    )
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A registry case (entry, seed, sizes) with the matching reference loss.
+
+    Attributes:
+        entry: the registry entry (``fisherfunc.testing.cases``).
+        sizes: its sizes; a tuple ``batch`` gives several batches (different sizes and padding).
+        ref_loss: the reference per-sample loss ``(model, one_sample_batch) -> (loss_sum, n)``.
+        seed: the case's seed.
+        make_loss: builds the library's loss for the model, instead of the entry's own.
+    """
+
+    entry: str
+    sizes: dict[str, Any]
+    ref_loss: SampleLoss
+    seed: int = 0
+    make_loss: Callable[[nn.Module], Any] | None = None
+
+    def build(self, dtype: torch.dtype = torch.float32, spec: Any = None, **sizes: Any) -> Case:
+        case = cases.case(self.entry, seed=self.seed, dtype=dtype, **(self.sizes | sizes))
+        loss = case.loss if self.make_loss is None else self.make_loss(case.model)
+        return Case(case.model, loss, self.ref_loss, list(case.batches), spec)
 
 
-FAMILIES: dict[str, Callable[[], Case]] = {
-    "mlp": mlp_case,
-    "cnn": cnn_case,
-    "conv_transpose": deconv_case,
-    "tokens_masked": token_case,
-    "tokens_ignore_index": token_ignore_case,
-    "causal_lm_labels": causal_case,
-    "causal_lm_ids": causal_ids_case,
-    "transformer_encoder": transformer_case,
-    "mha_fused": mha_fused_case,
-    "mha_fused_bias_kv": mha_bias_kv_case,
-    "mha_kdim_vdim_bias_kv": mha_kdim_vdim_case,
-    "embedding_bag": embedding_bag_case,
-    "norms": norms_case,
-    "regression": regression_case,
-    "custom": custom_case,
+@dataclasses.dataclass
+class Case:
+    """A model with its library loss, the matching reference loss, and a few batches.
+
+    Attributes:
+        model: the module (eval mode).
+        loss: the library's per-sample loss of ``model``.
+        ref_loss: the reference per-sample loss ``(model, one_sample_batch) -> (loss_sum, n)``.
+        batches: a list of batches (different sizes, different padding).
+        spec: the spec given to both (``None``: inferred).
+    """
+
+    model: nn.Module
+    loss: Any
+    ref_loss: SampleLoss
+    batches: list[Any]
+    spec: Any = None
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.model.named_parameters()}
+
+
+TOKENS = {"vocab": 13, "dim": 8, "hidden": 16, "padding_idx": True}  # Embedding → LayerNorm → residual MLP → head
+MLP = {"features": 6, "hidden": (10, 10), "activation": ("tanh", "gelu")}
+REGRESSION = {"features": 5, "hidden": (8, 8), "activation": ("tanh", "gelu"), "outputs": 3, "batch": (5, 4)}
+
+FAMILIES: dict[str, Family] = {
+    "mlp": Family("mlp", MLP | {"classes": 5, "batch": (5, 3)}, _classify, seed=0),
+    "cnn": Family("conv_stack", {"batch": (4, 3)}, _classify, seed=1),
+    "conv_transpose": Family("deconv_stack", {"batch": (4, 3)}, _classify, seed=2),
+    "tokens_masked": Family(
+        "token_classification",
+        TOKENS | {"classes": 13, "batch": (5, 4), "seq_len": (7, 6), "ignore_frac": 0.2},
+        _tokens,
+        3,
+    ),
+    # a non-default ignore_index and no padding mask
+    "tokens_ignore_index": Family(
+        "token_classification",
+        TOKENS | {"classes": 13, "batch": (4, 4), "seq_len": 6, "mask": False, "ignore_index": -1, "ignore_frac": 0.4},
+        _tokens_ignore,
+        4,
+    ),
+    # causal LM with labels (holding ignore_index) and a padding mask
+    "causal_lm_labels": Family(
+        "causal_lm",
+        TOKENS | {"labels": True, "ignore_frac": 0.2, "batch": (5, 3), "seq_len": (7, 5)},
+        _causal_labels,
+        5,
+    ),
+    # causal LM whose targets are the input ids themselves, with a padding mask
+    "causal_lm_ids": Family("causal_lm", TOKENS | {"batch": (4, 4), "seq_len": (7, 5)}, _causal_ids, 6),
+    # post-LN and pre-LN encoder layers, key padding mask, random norm affine parameters
+    "transformer_encoder": Family(
+        "transformer",
+        {"vocab": 11, "heads": 2, "head_dim": 4, "norm_first": (False, True), "batch": (4, 3), "seq_len": (6, 5)},
+        _encoder,
+        7,
+    ),
+    "mha_fused": Family("self_attention", {"variance": 0.7, "batch": (4, 3)}, _gaussian(0.7), 8),
+    "mha_fused_bias_kv": Family(
+        "self_attention",
+        {"heads": 4, "bias_kv": True, "need_weights": False, "variance": 1.3, "batch": (4, 3)},
+        _gaussian(1.3),
+        9,
+    ),
+    "mha_kdim_vdim_bias_kv": Family("cross_attention", {"batch": (4, 3)}, _cross, 10),
+    "embedding_bag": Family("embedding_bag", {"batch": (5, 3)}, _classify, 11),
+    "norms": Family("norms", {"batch": (4, 3)}, _classify, 12),
+    "regression": Family("regression", REGRESSION | {"variance": 0.5}, _gaussian(0.5), 13),
+    "custom": Family("regression", REGRESSION, _log_cosh, 14, lambda m: ff.losses.custom(m, _log_cosh_library)),
 }
+
+#: A sequence classifier with an Embedding, Linears and an attention layer: a target for every rule.
+RULES = Family("sequence_classifier", {"batch": (4, 3)}, _classify, 15)
 
 
 @pytest.fixture(params=list(FAMILIES), ids=list(FAMILIES))
-def family(request: pytest.FixtureRequest) -> Case:
-    return FAMILIES[request.param]()
+def family(request: pytest.FixtureRequest) -> Family:
+    return FAMILIES[request.param]
 
 
 @pytest.fixture(params=["auto", "direct"])
@@ -546,18 +243,19 @@ def test_reference_reducer_hand_values() -> None:
 # --- every family, float64 and float32 ------------------------------------------------------------
 
 
-def test_family_float64(family: Case, path: str) -> None:
-    case = family.to(torch.float64)
+def test_family_float64(family: Family, path: str) -> None:
+    case = family.build(torch.float64)
     got = ff.fisher(case.loss, case.params, case.batches, spec=case.spec, path=path)
     ref = reference_fisher(case.model, case.batches, case.ref_loss, case.spec)
     assert all(v.dtype == torch.float64 for v in got.values() if v is not None)
     assert_groups_close(got, ref, F64_TOL)
 
 
-def test_family_float32(family: Case, path: str) -> None:
-    got = ff.fisher(family.loss, family.params, family.batches, spec=family.spec, path=path)
+def test_family_float32(family: Family, path: str) -> None:
+    case = family.build(torch.float32)
+    got = ff.fisher(case.loss, case.params, case.batches, spec=case.spec, path=path)
     ref = reference_fisher(
-        to_float64(family.model), [cast_batch(b, torch.float64) for b in family.batches], family.ref_loss, family.spec
+        to_float64(case.model), [cast_batch(b, torch.float64) for b in case.batches], case.ref_loss, case.spec
     )
     assert all(v.dtype == torch.float32 for v in got.values() if v is not None)
     assert_groups_close(got, ref, F32_TOL)
@@ -597,9 +295,9 @@ RULE_CASES: list[tuple[str, ff.Rule]] = [
 
 @pytest.mark.parametrize(("name", "rule"), RULE_CASES, ids=[f"{n}-{r!r}" for n, r in RULE_CASES])
 def test_rule_matches_reference(name: str, rule: ff.Rule, path: str) -> None:
-    base = rule_case()
+    base = RULES.build(torch.float64)
     spec = {**full_spec(base.model), name: rule}
-    case = dataclasses.replace(base, spec=spec).to(torch.float64)
+    case = dataclasses.replace(base, spec=spec)
     got = ff.fisher(case.loss, case.params, case.batches, spec=spec, path=path)
     ref = reference_fisher(case.model, case.batches, case.ref_loss, spec)
     if isinstance(rule, ff.Skip):
@@ -611,7 +309,7 @@ def test_rule_matches_reference(name: str, rule: ff.Rule, path: str) -> None:
 
 @pytest.mark.parametrize("rule", [ff.Elementwise(), ff.Whole(), ff.Channel(0)], ids=repr)
 def test_single_rule_spec_broadcasts(rule: ff.Rule, path: str) -> None:
-    case = rule_case().to(torch.float64)
+    case = RULES.build(torch.float64)
     got = ff.fisher(case.loss, case.params, case.batches, spec=rule, path=path)
     assert_groups_close(got, reference_fisher(case.model, case.batches, case.ref_loss, rule), F64_TOL)
 
@@ -622,9 +320,9 @@ def test_conv_transpose_group_layout() -> None:
     Perturbing weight entry ``[g·in/G + i, j]`` of a grouped ConvTranspose2d changes only output
     channel ``g·(out/G) + j``: the layout the reference reducer assumes is the layer's own.
     """
-    torch.manual_seed(16)
-    layer = nn.ConvTranspose2d(6, 9, 3, groups=3).double()
-    x = torch.randn(1, 6, 4, 4, dtype=torch.float64)
+    layer = cases.case("deconv_stack", seed=16).model.t2b  # ConvTranspose2d(6, 9, 3, groups=3, stride=2)
+    assert (layer.in_channels, layer.out_channels, layer.groups) == (6, 9, 3)
+    x = torch.randn(1, 6, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(16))
     base = layer(x).detach()
     in_per, out_per = 6 // 3, 9 // 3
     for g in range(3):
@@ -728,18 +426,18 @@ def test_skip_is_not_differentiated(api: str, path: str) -> None:
 # --- per-sample Fisher ----------------------------------------------------------------------------
 
 PER_SAMPLE_CASES = {
-    "tokens_masked": (token_case, lambda b: count_tokens(b["labels"], b["mask"])),
-    "causal_lm_labels": (causal_case, lambda b: count_tokens(b["labels"], b["mask"], shift=True)),
-    "tokens_ignore_index": (token_ignore_case, lambda b: count_tokens(b["labels"], None, ignore_index=-1)),
-    "mlp": (mlp_case, lambda b: [1] * b[0].shape[0]),
+    "tokens_masked": lambda b: count_tokens(b["labels"], b["attention_mask"]),
+    "causal_lm_labels": lambda b: count_tokens(b["labels"], b["attention_mask"], shift=True),
+    "tokens_ignore_index": lambda b: count_tokens(b["labels"], None, ignore_index=-1),
+    "mlp": lambda b: [1] * b[0].shape[0],
 }
 
 
 @pytest.mark.parametrize("chunk_size", [None, 2])
 @pytest.mark.parametrize("which", list(PER_SAMPLE_CASES))
 def test_per_sample_fisher(which: str, chunk_size: int | None, path: str) -> None:
-    make, hand_count = PER_SAMPLE_CASES[which]
-    case = make().to(torch.float64)
+    hand_count = PER_SAMPLE_CASES[which]
+    case = FAMILIES[which].build(torch.float64)
     batch = case.batches[0]
     per = ff.per_sample_fisher(case.loss, case.params, batch, spec=case.spec, chunk_size=chunk_size, path=path)
     ref_groups, ref_tokens = reference_per_sample(case.model, batch, case.ref_loss, case.spec)
@@ -787,9 +485,9 @@ def _head_sums_from_elementwise(mha: nn.MultiheadAttention, prefix: str, elem: d
     return out
 
 
-@pytest.mark.parametrize("make", [mha_fused_case, mha_bias_kv_case, mha_kdim_vdim_case], ids=lambda f: f.__name__)
-def test_heads_are_sums_of_elementwise(make: Callable[[], Case], path: str) -> None:
-    case = make().to(torch.float64)
+@pytest.mark.parametrize("which", ["mha_fused", "mha_fused_bias_kv", "mha_kdim_vdim_bias_kv"])
+def test_heads_are_sums_of_elementwise(which: str, path: str) -> None:
+    case = FAMILIES[which].build(torch.float64)
     heads = ff.fisher(case.loss, case.params, case.batches, path=path)  # inferred: Heads rules
     elem = ff.fisher(case.loss, case.params, case.batches, spec=ff.Elementwise(), path=path)
     assert_groups_close(elem, reference_fisher(case.model, case.batches, case.ref_loss, ff.Elementwise()), F64_TOL)
@@ -806,18 +504,18 @@ def test_head_blocks_are_the_layers_heads(kind: str) -> None:
     This ties the reference's head layout to what ``nn.MultiheadAttention`` does, not to a reading
     of its source: bumping one head's block changes only that head's attention weights.
     """
-    torch.manual_seed(18)
     E, h = 8, 4
     hd = E // h
     if kind == "fused":
-        mha = nn.MultiheadAttention(E, h, batch_first=True).double()
+        mha = cases.case("self_attention", heads=h, seed=18).model.attn
         k_in, v_in = E, E
-    else:
-        mha = nn.MultiheadAttention(E, h, kdim=6, vdim=5, batch_first=True).double()
+    else:  # separate q/k/v projections (and bias_k, bias_v)
+        mha = cases.case("cross_attention", heads=h, kdim=6, vdim=5, seed=18).model.attn
         k_in, v_in = 6, 5
-    q = torch.randn(1, 5, E, dtype=torch.float64)
-    k = torch.randn(1, 6, k_in, dtype=torch.float64)
-    v = torch.randn(1, 6, v_in, dtype=torch.float64)
+    g = torch.Generator().manual_seed(18)
+    q = torch.randn(1, 5, E, dtype=torch.float64, generator=g)
+    k = torch.randn(1, 6, k_in, dtype=torch.float64, generator=g)
+    v = torch.randn(1, 6, v_in, dtype=torch.float64, generator=g)
 
     def weights(m: nn.MultiheadAttention) -> torch.Tensor:
         return m(q, k, v, need_weights=True, average_attn_weights=False)[1][0]  # [h, T, S]
@@ -846,10 +544,10 @@ UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("make", [mlp_case, token_case, norms_case], ids=lambda f: f.__name__)
-def test_low_precision_params(make: Callable[[], Case], dtype: torch.dtype, path: str) -> None:
-    case32 = make()
-    low = case32.to(dtype)  # weights rounded to dtype; float inputs too
+@pytest.mark.parametrize("which", ["mlp", "tokens_masked", "norms"])
+def test_low_precision_params(which: str, dtype: torch.dtype, path: str) -> None:
+    case32 = FAMILIES[which].build(torch.float32)
+    low = FAMILIES[which].build(dtype)  # the float32 weights rounded to dtype; float inputs too
     got = ff.fisher(low.loss, low.params, low.batches, path=path)
     assert all(v.dtype == torch.float32 for v in got.values())
     assert all(p.dtype == dtype for p in low.model.parameters()), "the model was modified"
@@ -864,15 +562,15 @@ def test_low_precision_params(make: Callable[[], Case], dtype: torch.dtype, path
     assert_groups_close(got, full, 16 * UNIT_ROUNDOFF[dtype], "vs float32 model: ")
 
 
-@pytest.mark.parametrize("make", [mlp_case, transformer_case, cnn_case], ids=lambda f: f.__name__)
-def test_outer_autocast_does_not_change_result(make: Callable[[], Case], path: str) -> None:
-    case = make()
+@pytest.mark.parametrize("which", ["mlp", "transformer_encoder", "cnn"])
+def test_outer_autocast_does_not_change_result(which: str, path: str) -> None:
+    case = FAMILIES[which].build(torch.float32)
     batch = case.batches[0]
     plain = ff.fisher(case.loss, case.params, batch, path=path)
     per_plain = ff.per_sample_fisher(case.loss, case.params, batch, path=path)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         # Sanity: the autocast region really does lower this model's precision...
-        first = batch[0] if isinstance(batch, tuple) else batch["ids"]
+        first = batch[0] if isinstance(batch, tuple) else batch["input_ids"]
         if first.is_floating_point():
             assert case.model(first).dtype == torch.bfloat16
         # ... but not the library's computation.
@@ -888,9 +586,9 @@ def test_outer_autocast_does_not_change_result(make: Callable[[], Case], path: s
 # --- steps and several batches --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [token_case, causal_case, mlp_case], ids=lambda f: f.__name__)
-def test_fisher_step_decay_zero_is_one_shot(make: Callable[[], Case], path: str) -> None:
-    case = make().to(torch.float64)
+@pytest.mark.parametrize("which", ["tokens_masked", "causal_lm_labels", "mlp"])
+def test_fisher_step_decay_zero_is_one_shot(which: str, path: str) -> None:
+    case = FAMILIES[which].build(torch.float64)
     first, second = case.batches[0], case.batches[1]
     fisher_step = ff.make_fisher_step(case.loss, decay=0.0, path=path)
     state0 = fisher_step.init(case.params)
@@ -909,12 +607,12 @@ def test_fisher_step_decay_zero_is_one_shot(make: Callable[[], Case], path: str)
     assert state2.samples == len(tokens1) + len(tokens2)
 
 
-@pytest.mark.parametrize("make", [token_case, causal_case, transformer_case], ids=lambda f: f.__name__)
-def test_fisher_over_batches_is_sum_over_sum(make: Callable[[], Case], path: str) -> None:
-    case = make().to(torch.float64)
-    gen = torch.Generator().manual_seed(200)
-    vocab = case.model.emb.num_embeddings
-    batches = [*case.batches, padded_tokens(gen, 2, 4, vocab)]  # different sizes, lengths, padding
+@pytest.mark.parametrize("which", ["tokens_masked", "causal_lm_labels", "transformer_encoder"])
+def test_fisher_over_batches_is_sum_over_sum(which: str, path: str) -> None:
+    family = FAMILIES[which]
+    more = {"batch": (*family.sizes["batch"], 2), "seq_len": (*family.sizes["seq_len"], 4)}
+    case = family.build(torch.float64, **more)
+    batches = case.batches  # different sizes, lengths, padding
     ref = reference_fisher(case.model, batches, case.ref_loss)
     assert_groups_close(ff.fisher(case.loss, case.params, batches, path=path), ref, F64_TOL, "list: ")
     assert_groups_close(ff.fisher(case.loss, case.params, iter(batches), path=path), ref, F64_TOL, "iterator: ")
