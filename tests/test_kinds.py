@@ -21,8 +21,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import copy
+import dataclasses
 import math
 import re
 from collections.abc import Callable
@@ -37,10 +37,11 @@ from reference import assert_groups_close, full_spec, reduce_groups
 from torch import Tensor, nn
 
 import fisherfunc as ff
-from fisherfunc._engine.kinds import FisherKind, sample_categorical, step_generator
 from fisherfunc._engine.group_sums import find_sites
+from fisherfunc._engine.kinds import FisherKind, sample_categorical, step_generator
 from fisherfunc._engine.numerics import prepare
 from fisherfunc._spec.resolve import resolve_spec
+from fisherfunc.testing import cases
 
 F64_TOL = 1e-10
 F32_TOL = 1e-6
@@ -49,57 +50,7 @@ F32_TOL = 1e-6
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
-# --- models ---------------------------------------------------------------------------------------
-
-
-class MLP(nn.Module):
-    """``x [.., 4] -> [.., out]``: Linear → Tanh → Linear → GELU → Linear; counts forward calls."""
-
-    def __init__(self, d_in: int = 4, hidden: int = 6, out: int = 4) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Sigmoid())
-        self.head = nn.Linear(hidden, out)
-        self.calls = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.calls += 1
-        return self.head(self.net(x))
-
-    def layers(self) -> list[nn.Module]:
-        return [*self.net, self.head]
-
-
-class ConvTagger(nn.Module):
-    """``x [.., 3, T] -> logits [.., C, T]``: Conv1d (kernel 3, mixes positions) → Tanh → Conv1d (1×1)."""
-
-    def __init__(self, classes: int = 3) -> None:
-        super().__init__()
-        self.c1 = nn.Conv1d(3, 5, 3, padding=1)
-        self.c2 = nn.Conv1d(5, classes, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.c2(torch.tanh(self.c1(x)))
-
-    def layers(self) -> list[nn.Module]:
-        return [self.c1, nn.Tanh(), self.c2]
-
-
-class TinyLM(nn.Module):
-    """``ids [.., T] -> logits [.., T, V]``: Embedding → causal running mean → Linear → Tanh → Linear."""
-
-    def __init__(self, vocab: int = 7, dim: int = 5) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, dim)
-        self.up = nn.Linear(dim, 6)
-        self.head = nn.Linear(6, vocab)
-        self.calls = 0
-
-    def forward(self, ids: Tensor) -> Tensor:
-        self.calls += 1
-        h = self.emb(ids)
-        steps = torch.arange(1, ids.shape[-1] + 1, dtype=h.dtype).unsqueeze(-1)
-        h = h.cumsum(-2) / steps  # position t sees positions ≤ t
-        return self.head(torch.tanh(self.up(h)))
+# --- models: from the registry; every one counts its forward calls in ``model.calls`` ---------------
 
 
 def _params(model: nn.Module) -> dict[str, Tensor]:
@@ -110,40 +61,39 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _mlp(dtype: torch.dtype = torch.float64, out: int = 4, batch: int = 6) -> tuple[MLP, tuple[Tensor, Tensor]]:
-    torch.manual_seed(0)
-    model = MLP(out=out).to(dtype)
-    g = _generator(1)
-    x = torch.randn(batch, 4, generator=g, dtype=dtype) * 2
-    return model, (x, torch.randint(0, out, (batch,), generator=g))
+def _mlp(
+    dtype: torch.dtype = torch.float64, out: int = 4, batch: int = 6
+) -> tuple[nn.Sequential, tuple[Tensor, Tensor]]:
+    """``x [B, 4] -> [B, out]``: Linear → Tanh → Linear → Sigmoid → Linear, and ``(x, labels)``."""
+    case = cases.case(
+        "mlp", features=4, hidden=(6, 6), activation=("tanh", "sigmoid"), classes=out, batch=batch, dtype=dtype
+    )
+    return case.model, case.batch
 
 
-def _tagger(dtype: torch.dtype = torch.float64, batch: int = 4, length: int = 5) -> tuple[ConvTagger, tuple]:
-    """Token batch ``(x [B, 3, T], labels [B, T], mask [B, T])`` with padding and ignored labels."""
-    torch.manual_seed(1)
-    model = ConvTagger().to(dtype)
-    g = _generator(2)
-    x = torch.randn(batch, 3, length, generator=g, dtype=dtype)
-    labels = torch.randint(0, 3, (batch, length), generator=g)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    mask[0, -2:] = 0  # right padding
-    mask[2, -1:] = 0
-    labels[1, 1] = -100  # an ignored label inside a sequence
-    return model, (x, labels, mask)
+def _tagger(dtype: torch.dtype = torch.float64, batch: int = 4, length: int = 5) -> tuple[nn.Module, tuple]:
+    """A Conv1d tagger ``x [B, 3, T] -> logits [B, C, T]``; ``(x, labels, mask)``, padding, an ignored label."""
+    case = cases.case("conv_tagger", seed=1, batch=batch, length=length, dtype=dtype)
+    return case.model, case.batch
 
 
 def _tagger_loss(model: nn.Module) -> ff.losses.ModelLoss:
     return ff.losses.token_classification(model, inputs=0, targets=1, mask=2, output=lambda o: o.transpose(1, 2))
 
 
-def _lm(dtype: torch.dtype = torch.float64, batch: int = 4, length: int = 5) -> tuple[TinyLM, tuple[Tensor, Tensor]]:
-    torch.manual_seed(2)
-    model = TinyLM().to(dtype)
-    g = _generator(3)
-    ids = torch.randint(0, 7, (batch, length), generator=g)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    mask[1, -2:] = 0
-    return model, (ids, mask)
+def _lm(dtype: torch.dtype = torch.float64, batch: int = 4, length: int = 5) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+    """``ids [B, T] -> logits [B, T, 7]`` whose position ``t`` sees positions ``≤ t`` (a causal running
+    mean), and ``(ids, mask)`` right-padded (every id, 0 included, occurs as a real token)."""
+    case = cases.case(
+        "causal_lm", seed=2, vocab=7, dim=5, hidden=6, norm=False, causal_mean=True, pad_id=None, batch=batch,
+        seq_len=length, dtype=dtype,
+    )  # fmt: skip
+    return case.model, (case.batch["input_ids"], case.batch["attention_mask"])
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    """The model's layers in order, for BackPACK's ``nn.Sequential``."""
+    return list(model) if isinstance(model, nn.Sequential) else model.layers()
 
 
 # --- the naive float64 reference ------------------------------------------------------------------
@@ -289,7 +239,7 @@ def test_exact_depends_on_labels_only_through_which_positions_count() -> None:
 # --- BackPACK's DiagGGNExact ----------------------------------------------------------------------
 
 
-def _backpack_diag(model: MLP | ConvTagger, x: Tensor, y: Tensor, loss_module: nn.Module) -> dict[str, Tensor]:
+def _backpack_diag(model: nn.Module, x: Tensor, y: Tensor, loss_module: nn.Module) -> dict[str, Tensor]:
     """BackPACK's exact GGN diagonal of ``loss_module(model(x), y)`` (``reduction="sum"``).
 
     BackPACK extends ``nn.Sequential`` of its known layers: a copy of the model's layers (extending
@@ -300,7 +250,7 @@ def _backpack_diag(model: MLP | ConvTagger, x: Tensor, y: Tensor, loss_module: n
     )
     from backpack.extensions import DiagGGNExact
 
-    net = backpack.extend(copy.deepcopy(nn.Sequential(*model.layers())))
+    net = backpack.extend(copy.deepcopy(nn.Sequential(*_layers(model))))
     names = [n for n, _ in model.named_parameters()]
     assert len(names) == len(list(net.parameters()))
     criterion = backpack.extend(loss_module)
@@ -317,7 +267,7 @@ def _groups_of(model: nn.Module, diag: dict[str, Tensor], total: float) -> dict[
 @pytest.mark.parametrize("what", ["classification", "tokens", "regression"])
 def test_exact_matches_backpack_diag_ggn(what: str) -> None:
     model, loss, batch, _ = _exact_case(what, torch.float64)
-    assert isinstance(model, (MLP, ConvTagger))
+    assert isinstance(model, nn.Sequential) or hasattr(model, "layers")
     if what == "tokens":  # BackPACK has no padding mask or ignore_index: a fully labelled batch
         batch = (batch[0], batch[1].clamp_min(0), torch.ones_like(batch[2]))
         criterion: nn.Module = nn.CrossEntropyLoss(reduction="sum")  # logits [B, C, T], labels [B, T]
@@ -474,8 +424,10 @@ def test_paths_agree_for_every_kind(kind: str, what: str) -> None:
         loss = ff.losses.causal_lm(model, inputs=0, labels=2, mask=1)
     params, batch = _params(model), (ids, mask, labels)
     resolved = resolve_spec(ff.infer_spec(model), params)
-    sites = find_sites(loss, prepare(params, differentiated=resolved.active), resolved, optree.tree_map(lambda t: t[0], batch))
-    assert {resolved.names[s.leaf] for s in sites} == {"emb.weight", "up.weight", "head.weight"}
+    sites = find_sites(
+        loss, prepare(params, differentiated=resolved.active), resolved, optree.tree_map(lambda t: t[0], batch)
+    )
+    assert {resolved.names[s.leaf] for s in sites} == {"emb.weight", "up.weight", "down.weight", "head.weight"}
     value = ff.MC(samples=2, seed=1) if kind == "mc" else kind
     auto = ff.per_sample_fisher(loss, params, batch, kind=value, path="auto")
     direct = ff.per_sample_fisher(loss, params, batch, kind=value, path="direct")

@@ -61,14 +61,17 @@ def token_batches(
     ignore_index: int = -100,
     ignore_frac: float = 0.0,
     reserved_ids: int = 0,
+    pad_id: int | None = 0,
 ) -> list[dict[str, Tensor]]:
     """Right-padded token batches ``{"input_ids", "labels", "attention_mask"}``, one per batch size.
 
     Per batch of ``B`` samples and length ``T``: the real lengths are ``lengths`` (one batch only)
     or drawn in ``[min_length, T]`` with the first sample full (``T``); then
     :func:`padded_token_batch` with ids in ``[1, vocab − reserved_ids)`` (the last
-    ``reserved_ids`` ids never occur); labels are taken modulo ``classes`` on real tokens; finally
-    each real label is set to ``ignore_index`` with probability ``ignore_frac``.
+    ``reserved_ids`` ids never occur) — or, with ``pad_id=None``, ids in ``[0, vocab −
+    reserved_ids)`` at every position, padding marked by the mask alone; labels are taken modulo
+    ``classes`` on real tokens; finally each real label is set to ``ignore_index`` with probability
+    ``ignore_frac``.
 
     Args:
         batch: ``B``, or one ``B`` per batch.
@@ -80,6 +83,8 @@ def token_batches(
         ignore_index: the label of padded and ignored positions.
         ignore_frac: the probability that a real token's label is ``ignore_index``.
         reserved_ids: ids at the top of the vocabulary that never occur.
+        pad_id: the id of padded positions (never a real token), or ``None``: every id can be real
+            and padded positions hold random ids too.
 
     Returns:
         One dict per batch, every entry ``[B, T]`` int64.
@@ -98,7 +103,13 @@ def token_batches(
             drawn = torch.randint(min_length, length + 1, (size,))
             drawn[0] = length
             real = drawn.tolist()
-        data = padded_token_batch(real, length, vocab - reserved_ids, ignore_index=ignore_index)
+        if pad_id is None:
+            ids = torch.randint(0, vocab - reserved_ids, (size, length))
+            labels = torch.randint(0, vocab - reserved_ids, (size, length))
+            mask = torch.arange(length).expand(size, length) < torch.tensor(real).unsqueeze(1)
+            data = {"input_ids": ids, "labels": labels.masked_fill(~mask, ignore_index), "attention_mask": mask.long()}
+        else:
+            data = padded_token_batch(real, length, vocab - reserved_ids, pad_id=pad_id, ignore_index=ignore_index)
         real_tokens = data["attention_mask"] == 1
         if classes is not None:
             data["labels"] = torch.where(real_tokens, data["labels"] % classes, data["labels"])

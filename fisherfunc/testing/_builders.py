@@ -293,6 +293,7 @@ def token_classification(
     ignore_index: int = -100,
     ignore_frac: float = 0.0,
     reserved_ids: int = 0,
+    pad_id: int | None = 0,
     spec: str = "inferred",
 ) -> Built:
     """A :class:`TokenModel` tagger on right-padded token batches (``input_ids``, ``labels``, ``attention_mask``).
@@ -300,7 +301,7 @@ def token_classification(
     Labels in ``[0, classes)``; loss ``token_classification`` over ``labels`` with the padding mask
     (``mask=False``: no mask, padding excluded by ``ignore_index`` alone). See
     :func:`~fisherfunc.testing._batches.token_batches` for ``lengths``, ``ignore_frac`` and
-    ``reserved_ids``; ``padding_idx`` makes id 0 the embedding's padding index.
+    ``reserved_ids`` and ``pad_id``; ``padding_idx`` makes id 0 the embedding's padding index.
     """
     model = _token_model(vocab, dim, classes, hidden, norm, False, padding_idx, conv1d=conv1d, causal_mean=causal_mean)
     batches = token_batches(
@@ -312,6 +313,7 @@ def token_classification(
         ignore_index=ignore_index,
         ignore_frac=ignore_frac,
         reserved_ids=reserved_ids,
+        pad_id=pad_id,
     )
     randomise_norms(model)
     loss = losses.token_classification(
@@ -342,6 +344,7 @@ def causal_lm(
     mask: bool = True,
     ignore_frac: float = 0.0,
     reserved_ids: int = 0,
+    pad_id: int | None = 0,
     spec: str = "inferred",
 ) -> Built:
     """A :class:`TokenModel` language model (``classes = vocab``, optionally ``tied``) on right-padded batches.
@@ -349,10 +352,18 @@ def causal_lm(
     Loss ``causal_lm`` on ``input_ids`` (``labels=True``: on the unshifted ``labels`` entry, random
     ids with ``-100`` on padding and, with probability ``ignore_frac``, on real tokens) with the
     padding mask (unless ``mask=False``). Every sample has at least 2 real tokens (one target).
+    ``pad_id=None``: ids in ``[0, vocab)`` everywhere, padding marked by the mask alone.
     """
     model = _token_model(vocab, dim, vocab, hidden, norm, tied, padding_idx, conv1d=conv1d, causal_mean=causal_mean)
     batches = token_batches(
-        batch, seq_len, vocab, lengths=lengths, min_length=2, ignore_frac=ignore_frac, reserved_ids=reserved_ids
+        batch,
+        seq_len,
+        vocab,
+        lengths=lengths,
+        min_length=2,
+        ignore_frac=ignore_frac,
+        reserved_ids=reserved_ids,
+        pad_id=pad_id,
     )
     randomise_norms(model)
     loss = losses.causal_lm(
