@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ._engine import loop
 from ._engine.batches import Batch, BatchError, as_tree, batch_size
-from ._engine.group_sums import GroupSums, Path, Site
+from ._engine.group_sums import GradientPath, GroupSums, Site
 from ._engine.kinds import FisherKind, as_kind, label_sets
 from ._engine.nonfinite import NonFiniteError, NonFinitePolicy, NonFiniteWarning, check_nonfinite, check_per_sample
 from ._engine.numerics import prepare, scope
@@ -126,7 +126,7 @@ def batch_accumulator(
     *,
     spec: Spec | None,
     chunk_size: int | None,
-    path: Path,
+    path: GradientPath,
     kind: FisherKind | str,
     nonfinite: NonFinitePolicy,
     generator: torch.Generator | None = None,
@@ -169,7 +169,7 @@ def accumulate(
     *,
     spec: Spec | None = None,
     chunk_size: int | None = None,
-    path: Path = "auto",
+    path: GradientPath = "auto",
     kind: FisherKind | str = "empirical",
     nonfinite: NonFinitePolicy = "raise",
 ) -> Accumulator:
@@ -191,7 +191,7 @@ def fisher(
     *,
     spec: Spec | None = None,
     chunk_size: int | None = None,
-    path: Path = "auto",
+    path: GradientPath = "auto",
     kind: FisherKind | str = "empirical",
     nonfinite: NonFinitePolicy = "raise",
 ) -> Any:
@@ -245,7 +245,7 @@ def per_sample_fisher(
     *,
     spec: Spec | None = None,
     chunk_size: int | None = None,
-    path: Path = "auto",
+    path: GradientPath = "auto",
     kind: FisherKind | str = "empirical",
 ) -> PerSampleFisher:
     """Group Fisher of each sample of one batch: ``rule.reduce(g_b ⊙ g_b)`` and ``n_b``.

@@ -101,8 +101,8 @@ class ModelLoss:
         shift: how many positions the targets lead the prediction (``1`` for next-token prediction).
         variance: the Gaussian's ``σ²``.
 
-    ``distribution``, ``ignore_index``, ``shift`` and ``variance`` let the Fisher kinds (:class:`~fisherfunc.MC`, :class:`~fisherfunc.Exact`)
-    sample or enumerate targets from the model (the ``"mc"`` and ``"exact"`` Fisher kinds).
+    ``distribution``, ``ignore_index``, ``shift`` and ``variance`` let the Fisher kinds
+    :class:`~fisherfunc.MC` and :class:`~fisherfunc.Exact` sample or enumerate targets from the model.
     """
 
     model: nn.Module

@@ -47,11 +47,11 @@ from .numerics import Prepared
 from .probes import discover
 from .vectorise import PerSampleLoss, vectorise
 
-__all__ = ["Path", "Site", "find_sites", "group_chunk_fns", "GroupSums"]
+__all__ = ["GradientPath", "Site", "find_sites", "group_chunk_fns", "GroupSums"]
 
 #: ``"auto"``: output probes for the weights that qualify, direct gradients elsewhere (exact either
 #: way); ``"direct"``: ``vmap(grad)`` of every parameter.
-Path = Literal["auto", "direct"]
+GradientPath = Literal["auto", "direct"]
 _FACTORISED = ("linear", "addmm", "embedding")
 
 
@@ -301,7 +301,7 @@ class GroupSums:
         loss: PerSampleLoss,
         prepared: Prepared,
         spec: ResolvedSpec,
-        path: Path,
+        path: GradientPath,
         labels: LabelSets | None = None,
         discovered: dict[tuple, tuple[Site, ...]] | None = None,
     ) -> None:

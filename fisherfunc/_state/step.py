@@ -17,7 +17,7 @@ import optree
 import torch
 
 from .._engine.batches import Batch, BatchError
-from .._engine.group_sums import Path, Site
+from .._engine.group_sums import GradientPath, Site
 from .._engine.kinds import Empirical, FisherKind, as_kind, label_sets
 from .._engine.nonfinite import NonFiniteError, NonFinitePolicy
 from .._engine.vectorise import PerSampleLoss
@@ -76,7 +76,7 @@ class FisherStep:
     spec: Any
     decay: float
     chunk_size: int | None
-    path: Path = "auto"
+    path: GradientPath = "auto"
     kind: FisherKind = Empirical()
     nonfinite: NonFinitePolicy = "raise"
     # probe sites discovered by earlier calls, by sample shapes, spec and modes (a memo: the
@@ -172,7 +172,7 @@ def make_fisher_step(
     spec: Any = None,
     decay: float = 0.99,
     chunk_size: int | None = None,
-    path: Path = "auto",
+    path: GradientPath = "auto",
     kind: FisherKind | str = "empirical",
     nonfinite: NonFinitePolicy = "raise",
 ) -> FisherStep:
