@@ -15,15 +15,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fisherfunc as ff
-from fisherfunc.kfac._ops import own_order
 from fisherfunc._state.ema import bias_correction
+from fisherfunc.kfac._ops import own_order
+from fisherfunc.testing import cases
+from fisherfunc.testing.cases import Case
 
 TOL = 1e-10
 
 
-def _mlp(d_in: int = 4, hidden: int = 5, classes: int = 3, *, bias: bool = True, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, hidden, bias=bias), nn.Tanh(), nn.Linear(hidden, classes)).double()
+def _mlp(*, seed: int = 0, batch: int | tuple[int, ...] = 5, positions: int | None = None, **sizes) -> Case:
+    """Linear(4, 5) → Tanh → Linear(5, 3) on ``x [B, 4]``, or on every position of ``x [B, T, 4]``.
+
+    With ``positions`` the labels ``y [B, T]`` are ``-100`` with probability 0.2 (fewer tokens than
+    positions) and the loss is ``token_classification``; otherwise ``classification``.
+    """
+    ignore = {"ignore_frac": 0.2} if positions else {}
+    sizes = {"features": 4, "hidden": 5, "classes": 3, **ignore, **sizes}
+    return cases.case("mlp", seed=seed, batch=batch, positions=positions, **sizes)
 
 
 def _per_sample_grads(model: nn.Module, xs: Tensor, ys: Tensor) -> list[dict[str, Tensor]]:
@@ -49,28 +57,21 @@ def _dense_fisher(grads: list[dict[str, Tensor]], weight: str, bias: str | None,
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_one_example_one_token_is_exact(bias: bool, approx: str) -> None:
-    model = _mlp(bias=bias)
-    torch.manual_seed(1)
-    x, y = torch.randn(1, 4, dtype=torch.float64), torch.randint(0, 3, (1,))
-    K = ff.kfac.kfac(ff.losses.classification(model), dict(model.named_parameters()), (x, y), approx=approx)
+    case = _mlp(seed=1, batch=1, bias=bias)
+    model, (x, y) = case.model, case.batch
+    K = ff.kfac.kfac(case.loss, case.params, (x, y), approx=approx)
     grads = _per_sample_grads(model, x, y)
     for layer in K.layers:
         exact = _dense_fisher(grads, layer.name, layer.bias_name, tokens=1.0)
         assert (ff.kfac.dense(K, layer.name) - exact).abs().max() <= TOL * exact.abs().max()
-    assert [x.bias_name for x in K.layers] == ([None, "2.bias"] if not bias else ["0.bias", "2.bias"])
+    assert [x.bias_name for x in K.layers] == ([None, None] if not bias else ["0.bias", "2.bias"])
 
 
 def test_gpt2_conv1d_one_token_is_exact_and_tied_head_is_not_covered() -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0
-    )
-    model = transformers.GPT2LMHeadModel(config).double().eval()
-    params = dict(model.named_parameters())
-    ids = torch.randint(0, 11, (1, 2))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    loss = ff.hf.causal_lm(model)
+    pytest.importorskip("transformers")
+    tiny = {"family": "gpt2", "vocab": 11, "dim": 8, "layers": 1, "heads": 2, "positions": 8, "dropout": 0.0}
+    case = cases.case("hf_causal_lm", lengths=(2,), seq_len=2, **tiny)  # one sequence of 2 tokens
+    params, batch, loss = case.params, case.batch, case.loss
     K = ff.kfac.kfac(loss, params, batch)
     names = [x.name for x in K.layers]
     assert names == [f"transformer.h.0.{m}.weight" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
@@ -89,15 +90,10 @@ def test_gpt2_conv1d_one_token_is_exact_and_tied_head_is_not_covered() -> None:
 
 
 def test_gpt2_single_position_factor_product_is_the_fisher() -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
-    model = transformers.GPT2ForSequenceClassification(config).double().eval()
-    model.config.pad_token_id = 0
-    params = dict(model.named_parameters())
-    ids = torch.randint(1, 11, (1, 1))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([1])}
-    loss = ff.hf.sequence_classification(model)
+    pytest.importorskip("transformers")
+    tiny = {"family": "gpt2", "vocab": 11, "dim": 8, "layers": 1, "heads": 2, "positions": 8, "dropout": 0.0}
+    case = cases.case("hf_sequence_classification", lengths=(1,), seq_len=1, **tiny)  # one token
+    params, batch, loss = case.params, case.batch, case.loss
     K = ff.kfac.kfac(loss, params, batch)
     (value, n) = loss(params, {k: v[0] for k, v in batch.items()})
     g = dict(zip(params, torch.autograd.grad(value, list(params.values()))))
@@ -108,15 +104,6 @@ def test_gpt2_single_position_factor_product_is_the_fisher() -> None:
 
 
 # --- factors against their definitions (sequences, both conventions) -------------------------------
-
-
-def _token_batch(B: int = 5, T: int = 4, d: int = 4, C: int = 3, seed: int = 2) -> tuple[Tensor, Tensor]:
-    torch.manual_seed(seed)
-    x = torch.randn(B, T, d, dtype=torch.float64)
-    y = torch.randint(0, C, (B, T))
-    y[0, 2:] = -100  # ignored targets: fewer tokens than positions
-    y[3, 0] = -100
-    return x, y
 
 
 def _reference_factors(model: nn.Sequential, x: Tensor, y: Tensor, approx: str) -> dict[str, tuple[Tensor, Tensor]]:
@@ -148,10 +135,9 @@ def _reference_factors(model: nn.Sequential, x: Tensor, y: Tensor, approx: str) 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 @pytest.mark.parametrize("chunk_size", [None, 2])
 def test_sequence_factors_match_definitions(approx: str, chunk_size: int | None) -> None:
-    model = _mlp()
-    x, y = _token_batch()
-    loss = ff.losses.token_classification(model)
-    K = ff.kfac.kfac(loss, dict(model.named_parameters()), (x, y), approx=approx, chunk_size=chunk_size)
+    case = _mlp(seed=2, positions=4)
+    model, (x, y), loss = case.model, case.batch, case.loss
+    K = ff.kfac.kfac(loss, case.params, (x, y), approx=approx, chunk_size=chunk_size)
     reference = _reference_factors(model, x, y, approx)
     for name, (A, G) in reference.items():
         assert (K.A[name] - A).abs().max() <= TOL * A.abs().max()
@@ -162,10 +148,8 @@ def test_sequence_factors_match_definitions(approx: str, chunk_size: int | None)
 
 def test_ekfac_scale_is_the_exact_diagonal_in_its_eigenbasis() -> None:
     """``S = diag((Q_G ⊗ Q_A)ᵀ F (Q_G ⊗ Q_A))`` for the exact token-normalised Fisher block."""
-    model = _mlp()
-    x, y = _token_batch()
-    params = dict(model.named_parameters())
-    loss = ff.losses.token_classification(model)
+    case = _mlp(seed=2, positions=4)
+    model, (x, y), loss, params = case.model, case.batch, case.loss, case.params
     K = ff.kfac.kfac(loss, params, (x, y))
     E = ff.kfac.ekfac(loss, params, (x, y), K)
     tokens = float((y != -100).sum())
@@ -191,11 +175,8 @@ def test_ekfac_scale_is_the_exact_diagonal_in_its_eigenbasis() -> None:
 
 
 def test_ekfac_with_one_position_uses_the_same_scaling() -> None:
-    model = _mlp()
-    torch.manual_seed(3)
-    x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
-    params = dict(model.named_parameters())
-    loss = ff.losses.classification(model)
+    case = _mlp(seed=3, batch=7)
+    model, (x, y), loss, params = case.model, case.batch, case.loss, case.params
     E = ff.kfac.ekfac(loss, params, (x, y))
     E2 = ff.kfac.ekfac(loss, params, (x.unsqueeze(1), y.unsqueeze(1)), ff.kfac.kfac(loss, params, (x, y)))
     # the token form of the same data (T = 1) goes through the per-sample einsum instead of (d̃²)ᵀ(ã²)
@@ -210,11 +191,9 @@ def test_ekfac_with_one_position_uses_the_same_scaling() -> None:
 
 
 def test_exact_kind_g_is_the_expectation_over_classes() -> None:
-    model = _mlp()
-    torch.manual_seed(4)
-    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
-    params = dict(model.named_parameters())
-    K = ff.kfac.kfac(ff.losses.classification(model), params, (x, y), kind="exact")
+    case = _mlp(seed=4, batch=6)
+    model, (x, y), params = case.model, case.batch, case.params
+    K = ff.kfac.kfac(case.loss, params, (x, y), kind="exact")
     G = torch.zeros(3, 3, dtype=torch.float64)
     for b in range(6):
         logits = model(x[b : b + 1])[0]
@@ -228,11 +207,8 @@ def test_exact_kind_g_is_the_expectation_over_classes() -> None:
 
 
 def test_mc_kind_is_reproducible_and_converges_to_exact() -> None:
-    model = _mlp()
-    torch.manual_seed(5)
-    x, y = torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
-    params = dict(model.named_parameters())
-    loss = ff.losses.classification(model)
+    case = _mlp(seed=5, batch=4)
+    (x, y), loss, params = case.batch, case.loss, case.params
     a = ff.kfac.kfac(loss, params, (x, y), kind=ff.MC(samples=3, seed=7))
     b = ff.kfac.kfac(loss, params, (x, y), kind=ff.MC(samples=3, seed=7))
     assert all(torch.equal(a.G[k], b.G[k]) for k in a.G)
@@ -247,13 +223,11 @@ def test_mc_kind_is_reproducible_and_converges_to_exact() -> None:
 
 
 @pytest.fixture(scope="module")
-def estimates() -> tuple[nn.Module, dict[str, Tensor], ff.kfac.KFAC, ff.kfac.EKFAC]:
-    model = _mlp(seed=6)
-    x, y = _token_batch(seed=7)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    loss = ff.losses.token_classification(model)
-    K = ff.kfac.kfac(loss, params, (x, y))
-    return model, params, K, ff.kfac.ekfac(loss, params, (x, y), K)
+def estimates() -> tuple[Case, dict[str, Tensor], ff.kfac.KFAC, ff.kfac.EKFAC]:
+    case = _mlp(seed=6, positions=4)
+    params = {k: v.detach() for k, v in case.params.items()}
+    K = ff.kfac.kfac(case.loss, params, case.batch)
+    return case, params, K, ff.kfac.ekfac(case.loss, params, case.batch, K)
 
 
 def _flat(layer: ff.kfac.Layer, named: dict[str, Tensor]) -> Tensor:
@@ -262,7 +236,7 @@ def _flat(layer: ff.kfac.Layer, named: dict[str, Tensor]) -> Tensor:
 
 @pytest.mark.parametrize("which", ["kfac", "ekfac"])
 def test_products_inverses_and_diagonals_match_the_dense_matrix(estimates, which: str) -> None:
-    model, params, K, E = estimates
+    _, params, K, E = estimates
     approx = K if which == "kfac" else E
     torch.manual_seed(8)
     v = {k: torch.randn_like(p) for k, p in params.items()}
@@ -281,13 +255,9 @@ def test_products_inverses_and_diagonals_match_the_dense_matrix(estimates, which
 
 
 def test_group_diagonal_is_the_rule_reduction_and_matches_fisher_when_exact() -> None:
-    model = _mlp(seed=9)
-    torch.manual_seed(9)
-    x, y = torch.randn(1, 4, dtype=torch.float64), torch.randint(0, 3, (1,))
-    params = dict(model.named_parameters())
-    loss = ff.losses.classification(model)
+    case = _mlp(seed=9, batch=1)
+    (x, y), loss, params, spec = case.batch, case.loss, case.params, case.spec
     K = ff.kfac.kfac(loss, params, (x, y))
-    spec = ff.infer_spec(model)
     groups = ff.kfac.group_diagonal(K, params, spec)
     diag = ff.kfac.diagonal(K)
     for name, value in groups.items():
@@ -298,20 +268,10 @@ def test_group_diagonal_is_the_rule_reduction_and_matches_fisher_when_exact() ->
 
 
 def test_addmm_layout_round_trips_through_the_operations() -> None:
-    class Conv1DLike(nn.Module):  # GPT-2's Conv1D: y = b + x W with W [in, out]
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
-            self.bias = nn.Parameter(torch.randn(3, dtype=torch.float64))
-
-        def forward(self, x: Tensor) -> Tensor:
-            return torch.addmm(self.bias, x.reshape(-1, 4), self.weight).reshape(*x.shape[:-1], 3)
-
-    torch.manual_seed(10)
-    model = Conv1DLike()
-    x, y = torch.randn(1, 4, dtype=torch.float64), torch.randint(0, 3, (1,))
-    params = dict(model.named_parameters())
-    K = ff.kfac.kfac(ff.losses.classification(model), params, (x, y))
+    case = cases.case("conv1d_linear", seed=10)  # GPT-2's Conv1D: y = b + x W with W [in, out]
+    model, (x, y), params = case.model, case.batch, case.params
+    assert params["weight"].shape == (4, 3)
+    K = ff.kfac.kfac(case.loss, params, (x, y))
     assert K.layers[0].op == "addmm"
     value = F.cross_entropy(model(x), y, reduction="sum")
     g = dict(zip(params, torch.autograd.grad(value, list(params.values()))))
@@ -329,10 +289,8 @@ def test_addmm_layout_round_trips_through_the_operations() -> None:
 
 
 def test_batches_chunks_and_merge_give_the_same_factors() -> None:
-    model = _mlp()
-    x, y = _token_batch(B=6)
-    params = dict(model.named_parameters())
-    loss = ff.losses.token_classification(model)
+    case = _mlp(seed=2, positions=4, batch=6)
+    (x, y), loss, params = case.batch, case.loss, case.params
     whole = ff.kfac.kfac(loss, params, (x, y))
     split = ff.kfac.kfac(loss, params, [(x[:2], y[:2]), (x[2:], y[2:])], chunk_size=3)
     merged = ff.kfac.merge(ff.kfac.kfac(loss, params, (x[:4], y[:4])), ff.kfac.kfac(loss, params, (x[4:], y[4:])))
@@ -346,10 +304,8 @@ def test_batches_chunks_and_merge_give_the_same_factors() -> None:
 
 
 def test_ema_state_is_pure_and_debiased() -> None:
-    model = _mlp()
-    x, y = _token_batch()
-    params = dict(model.named_parameters())
-    loss = ff.losses.token_classification(model)
+    case = _mlp(seed=2, positions=4, batch=(5, 5))
+    ((x, y), (x2, y2)), loss, params = case.batches, case.loss, case.params
     one_shot = ff.kfac.kfac(loss, params, (x, y))
     step = ff.kfac.make_kfac_step(loss, decay=0.9)
     state = step.init(params, (x, y))
@@ -361,7 +317,6 @@ def test_ema_state_is_pure_and_debiased() -> None:
         for k in one_shot.A:
             assert (est.A[k] - one_shot.A[k]).abs().max() <= 1e-12 * one_shot.A[k].abs().max()
             assert (est.G[k] - one_shot.G[k]).abs().max() <= 1e-12 * one_shot.G[k].abs().max()
-    x2, y2 = _token_batch(seed=11)
     two = step(params, (x2, y2), s1)
     other = ff.kfac.kfac(loss, params, (x2, y2))
     k = "2.weight"
@@ -377,10 +332,8 @@ def test_ema_state_is_pure_and_debiased() -> None:
 @pytest.mark.parametrize("which", ["kfac", "ekfac", "state"])
 def test_save_and_load_round_trip_bitwise(tmp_path, which: str) -> None:
     pytest.importorskip("safetensors")
-    model = _mlp()
-    x, y = _token_batch()
-    params = dict(model.named_parameters())
-    loss = ff.losses.token_classification(model)
+    case = _mlp(seed=2, positions=4)
+    (x, y), loss, params = case.batch, case.loss, case.params
     if which == "kfac":
         value = ff.kfac.kfac(loss, params, (x, y), approx="reduce")
     elif which == "ekfac":
@@ -407,27 +360,14 @@ def test_save_and_load_round_trip_bitwise(tmp_path, which: str) -> None:
 
 
 def test_tied_and_reused_weights_are_not_covered() -> None:
-    class Reused(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 3)
-
-        def forward(self, x: Tensor) -> Tensor:
-            return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))  # a used twice
-
-    model = Reused().double()
-    torch.manual_seed(12)
-    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
-    K = ff.kfac.kfac(ff.losses.classification(model), dict(model.named_parameters()), (x, y))
-    assert [layer.name for layer in K.layers] == ["b.weight"]
+    case = cases.case("reused_weight", use="twice", batch=3, seed=12)  # out(tanh(lin(tanh(lin(x)))))
+    K = ff.kfac.kfac(case.loss, case.params, case.batch)
+    assert [layer.name for layer in K.layers] == ["out.weight"]
 
 
 def test_layer_patterns_select_and_errors_name_the_fault() -> None:
-    model = _mlp()
-    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
-    params = dict(model.named_parameters())
-    loss = ff.losses.classification(model)
+    case = _mlp(batch=3)
+    (x, y), loss, params = case.batch, case.loss, case.params
     K = ff.kfac.kfac(loss, params, (x, y), layers=["2.*"])
     assert [layer.name for layer in K.layers] == ["2.weight"]
     with pytest.raises(ValueError, match="'nope.*'"):
@@ -451,15 +391,13 @@ def test_layer_patterns_select_and_errors_name_the_fault() -> None:
 
 def test_padding_is_left_out_of_a_when_the_loss_knows_the_mask() -> None:
     """A right-padded batch with its mask has the factors of the unpadded sequences."""
-    model = _mlp(seed=13)
-    torch.manual_seed(13)
     lengths = [4, 2, 3, 1]
     T = max(lengths)
-    x = torch.randn(len(lengths), T, 4, dtype=torch.float64)
-    y = torch.randint(0, 3, (len(lengths), T))
+    case = _mlp(seed=13, positions=T, batch=len(lengths), ignore_frac=0.0)  # every position labelled
+    model, (x, y) = case.model, case.batch
     mask = (torch.arange(T).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).long()
     x = x * mask.unsqueeze(-1) + 7.0 * (1 - mask.unsqueeze(-1))  # padded inputs: far from the data
-    params = dict(model.named_parameters())
+    params = case.params
     masked = ff.losses.token_classification(model, inputs="x", targets="y", mask="mask")
     plain = ff.losses.token_classification(model, inputs="x", targets="y")
     unpadded = [{"x": x[b : b + 1, :n], "y": y[b : b + 1, :n]} for b, n in enumerate(lengths)]  # T differs per batch
@@ -477,28 +415,14 @@ def test_padding_is_left_out_of_a_when_the_loss_knows_the_mask() -> None:
 # --- convolutions (unfolded inputs, Grosse & Martens 2016) ----------------------------------------
 
 
-def _cnn(dims: int, seed: int = 14) -> nn.Sequential:
-    torch.manual_seed(seed)
-    conv = nn.Conv2d if dims == 2 else nn.Conv1d
-    return nn.Sequential(
-        conv(2, 3, 3, padding=1, stride=2 if dims == 2 else 1, dilation=1 if dims == 2 else 2),
-        nn.Tanh(),
-        conv(3, 4, 2, bias=False),
-        nn.Flatten(),
-        nn.LazyLinear(3),
-    ).double()
-
-
 @pytest.mark.parametrize("dims", [1, 2])
 def test_convolution_factors_and_scaling_match_per_sample_gradients(dims: int) -> None:
     """``A``/``G`` from unfolded patches by their definition; EK-FAC scaling exact in its basis."""
-    model = _cnn(dims)
-    torch.manual_seed(15)
-    x = torch.randn(5, 2, *((6, 6) if dims == 2 else (9,)), dtype=torch.float64)
-    y = torch.randint(0, 3, (5,))
-    model(x)  # materialise the lazy layer
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    loss = ff.losses.classification(model)
+    # Conv(2 → 3, k 3, padding 1, stride 2 in 2-D / dilation 2 in 1-D) → Tanh → Conv(3 → 4, k 2, no bias) → Linear
+    case = cases.case("conv_patches", dims=dims, batch=5, seed=15)
+    model, (x, y), loss = case.model, case.batch, case.loss
+    assert x.shape == (5, 2, *((6, 6) if dims == 2 else (9,)))
+    params = {k: v.detach() for k, v in case.params.items()}
     K = ff.kfac.kfac(loss, params, (x, y))
     assert [(layer.name, layer.op) for layer in K.layers] == [
         ("0.weight", f"conv{dims}d"),
@@ -557,11 +481,11 @@ def test_convolution_factors_and_scaling_match_per_sample_gradients(dims: int) -
 
 
 def test_one_image_one_position_conv_is_exact() -> None:
-    torch.manual_seed(16)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten()).double()  # 3x3 input: one output position
-    x, y = torch.randn(1, 2, 3, 3, dtype=torch.float64), torch.randint(0, 3, (1,))
-    params = dict(model.named_parameters())
-    K = ff.kfac.kfac(ff.losses.classification(model), params, (x, y))
+    # a 3×3 convolution (padding 1) of a 1×1 image: one output position; one image
+    case = cases.case("cnn2d", groups=1, in_per_group=2, out_per_group=3, length=1, batch=1, seed=16)
+    model, (x, y), params = case.model, case.batch, case.params
+    K = ff.kfac.kfac(case.loss, params, (x, y))
+    assert [layer.name for layer in K.layers][0] == "0.weight" and K.positions["0.weight"] == 1
     value = F.cross_entropy(model(x), y, reduction="sum")
     g = dict(zip(params, torch.autograd.grad(value, list(params.values()))))
     exact = _dense_fisher([g], "0.weight", "0.bias", 1.0)
@@ -569,16 +493,15 @@ def test_one_image_one_position_conv_is_exact() -> None:
 
 
 def test_grouped_convolutions_are_not_covered() -> None:
-    torch.manual_seed(17)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.LazyLinear(3)).double()
-    x, y = torch.randn(2, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (2,))
-    model(x)
-    K = ff.kfac.kfac(ff.losses.classification(model), {k: v.detach() for k, v in model.named_parameters()}, (x, y))
-    assert [layer.name for layer in K.layers] == ["2.weight"]
+    # grouped Conv2d → GroupNorm → Tanh → mean → Linear: only the Linear is covered
+    case = cases.case("cnn2d", groups=2, in_per_group=1, out_per_group=2, length=4, batch=2, seed=17)
+    K = ff.kfac.kfac(case.loss, {k: v.detach() for k, v in case.params.items()}, case.batch)
+    assert isinstance(case.model[0], nn.Conv2d) and case.model[0].groups == 2
+    assert [layer.name for layer in K.layers] == ["4.weight"]
 
 
 def test_eigendecompose_is_the_same_operator_and_bases_can_be_reused(estimates) -> None:
-    model, params, K, E = estimates
+    case, params, K, E = estimates
     D = ff.kfac.eigendecompose(K)
     torch.manual_seed(18)
     v = {k: torch.randn_like(p) for k, p in params.items()}
@@ -588,9 +511,7 @@ def test_eigendecompose_is_the_same_operator_and_bases_can_be_reused(estimates) 
         ).abs().max()
     a, b = ff.kfac.inverse_mvp(K, v, 1e-2), ff.kfac.inverse_mvp(D, v, 1e-2)
     assert all((a[k] - b[k]).abs().max() <= 1e-10 * a[k].abs().max() for k in a)
-    x, y = _token_batch(seed=7)
-    loss = ff.losses.token_classification(model)
-    again = ff.kfac.ekfac(loss, params, (x, y), E)  # reuse E's bases: the same scaling on the same data
+    again = ff.kfac.ekfac(case.loss, params, case.batch, E)  # reuse E's bases: the same scaling on the same data
     for name in E.scale:
         assert torch.equal(again.QA[name], E.QA[name])
         assert (again.scale[name] - E.scale[name]).abs().max() <= 1e-12 * E.scale[name].abs().max()
@@ -600,17 +521,11 @@ def test_eigendecompose_is_the_same_operator_and_bases_can_be_reused(estimates) 
 def test_multihead_attention_projections_are_covered_and_ekfac_is_exact_in_its_basis(batch_first: bool) -> None:
     """``nn.TransformerEncoderLayer``: the fused in-projection and out-projection inside
     ``F.multi_head_attention_forward`` are covered; EK-FAC's scaling is the exact diagonal."""
-    torch.manual_seed(19)
-    layer = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=batch_first)
-    if batch_first:
-        model = nn.Sequential(layer, nn.Flatten(), nn.Linear(8 * 3, 3)).double().eval()
-    else:  # [T, B, E] inside
-        model = nn.Sequential(_Transpose(), layer, _Transpose(), nn.Flatten(), nn.Linear(8 * 3, 3)).double().eval()
-    x, y = torch.randn(4, 3, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    loss = ff.losses.classification(model)
+    case = cases.case("attention_classifier", block="encoder", seq_len=3, batch=4, batch_first=batch_first, seed=19)
+    model, (x, y), loss = case.model, case.batch, case.loss
+    params = {k: v.detach() for k, v in case.params.items()}
     K = ff.kfac.kfac(loss, params, (x, y))
-    prefix = "0." if batch_first else "1."
+    prefix = "layers.0."
     names = [layer.name for layer in K.layers]
     assert prefix + "self_attn.in_proj_weight" in names and prefix + "self_attn.out_proj.weight" in names
     E = ff.kfac.ekfac(loss, params, (x, y), K)
@@ -623,11 +538,6 @@ def test_multihead_attention_projections_are_covered_and_ekfac_is_exact_in_its_b
         q = torch.kron(E.QG[entry.name], E.QA[entry.name])[own_order(entry)]
         in_basis = torch.diagonal(q.t() @ exact @ q)
         assert (E.scale[entry.name].reshape(-1) - in_basis).abs().max() <= TOL * in_basis.abs().max(), entry.name
-
-
-class _Transpose(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x.transpose(0, 1)
 
 
 def test_digits_example_runs_and_both_steps_descend(capsys: pytest.CaptureFixture[str]) -> None:
@@ -649,10 +559,9 @@ def test_digits_example_runs_and_both_steps_descend(capsys: pytest.CaptureFixtur
 
 
 def test_non_finite_batches_raise_naming_the_layers_and_leave_the_state_alone() -> None:
-    model = _mlp()
-    x, y = _token_batch()
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    loss = ff.losses.token_classification(model)
+    case = _mlp(seed=2, positions=4)
+    (x, y), loss = case.batch, case.loss
+    params = {k: v.detach() for k, v in case.params.items()}
     step = ff.kfac.make_kfac_step(loss, decay=0.9)
     state = step(params, (x, y), step.init(params, (x, y)))
     before = {k: v.clone() for k, v in state.A.items()}
