@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fisherfunc as ff
+from fisherfunc.testing import cases
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,26 +51,24 @@ class _ChannelsSecond(nn.Module):
         return x.transpose(1, 2)
 
 
-def _mlp(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+MLP = {"features": 6, "hidden": (5, 4)}  # Linear(6, 5) → Tanh → Linear(5, 4) → Tanh → Linear(4, 3)
 
 
 def _classification(seed: int = 0, batch: int = 16) -> tuple[nn.Sequential, tuple[Tensor, Tensor]]:
-    model = _mlp(seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, 6, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (batch,), generator=g)
-    return model, (x, y)
+    case = cases.case("mlp", **MLP, classes=3, batch=batch, seed=seed)
+    return case.model, case.batch
 
 
 def _sequence(seed: int = 0, batch: int = 8, positions: int = 5) -> tuple[nn.Sequential, tuple[Tensor, Tensor]]:
-    """The same MLP applied to every position of ``[B, T, 6]`` inputs, one label per position."""
-    model = _mlp(seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, positions, 6, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (batch, positions), generator=g)
-    return model, (x, y)
+    """The same MLP applied to every position of ``[B, T, 6]`` inputs, one label per position (all valid)."""
+    case = cases.case("mlp", **MLP, classes=3, batch=batch, positions=positions, seed=seed)
+    return case.model, case.batch
+
+
+def _regression(variance: float) -> tuple[nn.Sequential, ff.losses.ModelLoss, tuple[Tensor, Tensor]]:
+    """The same MLP with 3 outputs, ``(x [16, 6], y [16, 3])`` and a Gaussian loss of ``variance``."""
+    case = cases.case("regression", **MLP, outputs=3, variance=variance, batch=16, seed=3)
+    return case.model, case.loss, case.batch
 
 
 def _layer_slices(model: nn.Module) -> Iterator[tuple[str, slice]]:
@@ -238,21 +237,6 @@ def test_curvlinops_type2_reduce_is_not_the_expected_fisher() -> None:
         assert rel(dense_type2) > 1.0, name  # the cross terms: ≈ (T − 1) = 4 times G here
 
 
-class _TinyAttention(nn.Module):
-    """One causal single-head attention (``nn.Linear`` q/k/v) and a linear head, per sequence."""
-
-    def __init__(self, d: int = 4, classes: int = 3) -> None:
-        super().__init__()
-        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        t = x.shape[-2]
-        scores = self.q(x) @ self.k(x).transpose(-1, -2) / x.shape[-1] ** 0.5
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
-        return self.head(scores.masked_fill(~causal, float("-inf")).softmax(-1) @ self.v(x))
-
-
 def test_curvlinops_type2_expand_with_attention_is_not_the_expected_fisher() -> None:
     """The same cross terms hit type-2 *expand* where a layer's output reaches several positions' losses.
 
@@ -261,11 +245,10 @@ def test_curvlinops_type2_expand_with_attention_is_not_the_expected_fisher() -> 
     the query projection and the head reach only their own position, and there it agrees with
     ours exactly. Its Monte-Carlo ``G`` converges to ours for every layer.
     """
-    torch.manual_seed(0)
-    model = _TinyAttention().double()
-    g = torch.Generator().manual_seed(1)
-    batch = (torch.randn(8, 5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8, 5), generator=g))
-    ours = ff.kfac.kfac(ff.losses.token_classification(model), dict(model.named_parameters()), batch, kind="exact")
+    # one causal single-head attention (nn.Linear q/k/v) and a linear head, per sequence
+    case = cases.case("causal_attention", batch=8, seq_len=5, dim=4, classes=3)
+    model, batch = case.model, case.batch
+    ours = ff.kfac.kfac(case.loss, case.params, batch, kind="exact")
     peer_model = nn.Sequential(model, _ChannelsSecond())
     type2 = _curvlinops("KFACLinearOperator", peer_model, nn.CrossEntropyLoss(), batch, fisher_type="type-2")
     mc = _curvlinops(
@@ -294,10 +277,8 @@ def test_curvlinops_kfac_mse(kind: str, reduction: str, scale: float) -> None:
     ``√C`` before squaring, leaving ours / C (C = 3 outputs) — for both kinds, since type-2 uses
     the Hessian ``2I/C`` of the mean loss and the matching correction.
     """
-    model = _mlp(3)
-    g = torch.Generator().manual_seed(4)
-    batch = (torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randn(16, 3, generator=g, dtype=torch.float64))
-    ours = ff.kfac.kfac(ff.losses.regression(model, variance=0.5), dict(model.named_parameters()), batch, kind=kind)
+    model, loss, batch = _regression(0.5)
+    ours = ff.kfac.kfac(loss, dict(model.named_parameters()), batch, kind=kind)
     fisher_type = {"empirical": "empirical", "exact": "type-2"}[kind]
     op = _curvlinops("KFACLinearOperator", model, nn.MSELoss(reduction=reduction), batch, fisher_type=fisher_type)
     _assert_blocks(_curvlinops_dense(op, model), ours, model, scale)
@@ -378,10 +359,8 @@ def test_nngeometry_exact_regression() -> None:
     from nngeometry.metrics import FIM
     from nngeometry.object import PMatKFAC
 
-    model = _mlp(3)
-    g = torch.Generator().manual_seed(4)
-    batch = (torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randn(16, 3, generator=g, dtype=torch.float64))
+    model, loss, batch = _regression(1.0)
     with _DefaultDtype(torch.float64):
         kfac = FIM(model, _loader(batch), PMatKFAC, variant="regression")
-    ours = ff.kfac.kfac(ff.losses.regression(model), dict(model.named_parameters()), batch, kind="exact")
+    ours = ff.kfac.kfac(loss, dict(model.named_parameters()), batch, kind="exact")
     _assert_blocks(_nngeometry_dense(kfac), ours, model)
