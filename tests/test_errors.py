@@ -20,82 +20,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fisherfunc as ff
+from fisherfunc.testing import cases
 
-# --- counting models ------------------------------------------------------------------------------
+# --- counting models: registry cases, whose models count their forward calls in ``model.calls`` -----
 
-
-class CountingMLP(nn.Module):
-    """``x [.., 4] -> logits [.., 3]``; ``calls`` counts forward calls (vmap calls it once per chunk)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(4, 6)
-        self.fc2 = nn.Linear(6, 3)
-        self.calls = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.calls += 1
-        return self.fc2(torch.tanh(self.fc1(x)))
+#: The registry MLP ``x [.., 4] -> logits [.., 3]``: Linear ``0`` (6 × 4) → Tanh → Linear ``2`` (3 × 6).
+MLP_SPEC = {"0.weight": ff.Channel(), "0.bias": ff.Channel(), "2.weight": ff.Channel(), "2.bias": ff.Skip()}
 
 
-class CountingTokenNet(nn.Module):
-    """``ids [.., T] -> logits [.., T, V]``."""
-
-    def __init__(self, vocab: int = 10, dim: int = 6) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, dim)
-        self.head = nn.Linear(dim, vocab)
-        self.calls = 0
-
-    def forward(self, ids: Tensor) -> Tensor:
-        self.calls += 1
-        return self.head(torch.tanh(self.emb(ids)))
+def mlp(batch_size: int = 5) -> tuple[nn.Module, dict[str, Tensor], tuple[Tensor, Tensor]]:
+    case = cases.case("mlp", batch=batch_size, features=4, hidden=6, classes=3, dtype=torch.float32)
+    return case.model, case.params, case.batch
 
 
-class CountingBatchNormNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 6)
-        self.bn = nn.BatchNorm1d(6)
-        self.out = nn.Linear(6, 3)
-        self.calls = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.calls += 1
-        return self.out(self.bn(self.fc(x)))
-
-
-class CountingIndexNet(nn.Module):
-    """Holds a non-floating parameter (an int64 index) next to a Linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 3)
-        self.order = nn.Parameter(torch.tensor([2, 0, 1]), requires_grad=False)
-        self.calls = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.calls += 1
-        return self.lin(x)[..., self.order]
-
-
-MLP_SPEC = {"fc1.weight": ff.Channel(), "fc1.bias": ff.Channel(), "fc2.weight": ff.Channel(), "fc2.bias": ff.Skip()}
-
-
-def mlp(batch_size: int = 5) -> tuple[CountingMLP, dict[str, Tensor], tuple[Tensor, Tensor]]:
-    torch.manual_seed(0)
-    model = CountingMLP()
-    params = dict(model.named_parameters())
-    batch = (torch.randn(batch_size, 4), torch.randint(0, 3, (batch_size,)))
-    return model, params, batch
-
-
-def tokens(batch_size: int = 3, length: int = 5) -> tuple[CountingTokenNet, dict[str, Tensor], dict[str, Tensor]]:
-    torch.manual_seed(0)
-    model = CountingTokenNet()
-    params = dict(model.named_parameters())
-    batch = {"ids": torch.randint(0, 10, (batch_size, length)), "mask": torch.ones(batch_size, length)}
-    return model, params, batch
+def tokens(batch_size: int = 3, length: int = 5) -> tuple[nn.Module, dict[str, Tensor], dict[str, Tensor]]:
+    """A token LM ``input_ids [.., T] -> logits [.., T, 10]`` (embedding of 10 rows) and a padded batch."""
+    case = cases.case("causal_lm", batch=batch_size, seq_len=length, vocab=10, dim=6, dtype=torch.float32)
+    return case.model, case.params, case.batch
 
 
 def stepped_state(
@@ -154,8 +95,8 @@ def assert_step_refuses(
 
 BAD_SPECS = [
     pytest.param(
-        {"fc1.weight": ff.Channel(), "fc1.bias": ff.Channel(), "fc2.weight": ff.Channel()},
-        r"parameter 'fc2\.bias' has no rule",
+        {"0.weight": ff.Channel(), "0.bias": ff.Channel(), "2.weight": ff.Channel()},
+        r"parameter '2\.bias' has no rule",
         id="missing-entry",
     ),
     pytest.param(
@@ -165,52 +106,48 @@ BAD_SPECS = [
     ),
     pytest.param(
         [ff.Channel(), ff.Channel(), ff.Channel(), ff.Channel()],
-        r"parameter 'fc\d\.(weight|bias)' has no rule.*spec entries matching no parameter: '0', '1', '2', '3'",
+        r"parameter '\d\.(weight|bias)' has no rule.*spec entries matching no parameter: '0', '1', '2', '3'",
         id="wrong-structure-list",
     ),
     pytest.param(
-        {"fc1": {"weight": ff.Channel(), "bias": ff.Channel()}, "fc2": {"weight": ff.Channel(), "bias": ff.Skip()}},
-        r"parameter 'fc\d\.(weight|bias)' has no rule.*matching no parameter: .*'fc1\.weight'",
+        {"0": {"weight": ff.Channel(), "bias": ff.Channel()}, "2": {"weight": ff.Channel(), "bias": ff.Skip()}},
+        r"parameter '\d\.(weight|bias)' has no rule.*matching no parameter: .*'0\.weight'",
         id="wrong-structure-nested",
     ),
+    pytest.param({**MLP_SPEC, "2.bias": "channel"}, r"spec entry '2\.bias' is a str, not a group rule", id="str-leaf"),
+    pytest.param({**MLP_SPEC, "0.weight": 0}, r"spec entry '0\.weight' is a int, not a group rule", id="int-leaf"),
     pytest.param(
-        {**MLP_SPEC, "fc2.bias": "channel"}, r"spec entry 'fc2\.bias' is a str, not a group rule", id="str-leaf"
-    ),
-    pytest.param({**MLP_SPEC, "fc1.weight": 0}, r"spec entry 'fc1\.weight' is a int, not a group rule", id="int-leaf"),
-    pytest.param(
-        {**MLP_SPEC, "fc1.weight": ff.Channel},
-        r"spec entry 'fc1\.weight' is the class Channel, not a group rule",
+        {**MLP_SPEC, "0.weight": ff.Channel},
+        r"spec entry '0\.weight' is the class Channel, not a group rule",
         id="class-leaf",
     ),
     pytest.param(ff.Channel, r"spec is the rule class Channel.*instance", id="class-as-spec"),
     pytest.param(ff.Whole, r"spec is the rule class Whole.*instance", id="class-as-spec-whole"),
-    pytest.param({**MLP_SPEC, "fc2.bias": None}, r"spec entry 'fc2\.bias' is None.*Skip\(\)", id="none-leaf"),
-    pytest.param(lambda params: {**MLP_SPEC, "fc2.bias": None}, r"spec entry 'fc2\.bias' is None", id="callable"),
+    pytest.param({**MLP_SPEC, "2.bias": None}, r"spec entry '2\.bias' is None.*Skip\(\)", id="none-leaf"),
+    pytest.param(lambda params: {**MLP_SPEC, "2.bias": None}, r"spec entry '2\.bias' is None", id="callable"),
     pytest.param(ff.Skip(), r"every parameter is Skip\(\)", id="all-skipped"),
 ]
 
 BAD_RULES = [
+    pytest.param({**MLP_SPEC, "0.weight": ff.Channel(axis=2)}, r"'0\.weight'.*axis 2.*2 dimensions", id="channel-axis"),
     pytest.param(
-        {**MLP_SPEC, "fc1.weight": ff.Channel(axis=2)}, r"'fc1\.weight'.*axis 2.*2 dimensions", id="channel-axis"
+        {**MLP_SPEC, "0.bias": ff.Channel(axis=-2)}, r"'0\.bias'.*axis -2.*1 dimension", id="channel-neg-axis"
     ),
+    pytest.param({**MLP_SPEC, "0.weight": ff.Heads(2, axis=2)}, r"'0\.weight'.*axis 2", id="heads-axis"),
     pytest.param(
-        {**MLP_SPEC, "fc1.bias": ff.Channel(axis=-2)}, r"'fc1\.bias'.*axis -2.*1 dimension", id="channel-neg-axis"
-    ),
-    pytest.param({**MLP_SPEC, "fc1.weight": ff.Heads(2, axis=2)}, r"'fc1\.weight'.*axis 2", id="heads-axis"),
-    pytest.param(
-        {**MLP_SPEC, "fc1.weight": ff.Heads(4)},
-        r"'fc1\.weight' of shape \(6, 4\).*4 heads = 4 does not divide size 6 of axis 0",
+        {**MLP_SPEC, "0.weight": ff.Heads(4)},
+        r"'0\.weight' of shape \(6, 4\).*4 heads = 4 does not divide size 6 of axis 0",
         id="heads-divide",
     ),
     pytest.param(
-        {**MLP_SPEC, "fc1.weight": ff.Heads(1, axis=1, parts=3)},
-        r"'fc1\.weight' of shape \(6, 4\).*3 part\(s\).*does not divide size 4 of axis 1",
+        {**MLP_SPEC, "0.weight": ff.Heads(1, axis=1, parts=3)},
+        r"'0\.weight' of shape \(6, 4\).*3 part\(s\).*does not divide size 4 of axis 1",
         id="heads-parts-divide",
     ),
-    pytest.param({**MLP_SPEC, "fc1.weight": ff.Heads(0)}, r"'fc1\.weight'.*num_heads >= 1", id="heads-zero"),
+    pytest.param({**MLP_SPEC, "0.weight": ff.Heads(0)}, r"'0\.weight'.*num_heads >= 1", id="heads-zero"),
     pytest.param(
-        {**MLP_SPEC, "fc1.weight": ff.Channel(axis=1, groups=4)},
-        r"'fc1\.weight'.*groups=4 does not divide size 6 of axis 0",
+        {**MLP_SPEC, "0.weight": ff.Channel(axis=1, groups=4)},
+        r"'0\.weight'.*groups=4 does not divide size 6 of axis 0",
         id="channel-groups",
     ),
     pytest.param(MLP_SPEC, None, id="valid-control"),
@@ -258,8 +195,8 @@ def test_spec_error_in_fisher_step_leaves_state_intact() -> None:
     loss = ff.losses.classification(model)
     state = stepped_state(ff.make_fisher_step(loss, spec=MLP_SPEC, decay=0.5), params, batch)
     model.calls = 0
-    bad = ff.make_fisher_step(loss, spec={**MLP_SPEC, "fc1.weight": ff.Heads(4)}, decay=0.5)
-    assert_step_refuses(bad, params, batch, state, ff.SpecError, r"'fc1\.weight'", model)
+    bad = ff.make_fisher_step(loss, spec={**MLP_SPEC, "0.weight": ff.Heads(4)}, decay=0.5)
+    assert_step_refuses(bad, params, batch, state, ff.SpecError, r"'0\.weight'", model)
 
 
 def test_spec_error_lists_at_most_a_few_names() -> None:
@@ -288,9 +225,9 @@ def test_spec_error_lists_at_most_a_few_names() -> None:
 )
 def test_buckets_mapping_errors(mapping: tuple[int, ...], num_buckets: int | None, match: str) -> None:
     model, params, batch = tokens()
-    spec = {"emb.weight": ff.Buckets(num_buckets, mapping=mapping), "head.weight": ff.Channel(), "head.bias": ff.Skip()}
+    spec = {**ff.infer_spec(model), "emb.weight": ff.Buckets(num_buckets, mapping=mapping), "head.bias": ff.Skip()}
     with pytest.raises(ff.SpecError, match=match):
-        ff.fisher(ff.losses.causal_lm(model, inputs="ids"), params, batch, spec=spec)
+        ff.fisher(ff.losses.causal_lm(model, inputs="input_ids"), params, batch, spec=spec)
     assert model.calls == 0
 
 
@@ -302,7 +239,7 @@ def test_buckets_without_size_or_mapping() -> None:
 # --- batches --------------------------------------------------------------------------------------
 
 
-def _mlp_step(decay: float = 0.5) -> tuple[CountingMLP, dict, tuple, ff.FisherStep, ff.FisherState]:
+def _mlp_step(decay: float = 0.5) -> tuple[nn.Module, dict, tuple, ff.FisherStep, ff.FisherState]:
     model, params, batch = mlp()
     fisher_step = ff.make_fisher_step(
         ff.losses.classification(model, inputs="x", targets="y"), spec=MLP_SPEC, decay=decay
@@ -357,45 +294,45 @@ def test_scalar_batch_entry_is_named() -> None:
     ("builder", "batch_fn"),
     [
         pytest.param(
-            lambda m: ff.losses.token_classification(m, inputs="ids", targets="labels"),
-            lambda b: {**b, "labels": torch.full_like(b["ids"], -100)},
+            lambda m: ff.losses.token_classification(m, inputs="input_ids", targets="labels"),
+            lambda b: {**b, "labels": torch.full_like(b["input_ids"], -100)},
             id="token-all-ignored",
         ),
         pytest.param(
-            lambda m: ff.losses.token_classification(m, inputs="ids", targets="labels", ignore_index=7),
-            lambda b: {**b, "labels": torch.full_like(b["ids"], 7)},
+            lambda m: ff.losses.token_classification(m, inputs="input_ids", targets="labels", ignore_index=7),
+            lambda b: {**b, "labels": torch.full_like(b["input_ids"], 7)},
             id="token-all-custom-ignore",
         ),
         pytest.param(
-            lambda m: ff.losses.token_classification(m, inputs="ids", targets="labels", mask="mask"),
-            lambda b: {**b, "labels": b["ids"], "mask": torch.zeros_like(b["mask"])},
+            lambda m: ff.losses.token_classification(m, inputs="input_ids", targets="labels", mask="attention_mask"),
+            lambda b: {**b, "attention_mask": torch.zeros_like(b["attention_mask"])},
             id="token-all-masked",
         ),
         pytest.param(
-            lambda m: ff.losses.causal_lm(m, inputs="ids", mask="mask"),
-            lambda b: {**b, "mask": torch.zeros_like(b["mask"])},
+            lambda m: ff.losses.causal_lm(m, inputs="input_ids", mask="attention_mask"),
+            lambda b: {**b, "attention_mask": torch.zeros_like(b["attention_mask"])},
             id="causal-all-masked",
         ),
         pytest.param(
-            lambda m: ff.losses.causal_lm(m, inputs="ids", mask="mask"),
-            lambda b: {**b, "mask": torch.tensor([[1.0, 0, 0, 0, 0]] * 3)},  # only position 0: it is never a target
+            lambda m: ff.losses.causal_lm(m, inputs="input_ids", mask="attention_mask"),
+            lambda b: {**b, "attention_mask": torch.tensor([[1, 0, 0, 0, 0]] * 3)},  # only position 0: never a target
             id="causal-only-first-token",
         ),
         pytest.param(
-            lambda m: ff.losses.causal_lm(m, inputs="ids", labels="labels"),
-            lambda b: {**b, "labels": torch.full_like(b["ids"], -100)},
+            lambda m: ff.losses.causal_lm(m, inputs="input_ids", labels="labels"),
+            lambda b: {**b, "labels": torch.full_like(b["input_ids"], -100)},
             id="causal-labels-ignored",
         ),
         pytest.param(
-            lambda m: ff.losses.causal_lm(m, inputs="ids"),
-            lambda b: {"ids": b["ids"][:, :1]},  # one token: nothing to predict
+            lambda m: ff.losses.causal_lm(m, inputs="input_ids"),
+            lambda b: {"input_ids": b["input_ids"][:, :1]},  # one token: nothing to predict
             id="causal-length-one",
         ),
     ],
 )
 def test_batch_without_tokens(builder: Callable, batch_fn: Callable) -> None:
-    model, params, batch = tokens()
-    batch = batch_fn(batch)
+    model, params, good = tokens()
+    batch = batch_fn(good)
     loss = builder(model)
     spec = ff.infer_spec(model)
     match = r"no tokens"
@@ -404,7 +341,6 @@ def test_batch_without_tokens(builder: Callable, batch_fn: Callable) -> None:
     with pytest.raises(ff.BatchError, match=match):
         ff.per_sample_fisher(loss, params, batch, spec=spec)
     fisher_step = ff.make_fisher_step(loss, spec=spec, decay=0.5)
-    good = {"ids": torch.randint(0, 10, (3, 5)), "labels": torch.randint(0, 10, (3, 5)), "mask": torch.ones(3, 5)}
     state = stepped_state(fisher_step, params, good)
     model.calls = 0
     assert_step_refuses(fisher_step, params, batch, state, ff.BatchError, match, model)
@@ -489,10 +425,11 @@ def test_missing_batch_key(loss_fn: Callable, batch: Any, match: str) -> None:
 def test_missing_mask_key() -> None:
     model, params, batch = tokens()
     for loss in (
-        ff.losses.causal_lm(model, inputs="ids", mask="attention_mask"),
-        ff.losses.token_classification(model, inputs="ids", targets="ids", mask="attention_mask"),
+        ff.losses.causal_lm(model, inputs="input_ids", mask="padding_mask"),
+        ff.losses.token_classification(model, inputs="input_ids", targets="labels", mask="padding_mask"),
     ):
-        with pytest.raises(ff.BatchError, match=r"no mask entry 'attention_mask' \(it has \['ids', 'mask'\]\)"):
+        have = r"\['input_ids', 'labels', 'attention_mask'\]"
+        with pytest.raises(ff.BatchError, match=r"no mask entry 'padding_mask' \(it has " + have + r"\)"):
             ff.fisher(loss, params, batch, spec=ff.Channel())
     assert model.calls == 0
 
@@ -546,11 +483,8 @@ def test_state_dtype_must_be_floating(dtype: torch.dtype) -> None:
 
 
 def test_non_floating_parameter_needs_skip() -> None:
-    torch.manual_seed(0)
-    model = CountingIndexNet()
-    params = dict(model.named_parameters())
-    batch = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
-    loss = ff.losses.classification(model)
+    case = cases.case("index_net", dtype=torch.float32)  # a Linear(4, 3) and an int64 parameter 'order'
+    model, params, batch, loss = case.model, case.params, case.batch, case.loss
     match = r"parameter 'order' has dtype torch\.int64.*Skip\(\)"
     for run in (ff.fisher, ff.per_sample_fisher):
         with pytest.raises(ff.SpecError, match=match):
@@ -561,7 +495,8 @@ def test_non_floating_parameter_needs_skip() -> None:
         ff.fisher(loss, params, batch)  # spec=None: infer_spec has no rule for it either
     assert model.calls == 0
 
-    spec = {"lin.weight": ff.Channel(), "lin.bias": ff.Channel(), "order": ff.Skip()}
+    spec = case.spec
+    assert spec == {"lin.weight": ff.Channel(), "lin.bias": ff.Channel(), "order": ff.Skip()}
     result = ff.fisher(loss, params, batch, spec=spec)
     assert result["order"] is None and result["lin.weight"].shape == (3,)
     fisher_step = ff.make_fisher_step(loss, spec=spec, decay=0.5)
@@ -575,21 +510,21 @@ def test_non_tensor_parameter_is_named() -> None:
         ff.init_state({"w": torch.zeros(3, 2), "scale": 0.5}, spec=ff.Channel())
 
 
-BN_MATCH = r"BatchNorm layer 'bn' is in training mode.*mixes the samples.*model\.eval\(\)"
+BN_MATCH = r"BatchNorm layer 'bn2' is in training mode.*mixes the samples.*model\.eval\(\)"
 
 
-def _bn() -> tuple[CountingBatchNormNet, dict[str, Tensor], tuple[Tensor, Tensor], dict]:
-    torch.manual_seed(0)
-    model = CountingBatchNormNet()
-    params = dict(model.named_parameters())
-    spec = {name: ff.Channel() for name in params}
-    return model, params, (torch.randn(5, 4), torch.randint(0, 3, (5,))), spec
+def _bn() -> tuple[nn.Module, dict[str, Tensor], tuple[Tensor, Tensor], dict]:
+    """The registry's norm model (BatchNorm2d 'bn2' first, BatchNorm1d 'bn1' later), in training mode."""
+    case = cases.case("norms", batch=5, dtype=torch.float32)
+    model = case.model.train()
+    spec = {name: ff.Channel() for name in case.params}
+    return model, case.params, case.batch, spec
 
 
 def test_train_mode_batchnorm() -> None:
     model, params, batch, spec = _bn()
     loss = ff.losses.classification(model)
-    running = model.bn.running_mean.clone()
+    running = model.bn2.running_mean.clone()
     with pytest.raises(ValueError, match=BN_MATCH):
         ff.infer_spec(model)
     for run in (ff.fisher, ff.per_sample_fisher):
@@ -606,7 +541,7 @@ def test_train_mode_batchnorm() -> None:
     model.train()
     assert_step_refuses(fisher_step, params, batch, state, ValueError, BN_MATCH, model)
     assert model.calls == 0
-    assert torch.equal(model.bn.running_mean, running)  # no running-statistics update either
+    assert torch.equal(model.bn2.running_mean, running)  # no running-statistics update either
     model.eval()
     assert set(ff.infer_spec(model)) == set(params)
 
@@ -629,8 +564,8 @@ def test_state_with_different_decay() -> None:
 
 def test_state_for_other_parameter_names() -> None:
     model, params, batch, fisher_step, state = _mlp_step()
-    renamed = {("layer1." + k if k.startswith("fc1") else k): v for k, v in params.items()}
-    spec = {("layer1." + k if k.startswith("fc1") else k): r for k, r in MLP_SPEC.items()}
+    renamed = {("layer1." + k if k.startswith("0.") else k): v for k, v in params.items()}
+    spec = {("layer1." + k if k.startswith("0.") else k): r for k, r in MLP_SPEC.items()}
 
     def loss(p: dict[str, Tensor], sample: Any) -> tuple[Tensor, int]:
         original = {(k.removeprefix("layer1.")): v for k, v in p.items()}
@@ -643,8 +578,8 @@ def test_state_for_other_parameter_names() -> None:
         {"x": batch[0], "y": batch[1]},
         state,
         ff.SpecError,
-        r"other parameters: params have 'layer1\.fc1\.bias', 'layer1\.fc1\.weight' that the state lacks; "
-        r"the state has 'fc1\.bias', 'fc1\.weight' that params lack",
+        r"other parameters: params have 'layer1\.0\.bias', 'layer1\.0\.weight' that the state lacks; "
+        r"the state has '0\.bias', '0\.weight' that params lack",
         model,
     )
 
@@ -652,10 +587,8 @@ def test_state_for_other_parameter_names() -> None:
 def test_state_for_other_parameter_shapes() -> None:
     model, params, batch, fisher_step, state = _mlp_step()
     torch.manual_seed(1)
-    wider = CountingMLP()
-    wider.fc1 = nn.Linear(4, 8)
-    wider.fc2 = nn.Linear(8, 3)
-    wide_params = dict(wider.named_parameters())
+    wide = cases.case("mlp", batch=5, features=4, hidden=8, classes=3, seed=1, dtype=torch.float32)
+    wider, wide_params = wide.model, wide.params
     other = ff.make_fisher_step(ff.losses.classification(wider, inputs="x", targets="y"), spec=MLP_SPEC, decay=0.5)
     assert_step_refuses(
         other,
@@ -663,21 +596,21 @@ def test_state_for_other_parameter_shapes() -> None:
         {"x": batch[0], "y": batch[1]},
         state,
         ff.SpecError,
-        r"state\.ema: entry 'fc1\.(weight|bias)' should have shape \(8,\), got \(6,\)",
+        r"state\.ema: entry '0\.(weight|bias)' should have shape \(8,\), got \(6,\)",
         wider,
     )
 
 
 def test_state_for_other_rules() -> None:
     model, params, batch, fisher_step, state = _mlp_step()
-    other = ff.make_fisher_step(fisher_step.loss, spec={**MLP_SPEC, "fc2.weight": ff.Whole()}, decay=0.5)
+    other = ff.make_fisher_step(fisher_step.loss, spec={**MLP_SPEC, "2.weight": ff.Whole()}, decay=0.5)
     assert_step_refuses(
         other,
         params,
         {"x": batch[0], "y": batch[1]},
         state,
         ff.SpecError,
-        r"parameter 'fc2\.weight': the state was made with Channel\(axis=0, groups=1\), .*uses Whole\(\)",
+        r"parameter '2\.weight': the state was made with Channel\(axis=0, groups=1\), .*uses Whole\(\)",
         model,
     )
 
@@ -685,21 +618,21 @@ def test_state_for_other_rules() -> None:
 def test_state_for_other_structure() -> None:
     model, params, batch, fisher_step, state = _mlp_step()
     nested = {
-        "fc1": {"weight": params["fc1.weight"], "bias": params["fc1.bias"]},
-        "fc2.weight": params["fc2.weight"],
-        "fc2.bias": params["fc2.bias"],
+        "0": {"weight": params["0.weight"], "bias": params["0.bias"]},
+        "2.weight": params["2.weight"],
+        "2.bias": params["2.bias"],
     }
 
     def loss(p: dict[str, Any], sample: Any) -> tuple[Tensor, int]:
         flat = {
-            "fc1.weight": p["fc1"]["weight"],
-            "fc1.bias": p["fc1"]["bias"],
-            "fc2.weight": p["fc2.weight"],
-            "fc2.bias": p["fc2.bias"],
+            "0.weight": p["0"]["weight"],
+            "0.bias": p["0"]["bias"],
+            "2.weight": p["2.weight"],
+            "2.bias": p["2.bias"],
         }
         return fisher_step.loss(flat, sample)
 
-    spec = {"fc1": ff.Channel(), "fc2.weight": ff.Channel(), "fc2.bias": ff.Skip()}
+    spec = {"0": ff.Channel(), "2.weight": ff.Channel(), "2.bias": ff.Skip()}
     other = ff.make_fisher_step(loss, spec=spec, decay=0.5)
     assert_step_refuses(other, nested, {"x": batch[0], "y": batch[1]}, state, ff.SpecError, r"tree structure", model)
 
@@ -807,7 +740,7 @@ def test_error_types_are_value_errors() -> None:
 
 
 def test_bad_dropout_option_is_refused_by_every_builder() -> None:
-    model = CountingMLP()
+    model, _, _ = mlp()
     builders: list[Callable[..., Any]] = [
         ff.losses.classification,
         ff.losses.token_classification,
@@ -825,16 +758,15 @@ def test_bad_dropout_option_is_refused_by_every_builder() -> None:
 def test_train_dropout_on_an_eval_mode_model_is_refused_before_any_forward() -> None:
     # dropout="train" keeps the model's own dropout; with every module in eval mode nothing would
     # be dropped, which is almost surely a mistake.
-    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.3), CountingMLP()).eval()
-    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    params = dict(model.named_parameters())
+    case = cases.case("mlp", batch=5, dropout=0.3, dtype=torch.float32)  # Linear → Tanh → Dropout → Linear
+    model, (x, y), params = case.model.eval(), case.batch, case.params
     loss = ff.losses.classification(model, dropout="train")
     with pytest.raises(ValueError, match=r"dropout='train'.*Sequential.*eval mode.*model\.train\(\)"):
         ff.fisher(loss, params, (x, y))
-    assert model[2].calls == 0
+    assert model.calls == 0
     assert not any(m.training for m in model.modules())  # the check changes nothing
     ff.fisher(ff.losses.classification(model), params, (x, y))  # the default (eval semantics) works
-    assert model[2].calls > 0
+    assert model.calls > 0
 
 
 def test_bare_tensor_batch_for_a_model_loss() -> None:
