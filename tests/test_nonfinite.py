@@ -14,23 +14,25 @@ from typing import Any
 import optree
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import fisherfunc as ff
 from fisherfunc._engine.nonfinite import NonFiniteWarning
+from fisherfunc.testing import cases
+from fisherfunc.testing.cases import Case
 
-PARAMS = {"a": torch.tensor([0.5, -1.0, 2.0]), "b": torch.tensor([1.5, 0.25])}
+
+def linear_case(size: int = 6, seed: int = 0) -> Case:
+    """The registry's ``L_b = a·x_b + b·z_b`` (``∇_a = x_b``, ``∇_b = z_b``) in float32, ``(x [B, 3], z [B, 2])``."""
+    return cases.case("linear_scores", batch=size, seed=seed, dtype=torch.float32)
 
 
-def linear_loss(params: dict[str, Tensor], sample: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
-    """``L_b = a·x_b + b·z_b``: ``∇_a = x_b``, ``∇_b = z_b``."""
-    x, z = sample
-    return params["a"] @ x + params["b"] @ z, 1
+PARAMS = linear_case().params  # the same fixed values for every seed
+linear_loss = linear_case().loss
 
 
 def batch(size: int = 6, seed: int = 0) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(size, 3, generator=g), torch.randn(size, 2, generator=g)
+    return linear_case(size, seed).batch
 
 
 def planted(where: str, samples: list[int], value: float = math.nan, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -152,12 +154,11 @@ def test_iterable_of_batches_names_the_batch() -> None:
 def test_model_with_a_nan_input(path: str, spec: Any) -> None:
     # On the auto path the weights' chunk sums are contracted at batch level ((d²)ᵀ(a²)); a NaN
     # there is still detected, and the chunk's per-sample rerun names the sample.
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    case = cases.case("mlp", batch=8, dtype=torch.float32)  # Linear(4, 6) → Tanh → Linear(6, 3)
+    params = {k: v.detach() for k, v in case.params.items()}
+    x, y = case.batch[0].clone(), case.batch[1]
     x[5, 2] = math.nan
-    loss = ff.losses.classification(model)
+    loss = case.loss
     fisher_step = ff.make_fisher_step(loss, spec=spec, decay=0.9, path=path, chunk_size=3)
     state = fisher_step.init(params)
     with pytest.raises(ff.NonFiniteError) as info:
