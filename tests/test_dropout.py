@@ -20,65 +20,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fisherfunc as ff
+from fisherfunc.testing import cases
 
 TOL = 1e-12
 PATHS = ("auto", "direct")
 
 
-class DropoutMLP(nn.Module):
-    """Linear → Dropout → Tanh → Linear → AlphaDropout → Linear (a classifier)."""
-
-    def __init__(self, p: float = 0.5) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(6, 10), nn.Dropout(p), nn.Tanh(), nn.Linear(10, 10), nn.AlphaDropout(p), nn.Linear(10, 4)
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
-class FunctionalDropoutNet(nn.Module):
-    """Functional dropout that ignores the module's mode (``training=True`` hard-coded) and attention
-    dropout inside ``F.scaled_dot_product_attention``; ``p=0`` is the deterministic network."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-        self.qkv = nn.Linear(8, 24)
-        self.out = nn.Linear(8, 5)
-
-    def forward(self, x: Tensor) -> Tensor:  # x [B, T, 8] -> logits [B, 5]
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        h = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p)
-        h = F.dropout(h, self.p, training=True) + F.dropout2d(h, p=self.p, training=True)
-        return self.out(torch.tanh(h).mean(-2))
-
-
-class EncoderClassifier(nn.Module):
-    """``nn.TransformerEncoderLayer`` (``nn.MultiheadAttention`` inside) with dropout, then a head."""
-
-    def __init__(self, p: float = 0.4) -> None:
-        super().__init__()
-        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=p, batch_first=True)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: Tensor) -> Tensor:  # x [B, T, 8] -> logits [B, 3]
-        return self.head(self.layer(x).mean(-2))
-
-
 def _case(name: str) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
+    """A float64 training-mode model with dropout and a batch.
+
+    ``"mlp"``: Linear → Tanh → Dropout → Linear → Tanh → AlphaDropout → Linear (p = 0.5);
+    ``"encoder"``: ``nn.TransformerEncoderLayer`` (``nn.MultiheadAttention`` inside, dropout 0.4) → head.
+    """
     if name == "mlp":
-        model: nn.Module = DropoutMLP()
-        batch = (torch.randn(7, 6, generator=g), torch.randint(0, 4, (7,), generator=g))
+        case = cases.case("mlp", features=6, hidden=(10, 10), classes=4, dropout=0.5, batch=7)
     elif name == "encoder":
-        model = EncoderClassifier()
-        batch = (torch.randn(5, 4, 8, generator=g), torch.randint(0, 3, (5,), generator=g))
+        case = cases.case("attention_classifier", block="encoder", dropout=0.4, seq_len=4, batch=5)
     else:
         raise ValueError(name)
-    return model.double().train(), (batch[0].double(), batch[1])
+    return case.model.train(), case.batch
 
 
 def _snapshot(model: nn.Module) -> dict[str, Any]:
@@ -120,12 +80,12 @@ def test_eval_semantics_equal_the_eval_mode_models_fisher(name: str, path: str) 
 @pytest.mark.parametrize("path", PATHS)
 def test_eval_semantics_reach_functional_and_attention_dropout(path: str) -> None:
     # The p=0 network is what evaluation computes; hard-coded training=True calls are dropped too.
-    torch.manual_seed(0)
-    model = FunctionalDropoutNet(p=0.6).double()
+    # Functional dropout that ignores the module's mode (training=True hard-coded) and attention
+    # dropout inside F.scaled_dot_product_attention; p=0 is the deterministic network.
+    case = cases.case("functional_dropout", p=0.6, batch=6, seq_len=5)
+    model, batch = case.model, case.batch
     plain = copy.deepcopy(model)
     plain.p = 0.0
-    g = torch.Generator().manual_seed(1)
-    batch = (torch.randn(6, 5, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (6,), generator=g))
     spec = ff.Channel(0)
     got = ff.fisher(ff.losses.classification(model), dict(model.named_parameters()), batch, spec=spec, path=path)
     want = ff.fisher(ff.losses.classification(plain), dict(plain.named_parameters()), batch, spec=spec, path=path)
