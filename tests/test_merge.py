@@ -8,16 +8,19 @@ invariant checks do).
 
 from __future__ import annotations
 
+from typing import Any
+
 import optree
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import Tensor, nn
+from torch import Tensor
 
 import fisherfunc as ff
 from fisherfunc._engine.batches import batch_size, take
 from fisherfunc.storage import UNIT_ROUNDOFF
+from fisherfunc.testing import cases
 from fisherfunc.testing import invariants as inv
 from fisherfunc.testing import strategies as fst
 
@@ -85,14 +88,11 @@ def test_merge_of_one_step_states_is_the_state_of_the_whole(data: st.DataObject,
 # --- states over several steps ----------------------------------------------------------------------
 
 
-def _mlp() -> tuple[object, dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
-               for _ in range(4)]  # fmt: skip
-    return ff.losses.classification(model), params, batches
+def _mlp() -> tuple[Any, dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
+    """Linear(4, 6) → Tanh → Linear(6, 3), float64, and four batches of 8."""
+    case = cases.case("mlp", batch=(8, 8, 8, 8))
+    params = {k: v.detach() for k, v in case.params.items()}
+    return case.loss, params, list(case.batches)
 
 
 def test_lock_step_workers_with_equal_shards_merge_exactly() -> None:
