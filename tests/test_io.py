@@ -23,23 +23,19 @@ from torch import Tensor, nn
 
 import fisherfunc as ff
 from fisherfunc.storage import UNIT_ROUNDOFF, Scaled, decode
-
-
-def _model(hidden: int = 6, out: int = 3) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, out))
+from fisherfunc.testing import cases
 
 
 def _setup(hidden: int = 6, **step: Any) -> tuple[nn.Module, ff.FisherStep, dict[str, Tensor], ff.FisherState]:
-    model = _model(hidden)
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    """Linear(4, hidden) → Tanh → Linear(hidden, 3) (float32) after three steps on batches of 8."""
+    case = cases.case("mlp", hidden=hidden, batch=(8, 8, 8), dtype=torch.float32)
+    params = {k: v.detach() for k, v in case.params.items()}
     spec = {"0.weight": ff.Elementwise(), "0.bias": ff.Skip(), "2.weight": ff.Heads(3, axis=1), "2.bias": ff.Whole()}
-    fisher_step = ff.make_fisher_step(ff.losses.classification(model), spec=spec, **({"decay": 0.9} | step))
-    g = torch.Generator().manual_seed(1)
+    fisher_step = ff.make_fisher_step(case.loss, spec=spec, **({"decay": 0.9} | step))
     state = fisher_step.init(params)
-    for _ in range(3):
-        state = fisher_step(params, (torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)), state)
-    return model, fisher_step, params, state
+    for batch in case.batches:
+        state = fisher_step(params, batch, state)
+    return case.model, fisher_step, params, state
 
 
 def assert_bitwise(actual: ff.FisherState, expected: ff.FisherState) -> None:
