@@ -18,6 +18,7 @@ from torch import nn
 
 import fisherfunc as ff
 from fisherfunc._spec.groups import group_index
+from fisherfunc.testing import cases
 
 # --- membership -----------------------------------------------------------------------------------
 
@@ -135,23 +136,13 @@ def test_select_respects_eligibility_and_refuses_bad_input() -> None:
 # --- a model with every rule --------------------------------------------------------------------------
 
 
-class Mixed(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(9, 8)
-        self.attn = nn.Linear(8, 8)  # read as 4 heads
-        self.norm = nn.LayerNorm(8)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.norm(torch.tanh(self.attn(self.emb(ids))))
-        return self.head(h).mean(-2)
-
+# A sequence classifier: Embedding(9, 8) → Linear(8, 8) (read as 4 heads) → Tanh → LayerNorm → Linear(8, 3), mean.
+MIXED = {"vocab": 9, "dim": 8, "width": 8, "heads": 0, "norm": True, "classes": 3, "seq_len": 5, "batch": 12}
 
 SPEC = {
     "emb.weight": ff.Buckets(3),
-    "attn.weight": ff.Heads(4),
-    "attn.bias": ff.Elementwise(),
+    "lin.weight": ff.Heads(4),
+    "lin.bias": ff.Elementwise(),
     "norm.weight": ff.Channel(0),
     "norm.bias": ff.Whole(),
     "head.weight": ff.Channel(0),
@@ -160,11 +151,9 @@ SPEC = {
 
 
 def _mixed(dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], object]:
-    torch.manual_seed(0)
-    model = Mixed().to(dtype)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    batch = (torch.randint(0, 9, (12, 5)), torch.randint(0, 3, (12,)))
-    fisher = ff.fisher(ff.losses.classification(model), params, batch, spec=SPEC, kind="exact")
+    case = cases.case("sequence_classifier", **MIXED, dtype=dtype)
+    params = {k: v.detach() for k, v in case.params.items()}
+    fisher = ff.fisher(case.loss, params, case.batch, spec=SPEC, kind="exact")
     return params, fisher
 
 
@@ -233,7 +222,7 @@ def test_where_selects_heads_only() -> None:
     assert plan.groups.numel() == 2  # ⌈0.5 · 4 heads⌉
     spec = plan.index.spec
     leaves = plan.index.leaf_of(plan.groups)
-    assert all(spec.names[spec.active[j]] == "attn.weight" for j in leaves.tolist())
+    assert all(spec.names[spec.active[j]] == "lin.weight" for j in leaves.tolist())
     by_name = ff.perturb.plan(fisher, SPEC, params, concentration=1.0, energy=1.0, where="norm.*", temperature=0)
     assert by_name.groups.numel() == 9  # 8 channels of norm.weight + norm.bias as a whole
     index = plan.index
@@ -302,6 +291,9 @@ def test_linear_regression_at_optimum_predicted_equals_actual() -> None:
 def test_kl_over_half_fisher_tends_to_one() -> None:
     # Mean over samples of KL(p_θ ‖ p_{θ+δ}) = ½ δᵀ F δ + O(‖δ‖³), with F the exact Fisher normalised
     # by tokens (one per sample here, so per sample): for δ = h e_i the ratio is 1 + O(h).
+    # This model and these inputs are kept as they are: at h = 0.1 the remainder of these three
+    # coordinates is already in its O(h) regime, which the rate check below relies on (it is not
+    # for every random MLP: for some, h = 0.1 is still pre-asymptotic).
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(torch.float64)
     params = {k: v.detach() for k, v in model.named_parameters()}
