@@ -3,8 +3,9 @@
 Every model is float64 and every comparison uses ``RTOL = 1e-12`` (norm-wise per parameter, see
 :mod:`fisherfunc.testing.invariants`); the rules' conservation is checked to ``1e-12`` relative to
 ``Σ|x|``. Examples are derandomized and no database is written, so a run is reproducible and CI
-sees the same examples every time; a failure prints the ``Case`` (family, seed, sizes) that
-``fisherfunc.testing.strategies.build_case(family, seed, sizes)`` rebuilds.
+sees the same examples every time; a failure prints the ``Case`` (name, seed, sizes) that
+``fisherfunc.testing.cases.case(name, seed=seed, **sizes)`` rebuilds (the drawn families are the
+registry's ``hypothesis`` entries).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.func import vmap
 import fisherfunc as ff
 from fisherfunc._engine.batches import batch_size, take
 from fisherfunc._spec.resolve import resolve_spec
+from fisherfunc.testing import cases as registry
 from fisherfunc.testing import invariants as inv
 from fisherfunc.testing import strategies as fst
 
@@ -263,11 +265,9 @@ def test_to_keyed_from_keyed_round_trip(tree, task, other):
 
 
 def _linear_case():
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = torch.nn.Linear(3, 2).double()
-        batch = (torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0]))
-    return model, ff.losses.classification(model), dict(model.named_parameters()), batch
+    """A single Linear(3, 2) classifier (float64) and a batch of 4: the registry's ``mlp`` without hidden layers."""
+    case = registry.case("mlp", hidden=(), features=3, classes=2, batch=4)
+    return case.model, case.loss, case.params, case.batch
 
 
 def test_check_conservation_catches_a_rule_that_loses_mass():
@@ -290,9 +290,9 @@ def test_check_pure_step_catches_an_in_place_update():
 
         def check(self, b):
             with torch.no_grad():
-                params["bias"].mul_(1.0)  # same values, but an in-place write
+                params["0.bias"].mul_(1.0)  # same values, but an in-place write
 
-    with pytest.raises(AssertionError, match="version counter of params 'bias'"):
+    with pytest.raises(AssertionError, match=r"version counter of params '0\.bias'"):
         inv.check_pure_step(MutatingLoss(), params, batch, ff.Channel(0))
 
 
