@@ -18,7 +18,7 @@ import fisherfunc as ff
 from fisherfunc._engine.group_sums import find_sites
 from fisherfunc._engine.numerics import prepare
 from fisherfunc._spec.resolve import resolve_spec
-from fisherfunc.testing import assert_fisher_close
+from fisherfunc.testing import assert_fisher_close, cases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,12 +139,10 @@ def test_a_rule_that_is_not_a_partition_is_refused() -> None:
 
 
 def _case() -> tuple[nn.Module, ff.losses.ModelLoss, dict[str, Tensor], tuple[Tensor, Tensor], dict[str, ff.Rule]]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).double()
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    batch = (torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 4, (7,)))
+    case = cases.case("mlp", features=5, hidden=6, classes=4, batch=7)  # Linear(5, 6) → Tanh → Linear(6, 4)
+    params = {k: v.detach() for k, v in case.params.items()}
     spec = {"0.weight": RowBlocks(3), "0.bias": RowBlocks(2), "2.weight": Parity(), "2.bias": ff.Channel()}
-    return model, ff.losses.classification(model), params, batch, spec
+    return case.model, case.loss, params, case.batch, spec
 
 
 def _naive(model: nn.Module, params: dict[str, Tensor], batch: tuple[Tensor, Tensor], spec: dict) -> dict:
@@ -182,7 +180,9 @@ def test_a_user_rule_works_in_the_step_keys_files_and_perturb(tmp_path) -> None:
     assert "t|0.weight|block" in keyed and "t|2.weight|parity" in keyed
     loaded = ff.load(ff.save(tmp_path / "state.safetensors", state, params=params), params)
     assert loaded.spec == state.spec and all(torch.equal(loaded.ema[k], state.ema[k]) for k in state.ema)
-    plan = ff.perturb.plan(ff.estimate(state), spec, params, concentration=0.5, energy=1e-2, temperature=0, where=RowBlocks)
+    plan = ff.perturb.plan(
+        ff.estimate(state), spec, params, concentration=0.5, energy=1e-2, temperature=0, where=RowBlocks
+    )
     chosen = {plan.index.spec.names[plan.index.spec.active[int(j)]] for j in plan.index.leaf_of(plan.groups)}
     assert chosen <= {"0.weight", "0.bias"}
     new, record = ff.perturb.perturb(params, plan, generator=torch.Generator().manual_seed(0))
