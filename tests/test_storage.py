@@ -21,6 +21,7 @@ import fisherfunc as ff
 from fisherfunc import storage
 from fisherfunc._state import codec
 from fisherfunc.storage import UNIT_ROUNDOFF, Scaled, decode, encode
+from fisherfunc.testing import cases
 
 LOW = [torch.bfloat16, torch.float16]
 ALL = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -68,19 +69,13 @@ def test_other_storage_dtypes_are_refused(dtype: torch.dtype) -> None:
 
 # --- steps on stored states -----------------------------------------------------------------------
 
-PARAMS = {"tiny": torch.ones(3), "huge": torch.ones(2), "off": torch.ones(1)}
-SPEC = {"tiny": ff.Elementwise(), "huge": ff.Channel(), "off": ff.Skip()}
-
-
-def scaled_loss(params: dict[str, Tensor], sample: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
-    """``L_b = tiny·x_b + huge·z_b + off``: gradients ``x_b`` (~1e-15) and ``z_b`` (~1e15)."""
-    x, z = sample
-    return params["tiny"] @ x + params["huge"] @ z + params["off"].sum(), 1
+# ``L_b = tiny·x_b + huge·z_b + Σ off``: gradients ``x_b`` (~1e-15) and ``z_b`` (~1e15), ``off`` skipped.
+SCALED = cases.case("scaled_gradients", batch=(4, 4, 4), dtype=torch.float32)
+PARAMS, SPEC, scaled_loss = SCALED.params, SCALED.spec, SCALED.loss
 
 
 def batches(n: int = 3) -> list[tuple[Tensor, Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    return [(1e-15 * (1 + torch.rand(4, 3, generator=g)), 1e15 * (1 + torch.rand(4, 2, generator=g))) for _ in range(n)]
+    return list(SCALED.batches[:n])
 
 
 def run(dtype: torch.dtype | None) -> ff.FisherState:
