@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fisherfunc as ff
+from fisherfunc.testing import cases
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
@@ -31,26 +32,16 @@ def labelled(ax) -> None:
 
 
 def mha_model() -> tuple[torch.nn.Module, dict, ff.PerSampleFisher]:
-    torch.manual_seed(0)
-
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layers = torch.nn.ModuleList(torch.nn.MultiheadAttention(8, 4, batch_first=True) for _ in range(3))
-            self.head = torch.nn.Linear(8, 5)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for attn in self.layers:
-                x = x + attn(x, x, x, need_weights=False)[0]
-            return self.head(x.mean(-2))
-
-    model = Net().eval()
-    x, y = torch.randn(12, 6, 8), torch.randint(0, 5, (12,))
-    loss = ff.losses.classification(model)
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    """Three residual ``nn.MultiheadAttention`` layers (4 heads each) and a head, on 12 sequences."""
+    case = cases.case(
+        "attention_classifier", block="mha", layers=3, dim=8, heads=4, classes=5, seq_len=6, batch=12,
+        dtype=torch.float32,
+    )  # fmt: skip
+    loss, batch = case.loss, case.batch
+    params = {k: v.detach() for k, v in case.params.items()}
     state = ff.make_fisher_step(loss, decay=0.5).init(params)
-    state = ff.make_fisher_step(loss, decay=0.5)(params, (x, y), state)
-    return model, state, ff.per_sample_fisher(loss, params, (x, y))
+    state = ff.make_fisher_step(loss, decay=0.5)(params, batch, state)
+    return case.model, state, ff.per_sample_fisher(loss, params, batch)
 
 
 def test_head_matrix_sums_each_layers_head_parameters() -> None:
