@@ -44,13 +44,14 @@ from reference import (
 from torch import Tensor, nn
 
 import fisherfunc as ff
+from fisherfunc.testing import cases
+from fisherfunc.testing.cases import Case
 
 transformers = pytest.importorskip("transformers", reason="fisherfunc[hf] (transformers) is not installed")
 
 TOL = 1e-10
 V, T, B = 40, 7, 3
 LENGTHS = (7, 5, 3)
-PAD = 0
 IMPLS = ("sdpa", "eager")
 SIDES = ("right", "left")
 PATHS = ("auto", "direct")
@@ -71,55 +72,29 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 # --- tiny models ----------------------------------------------------------------------------------
 
 
-def build(family: str, impl: str, head: str = "lm") -> nn.Module:
-    """A float64 tiny model of ``family`` with ``impl`` attention, in training mode (dropout 0.1)."""
-    torch.manual_seed(0)
-    common: dict[str, Any] = {"vocab_size": V, "pad_token_id": PAD, "attn_implementation": impl}
-    if family == "bert":
-        config = transformers.BertConfig(
-            hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
-            max_position_embeddings=16, num_labels=3, **common,
-        )  # fmt: skip
-        cls = transformers.BertForMaskedLM if head == "lm" else transformers.BertForSequenceClassification
-    elif family == "gpt2":
-        config = transformers.GPT2Config(
-            n_embd=16, n_layer=2, n_head=4, n_positions=16, bos_token_id=1, eos_token_id=1, num_labels=3, **common
-        )
-        cls = transformers.GPT2LMHeadModel if head == "lm" else transformers.GPT2ForSequenceClassification
-    elif family == "llama":
-        config = transformers.LlamaConfig(
-            hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
-            intermediate_size=24, max_position_embeddings=16, attention_bias=True, attention_dropout=0.1,
-            bos_token_id=1, eos_token_id=1, num_labels=3, **common,
-        )  # fmt: skip
-        cls = transformers.LlamaForCausalLM if head == "lm" else transformers.LlamaForSequenceClassification
-    elif family in ("mistral", "qwen2"):  # sliding-window attention: every layer / the second layer only
-        window = {"sliding_window": 3}
-        if family == "qwen2":
-            window.update(use_sliding_window=True, max_window_layers=1)
-        config = getattr(transformers, f"{family.capitalize()}Config")(
-            hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=24, max_position_embeddings=16, bos_token_id=1, eos_token_id=1, **window, **common,
-        )  # fmt: skip
-        cls = getattr(transformers, f"{family.capitalize()}ForCausalLM")
+def hf_case(family: str, impl: str, head: str = "lm", side: str = "right", **sizes: Any) -> Case:
+    """A float64 tiny model of ``family`` with ``impl`` attention, in training mode (dropout 0.1), and a batch.
+
+    The registry's ``hf_masked_lm`` (BERT), ``hf_causal_lm`` (GPT-2, Llama, Mistral, Qwen2) or, for
+    ``head="cls"``, ``hf_sequence_classification``: ``input_ids``/``attention_mask`` ``[B, T]`` for
+    sequences of ``LENGTHS`` padded on ``side`` (the same token sequences on either side), with MLM
+    ``labels`` (every other real token) for BERT and a class ``labels [B]`` for a classifier.
+    """
+    if head == "cls":
+        name, options = "hf_sequence_classification", {"family": family}
+    elif family == "bert":
+        name, options = "hf_masked_lm", {}
     else:
-        raise ValueError(family)
-    return cls(config).double().train()
+        name, options = "hf_causal_lm", {"family": family}
+    options |= {"lengths": LENGTHS, "seq_len": T, "vocab": V} | sizes
+    case = cases.case(name, impl=impl, side=side, **options)
+    case.model.train()
+    return case
 
 
-def padded(side: str, seed: int = 0) -> dict[str, Tensor]:
-    """``input_ids``/``attention_mask`` ``[B, T]`` for sequences of ``LENGTHS``, padded on ``side``;
-    MLM ``labels`` (every other real token, -100 elsewhere) and class ``label`` per sequence."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.full((B, T), PAD)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    labels = torch.full((B, T), -100)
-    for b, n in enumerate(LENGTHS):
-        tokens = torch.randint(2, V, (n,), generator=g)
-        span = slice(0, n) if side == "right" else slice(T - n, T)
-        ids[b, span], mask[b, span] = tokens, 1
-        labels[b, span] = torch.where(torch.arange(n) % 2 == 0, tokens, torch.full_like(tokens, -100))
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "label": torch.tensor([0, 2, 1])}
+def build(family: str, impl: str, head: str = "lm") -> nn.Module:
+    """:func:`hf_case`'s model alone."""
+    return hf_case(family, impl, head).model
 
 
 def unpadded(batch: dict[str, Tensor], b: int) -> dict[str, Tensor]:
@@ -160,7 +135,7 @@ def ref_mlm(model: nn.Module, sample: dict[str, Tensor]) -> tuple[Tensor, float]
 
 
 def ref_classify(model: nn.Module, sample: dict[str, Tensor]) -> tuple[Tensor, float]:
-    return cross_entropy_sum(ref_logits(model, sample), sample["label"])
+    return cross_entropy_sum(ref_logits(model, sample), sample["labels"])
 
 
 LM = {
@@ -240,13 +215,10 @@ def library_vs_reference(
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 def test_lm_per_head_and_per_channel_fisher_match_the_naive_loop(family: str, impl: str, side: str) -> None:
-    model = build(family, impl)
+    case = hf_case(family, impl, side=side)  # causal LMs predict their own input ids; BERT its MLM labels
     make, ref = LM[family]
-    batch = padded(side)
-    if family != "bert":
-        del batch["labels"]  # causal LMs predict their own input ids
-    del batch["label"]
-    library_vs_reference(model, make(model), ref, batch, ff.infer_spec(model), hf_nan(family, impl, side))
+    model = case.model
+    library_vs_reference(model, make(model), ref, case.batch, ff.infer_spec(model), hf_nan(family, impl, side))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -254,12 +226,12 @@ def test_lm_per_head_and_per_channel_fisher_match_the_naive_loop(family: str, im
 def test_sliding_window_attention_matches_the_naive_loop(family: str, impl: str) -> None:
     # A window of 3 over sequences of up to 7 tokens; Qwen2 mixes a full and a sliding layer, so
     # its layers get a dict of two masks.
-    model = build(family, impl)
+    case = hf_case(family, impl, side="left")
+    model = case.model
     layout = ff.hf.attention_layout(model)
     assert (layout.causal, layout.sliding_window, layout.mixed) == (True, 3, family == "qwen2")
-    batch = padded("left")
-    del batch["labels"], batch["label"]
-    library_vs_reference(model, ff.hf.causal_lm(model), ref_causal, batch, ff.infer_spec(model), hf_nan(family, impl))
+    spec = ff.infer_spec(model)
+    library_vs_reference(model, ff.hf.causal_lm(model), ref_causal, case.batch, spec, hf_nan(family, impl))
 
 
 CLASSIFIERS = [
@@ -272,11 +244,10 @@ CLASSIFIERS = [
 
 @pytest.mark.parametrize(("family", "impl", "side"), CLASSIFIERS)
 def test_sequence_classification_matches_the_naive_loop(family: str, impl: str, side: str) -> None:
-    model = build(family, impl, head="cls")
-    batch = padded(side)
-    del batch["labels"]
-    loss = ff.hf.sequence_classification(model, labels="label")
-    library_vs_reference(model, loss, ref_classify, batch, ff.infer_spec(model), hf_nan(family, impl, side))
+    case = hf_case(family, impl, head="cls", side=side)
+    model = case.model
+    loss = ff.hf.sequence_classification(model, labels="labels")
+    library_vs_reference(model, loss, ref_classify, case.batch, ff.infer_spec(model), hf_nan(family, impl, side))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -284,11 +255,14 @@ def test_sequence_classification_matches_the_naive_loop(family: str, impl: str, 
 def test_the_padding_side_does_not_change_a_samples_fisher(family: str, impl: str) -> None:
     # With positions counted over real tokens, a sequence's Fisher is the same padded left,
     # padded right or not padded at all.
-    model = build(family, impl)
+    case = hf_case(family, impl, side="right")
+    model = case.model
     loss = LM[family][0](model)
     params = dict(model.named_parameters())
     spec = ff.infer_spec(model)
-    right, left = padded("right"), padded("left")
+    right, left = case.batch, case.rebuild(side="left").batch  # the same sequences, padded on either side
+    for b in range(B):
+        assert torch.equal(unpadded(right, b)["input_ids"], unpadded(left, b)["input_ids"])
     by_side = [ff.per_sample_fisher(loss, params, batch, spec=spec) for batch in (right, left)]
     for b in range(B):
         alone = ff.per_sample_fisher(loss, params, unpadded(right, b), spec=spec)
@@ -331,7 +305,6 @@ def test_head_rules_and_group_shapes_per_family() -> None:
     assert llama["model.layers.0.input_layernorm.weight"] == ff.Channel(0)  # LlamaRMSNorm
     assert model.get_parameter(f"{attn}q_proj.weight").shape == (4 * 6, 16)  # head_dim 6 from the config
 
-    batch = padded("left")
     shapes = {
         "bert": {"encoder.layer.0.attention.self.query.weight": (4,),
                  "encoder.layer.0.attention.output.dense.weight": (4,)},
@@ -341,8 +314,9 @@ def test_head_rules_and_group_shapes_per_family() -> None:
     }  # fmt: skip
     prefix = {"bert": "bert.", "gpt2": "transformer.", "llama": "model."}
     for family, expected in shapes.items():
-        m = build(family, "sdpa")
-        fisher = ff.fisher(LM[family][0](m), dict(m.named_parameters()), batch)
+        case = hf_case(family, "sdpa", side="left")
+        m = case.model
+        fisher = ff.fisher(LM[family][0](m), dict(m.named_parameters()), case.batch)
         for name, shape in expected.items():
             assert tuple(fisher[prefix[family] + name].shape) == shape, (family, name)
         assert len(ff.to_keyed(fisher, task="t", spec=ff.infer_spec(m))) == len(fisher)
@@ -352,10 +326,10 @@ def test_head_rules_and_group_shapes_per_family() -> None:
 def test_conservation_per_parameter(family: str) -> None:
     # Summing the groups of every rule gives the parameter's total squared gradient: the inferred
     # spec's groups add up to the full diagonal's sum, parameter by parameter.
-    model = build(family, "eager")
+    case = hf_case(family, "eager", side="left")
+    model, batch = case.model, case.batch
     loss = LM[family][0](model)
     params = dict(model.named_parameters())
-    batch = padded("left")
     grouped = ff.fisher(loss, params, batch, spec=ff.infer_spec(model))
     diagonal = ff.fisher(loss, params, batch, spec=ff.Elementwise(), path="direct")
     for name, d in diagonal.items():
@@ -365,9 +339,8 @@ def test_conservation_per_parameter(family: str) -> None:
 
 def test_causal_lm_labels_may_ignore_positions() -> None:
     # Hugging Face-style unshifted labels with -100 where nothing is predicted.
-    model = build("llama", "sdpa")
-    batch = padded("left")
-    del batch["label"]
+    case = hf_case("llama", "sdpa", side="left")
+    model, batch = case.model, dict(case.batch)
     labels = batch["input_ids"].clone()
     labels[:, -2] = -100
     batch["labels"] = labels
@@ -378,15 +351,14 @@ def test_causal_lm_labels_may_ignore_positions() -> None:
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gpt2_tied_embedding_is_one_parameter_with_the_naive_loops_fisher(impl: str) -> None:
-    model = build("gpt2", impl)
+    case = hf_case("gpt2", impl, side="left")
+    model, batch = case.model, case.batch
     params = dict(model.named_parameters())
     assert model.lm_head.weight is model.transformer.wte.weight
     assert "lm_head.weight" not in params and ff.infer_spec(model)["transformer.wte.weight"] == ff.Rows()
     # The full diagonal of the tied matrix: its per-sample gradient is the sum of the input-embedding
     # and output-projection uses, squared (cross terms included) — not the sum of two squares.
     spec = {name: (ff.Elementwise() if name == "transformer.wte.weight" else ff.Skip()) for name in params}
-    batch = padded("left")
-    del batch["labels"], batch["label"]
     library_vs_reference(model, ff.hf.causal_lm(model), ref_causal, batch, spec)
 
 
@@ -394,11 +366,10 @@ def test_gpt2_tied_embedding_is_one_parameter_with_the_naive_loops_fisher(impl: 
 
 
 def test_hf_eval_semantics_leave_the_model_in_training_mode() -> None:
-    model = build("gpt2", "sdpa")
+    case = hf_case("gpt2", "sdpa", side="right")
+    model, batch = case.model, case.batch
     flags = [m.training for m in model.modules()]
     evaluated = copy.deepcopy(model).eval()
-    batch = padded("right")
-    del batch["labels"], batch["label"]
     got = ff.fisher(ff.hf.causal_lm(model), dict(model.named_parameters()), batch)
     want = ff.fisher(ff.hf.causal_lm(evaluated), dict(evaluated.named_parameters()), batch)
     assert_groups_close(got, want, 1e-12)
@@ -409,8 +380,8 @@ def test_hf_eval_semantics_leave_the_model_in_training_mode() -> None:
 
 
 def test_hf_errors_name_the_culprit() -> None:
-    model = build("llama", "sdpa")
-    ids = padded("left")
+    case = hf_case("llama", "sdpa", side="left")
+    model, ids = case.model, case.batch
 
     class Wrapped(nn.Module):
         def __init__(self) -> None:
@@ -496,10 +467,9 @@ def test_hf_causal_lm_mc_samples_next_tokens_like_the_generic_causal_loss(family
     # distributions, so they must draw the same labels and give the same Fisher. (GPT-2 cannot run
     # the generic loss under vmap without a mask: it checks the ids for padding, data-dependently.)
     assert ff.hf.causal_lm(build("gpt2", "eager")).shift == 1
-    model = build(family, "eager")
+    case = hf_case(family, "eager", lengths=(6,) * B, seq_len=6, seed=3)  # no padding
+    model, batch = case.model, {"input_ids": case.batch["input_ids"]}
     params = {k: v.detach() for k, v in model.named_parameters()}
-    g = torch.Generator().manual_seed(3)
-    batch = {"input_ids": torch.randint(2, V, (B, 6), generator=g)}
     generic = ff.losses.causal_lm(model, inputs={"input_ids": "input_ids"}, labels="input_ids")
     ours = ff.hf.causal_lm(model, inputs=("input_ids",))
     spec = ff.infer_spec(model)
