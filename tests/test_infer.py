@@ -13,6 +13,7 @@ from torch import nn
 
 import fisherfunc as ff
 from fisherfunc._spec.resolve import resolve_spec
+from fisherfunc.testing import cases
 
 Expected = dict[str, tuple[ff.Rule, tuple[int, ...]]]
 
@@ -124,16 +125,14 @@ def test_infer_rule_and_group_shape(make, expected: Expected, nested: bool) -> N
 
 def test_infer_spec_drives_fisher_shapes() -> None:
     """The inferred spec is usable as is: ``fisher`` returns the expected group shapes."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv1d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(18, 3))
-    loss = ff.losses.classification(model)
-    x, y = torch.randn(4, 4, 5), torch.randint(0, 3, (4,))
-    out = ff.fisher(loss, {k: v.detach() for k, v in model.named_parameters()}, (x, y))
+    # Conv1d(4, 6, 3, groups=2) → Tanh → Flatten → Linear(·, 3)
+    case = cases.case("cnn1d", groups=2, in_per_group=2, out_per_group=3, classes=3, dtype=torch.float32)
+    out = ff.fisher(case.loss, {k: v.detach() for k, v in case.params.items()}, case.batch)
     assert {k: tuple(v.shape) for k, v in out.items()} == {
         "0.weight": (6,),
         "0.bias": (6,),
-        "2.weight": (3,),
-        "2.bias": (3,),
+        "3.weight": (3,),
+        "3.bias": (3,),
     }
 
 
@@ -204,14 +203,9 @@ def test_bare_parameter_can_be_given_a_rule_by_override() -> None:
 
 
 def test_tied_parameters_appear_once() -> None:
-    class TiedLM(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.Embedding(9, 4)
-            self.head = nn.Linear(4, 9, bias=False)
-            self.head.weight = self.emb.weight
-
-    spec = ff.infer_spec(TiedLM())
+    model = cases.case("causal_lm", vocab=9, dim=4, norm=False, tied=True).model  # Embedding, head tied to it
+    assert model.head.weight is model.emb.weight
+    spec = ff.infer_spec(model)
     assert list(spec) == ["emb.weight"]
     assert spec["emb.weight"] == ff.Rows()
 
@@ -232,6 +226,6 @@ def test_tied_parameter_listed_under_a_module_without_rules_is_placed() -> None:
 
 
 def test_batchnorm_in_training_mode_is_refused() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))  # training mode by default
-    with pytest.raises(ValueError, match="'1'.*training mode"):
+    model = cases.case("norms").model.train()  # BatchNorm2d 'bn2' and BatchNorm1d 'bn1'
+    with pytest.raises(ValueError, match="'bn2'.*training mode"):
         ff.infer_spec(model)
