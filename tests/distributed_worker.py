@@ -2,7 +2,7 @@
 
     python tests/distributed_worker.py RANK WORLD_SIZE STORE_FILE OUT_DIR
 
-Builds the same seeded token-classification problem as the test, takes its half of every batch
+Builds the same seeded token-classification problem as the test (a registry case), takes its half of every batch
 (``shard``), runs each scenario and saves plain results (tensors, numbers, strings) to
 ``OUT_DIR/rank{RANK}.pt``. Importing this module runs nothing.
 """
@@ -16,43 +16,30 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 import fisherfunc as ff
 from fisherfunc._engine.batches import take
+from fisherfunc.testing import cases
 
 BATCH, LENGTH, VOCAB, CLASSES, STEPS = 6, 5, 11, 4, 4
 CHUNK = 2
 POISON = VOCAB - 1  # a token id no batch uses, whose embedding row the NaN scenario sets to NaN
 
 
-class Tagger(nn.Module):
-    """``ids [.., T] -> logits [.., T, C]``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(VOCAB, 8)
-        self.out = nn.Linear(8, CLASSES)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return self.out(torch.tanh(self.emb(ids)))
-
-
 def problem() -> tuple[Any, dict[str, Tensor], list[dict[str, Tensor]]]:
-    """Model, loss, params and ``STEPS`` right-padded batches; the halves have different token counts."""
-    torch.manual_seed(0)
-    model = Tagger()
-    loss = ff.losses.token_classification(model, inputs="ids", targets="labels", mask="mask")
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    g = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(STEPS):
-        lengths = torch.randint(1, LENGTH + 1, (BATCH,), generator=g)
-        mask = (torch.arange(LENGTH) < lengths[:, None]).long()
-        ids = torch.randint(1, POISON, (BATCH, LENGTH), generator=g) * mask  # padding is id 0
-        labels = torch.randint(0, CLASSES, (BATCH, LENGTH), generator=g).masked_fill(mask == 0, -100)
-        batches.append({"ids": ids, "labels": labels, "mask": mask})
-    return loss, params, batches
+    """Loss, params and ``STEPS`` right-padded batches; the halves have different token counts.
+
+    The registry's token tagger ``input_ids [.., T] -> logits [.., T, CLASSES]`` (an embedding and
+    a head, float32) on batches ``{"input_ids", "labels", "attention_mask"}`` whose ids never
+    include ``POISON`` (the vocabulary's last id is reserved).
+    """
+    case = cases.case(
+        "token_classification", vocab=VOCAB, dim=8, classes=CLASSES, norm=False, batch=(BATCH,) * STEPS,
+        seq_len=LENGTH, reserved_ids=1, dtype=torch.float32,
+    )  # fmt: skip
+    params = {k: v.detach() for k, v in case.params.items()}
+    return case.loss, params, list(case.batches)
 
 
 def shard(batch: dict[str, Tensor], rank: int, world: int) -> dict[str, Tensor]:
@@ -95,7 +82,7 @@ def main(rank: int, world: int, store_file: str, out: Path) -> None:
     nan_params = {k: v.clone() for k, v in params.items()}
     nan_params["emb.weight"][POISON, 0] = float("nan")  # a row no token uses ...
     if rank == world - 1:
-        bad["ids"][-1, 0] = POISON  # ... but the first token of this process's last sample
+        bad["input_ids"][-1, 0] = POISON  # ... but the first token of this process's last sample
     results["skipped"] = plain(skipping(nan_params, bad, state))
     raising = ff.distributed.data_parallel(ff.make_fisher_step(loss, decay=0.8, chunk_size=CHUNK))
     results["raised"] = failure(lambda: raising(nan_params, bad, state))

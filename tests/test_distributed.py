@@ -79,7 +79,7 @@ def reference() -> dict[str, Any]:
         "accumulator": ff.accumulate(loss, params, batches[0]),
         "state": state,
         "after": fisher_step(params, batches[1], state),
-        "halves": [worker.shard(batches[0], rank, 2)["mask"].sum().item() for rank in range(2)],
+        "halves": [worker.shard(batches[0], rank, 2)["attention_mask"].sum().item() for rank in range(2)],
     }
 
 
@@ -137,7 +137,7 @@ def test_a_nan_shard_is_skipped_by_every_process(results) -> None:
 
 
 def test_a_nan_shard_raises_on_every_process_naming_the_culprit(results) -> None:
-    culprits = ("emb.weight", "out.bias", "out.weight")
+    culprits = ("emb.weight", "head.bias", "head.weight")
     name, message, parameters, samples = results[1]["raised"]  # the process whose shard has the NaN
     assert name == "NonFiniteError" and set(parameters) == set(culprits) and samples == (2,)
     assert "'emb.weight' at samples [2]" in message
