@@ -66,7 +66,8 @@ class Case:
         seed: the seed the weights and data were drawn from.
         sizes: every size of the entry (defaults filled in): ``case(name, seed=seed, **sizes)``
             rebuilds the case.
-        batches: every batch the entry drew (one per entry of a tuple ``batch=`` size).
+        batches: every batch the entry drew (one per entry of a tuple ``batch=`` size), a list:
+            ``fisherfunc.fisher(case.loss, case.params, case.batches)`` runs over all of them.
         tags: the entry's tags.
     """
 
@@ -78,7 +79,7 @@ class Case:
     name: str
     seed: int
     sizes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    batches: tuple[Any, ...] = ()
+    batches: list[Any] = dataclasses.field(default_factory=list)
     tags: frozenset[str] = frozenset()
 
     @property
@@ -242,7 +243,7 @@ def case(
         torch.manual_seed(seed)
         built = found.builder(**merged)
     model = built.model.to(device=device, dtype=dtype).eval()
-    batches = tuple(_cast(b, dtype, device) for b in built.batches)
+    batches = [_cast(b, dtype, device) for b in built.batches]
     params = dict(model.named_parameters()) if built.params is None else _cast(built.params, dtype, device)
     spec = infer_spec(model) if built.spec is None else built.spec
     return Case(

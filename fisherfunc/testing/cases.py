@@ -34,6 +34,8 @@ Models and losses (every loss a ``fisherfunc.losses`` builder unless it says oth
 
 Models and losses (every loss a ``fisherfunc.losses`` builder unless it says otherwise):
 
+Models and losses (every loss a ``fisherfunc.losses`` builder unless it says otherwise):
+
 | name                       | model                                              | loss                          |
 |----------------------------|----------------------------------------------------|-------------------------------|
 | mlp                        | Linear → act [→ LayerNorm] [→ Dropout] … → Linear  | classification (or per token) |
@@ -61,12 +63,12 @@ Models and losses (every loss a ``fisherfunc.losses`` builder unless it says oth
 | conv1d_linear              | one GPT-2 Conv1D (addmm, weight [in, out])         | classification                |
 | index_net                  | Linear and an int64 parameter order                | classification                |
 | functional_dropout         | SDPA and F.dropout(training=True)                  | classification                |
-| nested_params              | none: a nested params tree                         | plain callable                |
-| linear_scores              | none: L_b = a·x_b + b·z_b                          | plain callable                |
-| scaled_gradients           | none: gradients ~1e-15 and ~1e15                   | plain callable                |
 | hf_causal_lm               | tiny GPT-2 / Llama / Mistral / Qwen2               | hf.causal_lm                  |
 | hf_masked_lm               | tiny BERT                                          | hf.masked_lm                  |
 | hf_sequence_classification | tiny BERT / GPT-2 / Llama                          | hf.sequence_classification    |
+| nested_params              | none: a nested params tree                         | plain callable                |
+| linear_scores              | none: L_b = a·x_b + b·z_b                          | plain callable                |
+| scaled_gradients           | none: gradients ~1e-15 and ~1e15                   | plain callable                |
 
 Batches, specs and tags (``inferred*``: or ``spec='mixed'``; tags ending in … have more, see
 :func:`entry`):
@@ -98,12 +100,12 @@ Batches, specs and tags (``inferred*``: or ``spec='mixed'``; tags ending in … 
 | conv1d_linear              | (x [B, f], y [B])              | Channel 1/0   | classification                         |
 | index_net                  | (x [B, d], y [B])              | order: Skip   | classification, special                |
 | functional_dropout         | (x [B, T, E], y [B])           | inferred      | classification, attention, special     |
-| nested_params              | (x [B, f], y [B])              | prefix rules  | classification, callable, special      |
-| linear_scores              | (x [B, 3], z [B, 2])           | Elementwise() | callable, special                      |
-| scaled_gradients           | (x [B, 3], z [B, 2])           | per parameter | callable, special                      |
 | hf_causal_lm               | {input_ids, attention_mask}    | inferred      | hf, token, causal, attention, …        |
 | hf_masked_lm               | + MLM labels [B, T]            | inferred      | hf, token, attention, transformer      |
 | hf_sequence_classification | + labels [B]                   | inferred      | hf, classification, attention, …       |
+| nested_params              | (x [B, f], y [B])              | prefix rules  | classification, callable, special      |
+| linear_scores              | (x [B, 3], z [B, 2])           | Elementwise() | callable, special                      |
+| scaled_gradients           | (x [B, 3], z [B, 2])           | per parameter | callable, special                      |
 
 Each builder's docstring gives its sizes and defaults (``cases.entry(name).defaults``). The
 hypothesis families (:data:`FAMILIES`) are rebuilt from the integers a strategy draws with
