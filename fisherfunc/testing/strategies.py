@@ -271,12 +271,14 @@ def model_cases(
 ) -> st.SearchStrategy[Case]:
     """Draw tiny random models with a matching loss and batch, one family per example.
 
-    Families (see :data:`FAMILIES`): ``mlp`` (classification), ``cnn1d`` / ``cnn2d`` (grouped
+    Families (see :data:`FAMILIES`) are the registry entries tagged ``hypothesis`` in
+    :mod:`fisherfunc.testing.cases`: ``mlp`` (classification), ``cnn1d`` / ``cnn2d`` (grouped
     convolutions, GroupNorm), ``conv_transpose`` (grouped ConvTranspose1d/2d),
     ``token_classification`` and ``causal_lm`` (Embedding + LayerNorm, right padding with a mask,
     optionally tied weights), ``transformer`` (one ``nn.TransformerEncoderLayer``, causal LM with a
     key-padding mask) and ``regression``. Sizes are drawn small; weights and data come from a
-    drawn seed. Every sample has at least one token, so any split of the batch has tokens.
+    drawn seed (``cases.case(case.name, seed=case.seed, **case.sizes)`` rebuilds an example).
+    Every sample has at least one token, so any split of the batch has tokens.
 
     Args:
         families: restrict to these families (default: all).
@@ -284,7 +286,8 @@ def model_cases(
         dtype: floating dtype of the model and its float inputs (float64 for tight tolerances).
 
     Returns:
-        A strategy of :class:`Case` ``(model, loss, params, batch, family, seed)``.
+        A strategy of :class:`Case` (``model``, ``loss``, ``params``, ``batch``, ``spec``, ``name``,
+        ``seed``, ``sizes``).
 
     Raises:
         ValueError: for an unknown family.
