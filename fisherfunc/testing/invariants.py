@@ -24,8 +24,9 @@ noise. ``rtol=None`` picks ``1e-10`` for float64 and ``1e-4`` for float32 result
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import optree
@@ -78,7 +79,7 @@ def _assert_close(check: str, what: str, actual: Any, expected: Any, rtol: float
     rtol = _default_rtol(expected) if rtol is None else rtol
     paths, exp_leaves, treespec = optree.tree_flatten_with_path(expected, none_is_leaf=True)
     try:
-        act_leaves = treespec.flatten_up_to(actual)
+        act_leaves: list[Any] = list(treespec.flatten_up_to(actual))
     except (ValueError, TypeError) as err:
         raise AssertionError(f"{check}: {what}: the group trees differ in structure ({err})") from None
     tensors = [e for e in exp_leaves if isinstance(e, Tensor) and e.numel() > 0]
@@ -140,7 +141,7 @@ def _cat(batches: Sequence[Batch]) -> Batch:
 
 def _flat_rules(loss: Loss, params: Params, spec: Spec) -> list[tuple[str, Rule, Tensor]]:
     resolved = resolve_for(loss, params, spec)
-    leaves = resolved.treespec.flatten_up_to(params)
+    leaves: list[Any] = list(resolved.treespec.flatten_up_to(params))
     return [(resolved.names[i], resolved.rules[i], leaves[i]) for i in resolved.active]
 
 
@@ -259,7 +260,7 @@ def check_permutation_invariance(
     )
     per = per_sample_fisher(loss, params, batch, spec=spec, chunk_size=chunk_size)
     per_moved = per_sample_fisher(loss, params, shuffled, spec=spec, chunk_size=chunk_size)
-    expected = optree.tree_map(lambda g: g[perm.to(g.device)], per, none_is_leaf=False)
+    expected = optree.tree_map(lambda g: g[perm.to(g.device)], cast(Any, per), none_is_leaf=False)
     _assert_close(
         "check_permutation_invariance", "per-sample Fisher of the permuted batch", per_moved, expected, rtol, atol
     )
@@ -660,8 +661,8 @@ def check_all(
     checks: list[tuple[str, Callable[[], None]]] = []
     for name, rule, param in _flat_rules(loss, params, spec):
         x = torch.rand(param.shape, generator=generator, dtype=torch.float64)
-        checks.append((f"conservation of '{name}'", lambda r=rule, x=x: check_conservation(r, x, rtol=rtol)))
-    tol = {"rtol": rtol, "atol": atol}
+        checks.append((f"conservation of '{name}'", functools.partial(check_conservation, rule, x, rtol=rtol)))
+    tol: dict[str, Any] = {"rtol": rtol, "atol": atol}
     checks += [
         ("token invariance", lambda: check_token_invariance(loss, params, batch, spec, **tol)),
         ("permutation", lambda: check_permutation_invariance(loss, params, batch, spec, generator=generator, **tol)),
