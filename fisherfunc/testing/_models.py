@@ -228,6 +228,7 @@ class NormNet(nn.Module):
     """InstanceNorm2d (affine), Conv2d, BatchNorm2d, GroupNorm, Linear, BatchNorm1d, RMSNorm, Linear.
 
     ``x [B, 3, 6, 6] -> logits [B, 3]``. The BatchNorm layers need eval mode (running statistics).
+    Before torch 2.4 (no ``nn.RMSNorm``) ``rms`` is a LayerNorm without bias: the same parameter.
     """
 
     def __init__(self) -> None:
@@ -238,7 +239,7 @@ class NormNet(nn.Module):
         self.gn = nn.GroupNorm(2, 4)
         self.fc = nn.Linear(4 * 4 * 4, 6)
         self.bn1 = nn.BatchNorm1d(6)
-        self.rms = nn.RMSNorm(6)
+        self.rms = nn.RMSNorm(6) if hasattr(nn, "RMSNorm") else nn.LayerNorm(6, bias=False)
         self.out = nn.Linear(6, 3)
         self.calls = 0
 
