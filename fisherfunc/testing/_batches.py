@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["per_batch", "padded_token_batch", "token_batches"]
+__all__ = ["labelled", "per_batch", "padded_token_batch", "token_batches"]
 
 
 def per_batch(value: int | Sequence[int], count: int | None = None, *, what: str = "batch") -> tuple[int, ...]:
@@ -27,6 +27,14 @@ def per_batch(value: int | Sequence[int], count: int | None = None, *, what: str
     if count is not None and len(values) != count:
         raise ValueError(f"{what} has {len(values)} entries, one per batch, but there are {count} batches")
     return values
+
+
+def labelled(shape: tuple[int, ...], classes: int, ignore_frac: float = 0.0) -> Tensor:
+    """Class labels of ``shape`` in ``[0, classes)``; each set to -100 with probability ``ignore_frac``."""
+    y = torch.randint(0, classes, shape)
+    if ignore_frac > 0:
+        y = y.masked_fill(torch.rand(shape) < ignore_frac, -100)
+    return y
 
 
 def padded_token_batch(

@@ -121,6 +121,7 @@ import torch
 
 from ._batches import padded_token_batch
 from ._builders import MODEL_CASES
+from ._families import FAMILY_CASES
 from ._hf import HF_CASES
 from ._registry import Built, Case, Entry, case, entry, names, register
 from ._special import SPECIAL_CASES
@@ -141,7 +142,7 @@ __all__ = [
 #: The entries :func:`fisherfunc.testing.strategies.model_cases` draws from (tag ``hypothesis``).
 FAMILIES: tuple[str, ...] = tuple(names("hypothesis"))
 
-assert set(MODEL_CASES + SPECIAL_CASES + HF_CASES) == set(names()), "every entry is listed by its module"
+assert set(FAMILY_CASES + MODEL_CASES + SPECIAL_CASES + HF_CASES) == set(names()), "every entry is listed by its module"
 
 
 def build_case(family: str, seed: int, sizes: Mapping[str, Any], dtype: torch.dtype = torch.float64) -> Case:
