@@ -24,7 +24,9 @@ from pathlib import Path
 ROW = re.compile(r"^\| (?P<workload>[^|]+) \| (?P<method>[^|]+) \| (?P<ms>[\d.]+) \| (?P<ratio>[\d.]+)× \|")
 
 
-def run_tree(root: Path, workloads: list[str], repeats: int, threads: int | None) -> dict[tuple[str, str], tuple[float, float]]:
+def run_tree(
+    root: Path, workloads: list[str], repeats: int, threads: int | None
+) -> dict[tuple[str, str], tuple[float, float]]:
     env = {**os.environ, "PYTHONPATH": str(root)}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -54,8 +56,10 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
             results[name].append(run_tree(root, args.workloads, args.repeats, args.threads))
     keys = [k for k in results[trees[0][0]][0] if all(k in rounds[0] for rounds in results.values())]
-    print(f"Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs; "
-          f"{args.rounds} rounds × {args.repeats} repeats, workloads {' '.join(args.workloads)}\n")
+    print(
+        f"Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs; "
+        f"{args.rounds} rounds × {args.repeats} repeats, workloads {' '.join(args.workloads)}\n"
+    )
     head = " | ".join(f"{name} × fwd+bwd | {name} ms" for name, _ in trees)
     print(f"| workload | method | {head} |")
     print("|---|---|" + "---|---|" * len(trees))

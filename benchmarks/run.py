@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import fisherfunc as ff
-from fisherfunc._engine.batches import batch_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import PEERS  # noqa: E402
@@ -186,7 +185,7 @@ def workloads(device: torch.device) -> dict[str, Callable[[], Workload]]:
 def _naive(w: Workload) -> dict[str, torch.Tensor]:
     params = dict(w.model.named_parameters())
     out = {k: torch.zeros_like(v) for k, v in params.items()}
-    for i in range(batch_size(w.batch)):
+    for i in range(optree.tree_leaves(w.batch)[0].shape[0]):
         sample = optree.tree_map(lambda t: t[i : i + 1], w.batch)  # noqa: B023 - used at once
         for k, g in zip(params, torch.autograd.grad(w.batch_loss(w.model, sample), list(params.values()))):
             out[k] += g.square()
