@@ -5,12 +5,14 @@
 - ``case(name, seed=s, **sizes)`` is deterministic, leaves the caller's RNG state alone, differs
   between seeds, and in any dtype holds the float32 weights rounded;
 - sizes are validated, tuple ``batch`` sizes give several batches, ``rebuild`` changes sizes;
-- ``names(*tags)`` selects by every tag; the module docstring tables every entry with its tags;
+- ``names(*tags)`` selects by every tag; the module docstring tables every entry with its tags,
+  and every builder documents each of its sizes;
 - the models of fisherfunc's own classes count their forward calls.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 import subprocess
 import sys
@@ -126,6 +128,15 @@ def test_the_module_docstring_tables_every_case_with_its_tags() -> None:
         tags = [t.strip() for t in listed.removesuffix("…").split(",") if t.strip()]
         assert set(tags) <= cases.entry(name).tags, (name, tags)
         assert listed.endswith("…") or set(tags) == cases.entry(name).tags, name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_size_is_documented(name: str) -> None:
+    entry = cases.entry(name)
+    doc = inspect.getdoc(entry.builder) or ""
+    assert entry.summary and entry.summary.endswith("."), name
+    documented = re.findall(r"^    (\w+):", doc.partition("Args:")[2], flags=re.M)
+    assert documented == list(entry.defaults), f"{name}: the Args section must list its sizes in order"
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in HF and "callable" not in cases.entry(n).tags])

@@ -47,19 +47,34 @@ Sizes = int | Sequence[int]
 
 @register("conv_stack", tags=("classification", "conv"))
 def conv_stack(*, batch: Sizes = 4) -> Built:
-    """:class:`ConvStack`: Conv2d plain/grouped/depthwise into Conv1d plain/grouped/depthwise; ``x [B, 3, 7, 7]``."""
+    """:class:`ConvStack`: Conv2d plain/grouped/depthwise into Conv1d plain/grouped/depthwise; cross-entropy.
+
+    Args:
+        batch: ``B``, or one ``B`` per batch. Inputs ``x [B, 3, 7, 7]``, labels ``y [B]`` in ``[0, 4)``.
+    """
     return classified(ConvStack(), batch, (3, 7, 7), 4)
 
 
 @register("deconv_stack", tags=("classification", "conv"))
 def deconv_stack(*, batch: Sizes = 4) -> Built:
-    """:class:`DeconvStack`: ConvTranspose1d/2d/3d, groups 1, 2, 3 and depthwise; ``x [B, 6, 3, 3, 3]``."""
+    """:class:`DeconvStack`: ConvTranspose1d/2d/3d, groups 1, 2, 3 and depthwise; cross-entropy.
+
+    Args:
+        batch: ``B``, or one ``B`` per batch. Inputs ``x [B, 6, 3, 3, 3]``, labels ``y [B]`` in ``[0, 5)``.
+    """
     return classified(DeconvStack(), batch, (6, 3, 3, 3), 5)
 
 
 @register("embedding_bag", tags=("classification", "embedding"))
 def embedding_bag(*, batch: Sizes = 5, bag: int = 4, vocab: int = 12, classes: int = 3) -> Built:
-    """:class:`Bags`: mean and sum ``nn.EmbeddingBag`` over bags ``ids [B, bag]``; cross-entropy."""
+    """:class:`Bags`: mean and sum ``nn.EmbeddingBag`` over fixed-length bags; cross-entropy.
+
+    Args:
+        batch: ``B``, or one ``B`` per batch.
+        bag: ids per bag: ``ids [B, bag]`` in ``[0, vocab)``.
+        vocab: rows of both tables.
+        classes: number of classes; labels ``y [B]``.
+    """
     model = Bags(vocab, 6, classes)
     batches = [(torch.randint(0, vocab, (size, bag)), labelled((size,), classes)) for size in per_batch(batch)]
     return Built(model, losses.classification(model), batches)
@@ -67,7 +82,11 @@ def embedding_bag(*, batch: Sizes = 5, bag: int = 4, vocab: int = 12, classes: i
 
 @register("norms", tags=("classification", "conv", "norm"))
 def norms(*, batch: Sizes = 4) -> Built:
-    """:class:`NormNet`: InstanceNorm, BatchNorm2d/1d (running statistics), GroupNorm, RMSNorm; ``x [B, 3, 6, 6]``."""
+    """:class:`NormNet`: InstanceNorm, BatchNorm2d/1d (random running statistics), GroupNorm, RMSNorm.
+
+    Args:
+        batch: ``B``, or one ``B`` per batch. Inputs ``x [B, 3, 6, 6]``, labels ``y [B]`` in ``[0, 3)``; cross-entropy.
+    """
     return classified(NormNet(), batch, (3, 6, 6), 3)
 
 
@@ -85,7 +104,15 @@ def sequence_classifier(
 ) -> Built:
     """:class:`SequenceClassifier` (Embedding, Linear, MultiheadAttention, LayerNorm): a target for every rule.
 
-    ``ids [B, seq_len]`` in ``[0, vocab)``, one label per sequence; cross-entropy.
+    Args:
+        batch: ``B``, or one ``B`` per batch.
+        seq_len: ``T``: ids ``[B, T]`` in ``[0, vocab)``.
+        vocab: embedding rows.
+        dim: embedding width.
+        width: the Linear's (and attention's) width.
+        heads: attention heads (``0``: no attention layer).
+        norm: a LayerNorm before the head.
+        classes: number of classes; one label per sequence ``y [B]``, cross-entropy.
     """
     model = SequenceClassifier(vocab, dim, width, heads, classes, norm=norm)
     batches = [(torch.randint(0, vocab, (size, seq_len)), labelled((size,), classes)) for size in per_batch(batch)]
@@ -104,9 +131,16 @@ def self_attention(
     need_weights: bool = True,
     variance: float = 0.7,
 ) -> Built:
-    """:class:`SelfAttention`, ``nn.MultiheadAttention`` used directly; ``(x, y)`` both ``[B, seq_len, dim]``.
+    """:class:`SelfAttention`: ``nn.MultiheadAttention`` used directly, regressed on Gaussian targets.
 
-    Loss ``regression(variance=variance)`` of the attention output against ``y ~ N(0, 1)``.
+    Args:
+        batch: ``B``, or one ``B`` per batch.
+        seq_len: ``T``: ``x [B, T, dim]`` and targets ``y [B, T, dim]`` from ``N(0, 1)``.
+        dim: embedding width.
+        heads: attention heads.
+        bias_kv: ``add_bias_kv`` (``bias_k``, ``bias_v`` parameters).
+        need_weights: whether the forward asks for the attention weights.
+        variance: ``σ²`` of the ``regression`` loss.
     """
     model = SelfAttention(dim, heads, bias_kv=bias_kv, need_weights=need_weights)
     batches = [(torch.randn(size, seq_len, dim), torch.randn(size, seq_len, dim)) for size in per_batch(batch)]
@@ -125,10 +159,20 @@ def cross_attention(
     vdim: int = 5,
     variance: float = 0.5,
 ) -> Built:
-    """:class:`CrossAttention` (separate q/k/v projections, ``bias_k/v``); dict batches ``q, k, v, y``.
+    """:class:`CrossAttention` (separate q/k/v projections, ``bias_k/v``) regressed on Gaussian targets.
 
-    ``q [B, queries, dim]``, ``k [B, keys, kdim]``, ``v [B, keys, vdim]``, ``y [B, queries, dim]``;
-    loss ``regression(inputs=("q", "k", "v"), targets="y", variance=variance)``.
+    Dict batches ``{"q" [B, queries, dim], "k" [B, keys, kdim], "v" [B, keys, vdim], "y" [B,
+    queries, dim]}``; loss ``regression(inputs=("q", "k", "v"), targets="y")``.
+
+    Args:
+        batch: ``B``, or one ``B`` per batch.
+        queries: query positions.
+        keys: key / value positions.
+        dim: embedding width.
+        heads: attention heads.
+        kdim: key width.
+        vdim: value width.
+        variance: ``σ²`` of the ``regression`` loss.
     """
     model = CrossAttention(dim, heads, kdim, vdim)
     batches = [
@@ -157,9 +201,18 @@ def attention_classifier(
     batch_first: bool = True,
     classes: int = 3,
 ) -> Built:
-    """:class:`AttentionClassifier`: MHA residual blocks or encoder layers on ``x [B, seq_len, dim]``, mean-pooled.
+    """:class:`AttentionClassifier`: MHA residual blocks or encoder layers, mean-pooled; cross-entropy.
 
-    One label per sequence; cross-entropy. ``dropout`` is the layers' own dropout probability.
+    Args:
+        batch: ``B``, or one ``B`` per batch.
+        seq_len: ``T``: ``x [B, T, dim]`` from ``N(0, 1)``.
+        dim: embedding width.
+        heads: attention heads.
+        layers: number of blocks (``layers.0``, ``layers.1``, ...).
+        block: ``"mha"`` (``nn.MultiheadAttention``) or ``"encoder"`` (``nn.TransformerEncoderLayer``).
+        dropout: the blocks' own dropout probability.
+        batch_first: build and call the blocks batch-first, or sequence-first inside.
+        classes: number of classes; one label per sequence ``y [B]``.
     """
     model = AttentionClassifier(
         dim, heads, classes, layers=layers, block=block, dropout=dropout, batch_first=batch_first
@@ -173,7 +226,16 @@ def attention_classifier(
 def encoder_decoder(
     *, batch: Sizes = 5, seq_len: int = 6, dim: int = 8, heads: int = 2, classes: int = 3, causal: bool = False
 ) -> Built:
-    """:class:`EncoderDecoder`: encoder and decoder layers (self- and cross-attention) on ``x [B, seq_len, dim]``."""
+    """:class:`EncoderDecoder`: encoder and decoder layers (self- and cross-attention); cross-entropy.
+
+    Args:
+        batch: ``B``, or one ``B`` per batch.
+        seq_len: ``T``: ``x [B, T, dim]`` from ``N(0, 1)``.
+        dim: embedding width.
+        heads: attention heads.
+        classes: number of classes; one label per sequence ``y [B]``.
+        causal: causal masks on both self-attentions.
+    """
     model = EncoderDecoder(dim, heads, classes, causal=causal)
     batches = [(torch.randn(size, seq_len, dim), labelled((size,), classes)) for size in per_batch(batch)]
     randomise_norms(model)
@@ -193,11 +255,22 @@ def per_sample_attention(
     inputs: str = "self",
     kdim: int | None = None,
 ) -> Built:
-    """:class:`PerSampleAttention` with a plain-callable loss; batches ``(x [B, T, dim], mask [B, T], y [B])``.
+    """:class:`PerSampleAttention` with a plain-callable loss on ``(x, mask, y)`` batches.
 
-    The key padding mask is 1 except the last 2 positions of sample 1 and all but the first 2 of
-    sample 3 (where the batch has them). The loss calls the model on one sample through
-    ``torch.func.functional_call`` and returns ``(cross-entropy, 1)``.
+    The loss calls the model on one sample through ``torch.func.functional_call`` and returns
+    ``(cross-entropy, 1)``. The key padding ``mask [B, T]`` is 1 except the last 2 positions of
+    sample 1 and all but the first 2 of sample 3 (where the batch has them).
+
+    Args:
+        batch: ``B``: ``x [B, T, dim]`` from ``N(0, 1)``, ``y [B]``.
+        seq_len: ``T``.
+        dim: embedding width.
+        heads: attention heads.
+        classes: number of classes.
+        batch_first: whether MHA is batch-first.
+        need_weights: whether the forward asks for the attention weights.
+        inputs: ``"self"``, ``"kv"`` or ``"qkv"`` (see :class:`PerSampleAttention`).
+        kdim: width of keys and values (separate projection weights), or ``None``.
     """
     model = PerSampleAttention(
         dim, heads, classes, batch_first=batch_first, need_weights=need_weights, inputs=inputs, kdim=kdim
@@ -220,11 +293,16 @@ def per_sample_attention(
 
 @register("conv_tagger", tags=("token", "conv"))
 def conv_tagger(*, batch: int = 4, length: int = 5, classes: int = 3) -> Built:
-    """:class:`ConvTagger` on ``(x [B, 3, T], labels [B, T], mask [B, T])`` with padding and an ignored label.
+    """:class:`ConvTagger` on ``(x, labels, mask)`` with padding and an ignored label; ``token_classification``.
 
-    ``mask`` is 1 except the last 2 positions of sample 0 and the last of sample 2; label ``[1, 1]``
-    is ``-100`` (where the batch has them). Loss ``token_classification(inputs=0, targets=1,
-    mask=2)`` on the logits transposed to ``[T, classes]``.
+    ``x [B, 3, T]``, ``labels [B, T]`` in ``[0, classes)``, ``mask [B, T]``: 1 except the last 2
+    positions of sample 0 and the last of sample 2; label ``[1, 1]`` is ``-100`` (where the batch
+    has them). The loss transposes the logits to ``[T, classes]``.
+
+    Args:
+        batch: ``B``.
+        length: ``T``.
+        classes: number of classes.
     """
     model = ConvTagger(classes)
     x = torch.randn(batch, 3, length)
@@ -245,7 +323,14 @@ def _channels_last(logits: Tensor) -> Tensor:
 
 @register("causal_attention", tags=("token", "attention"))
 def causal_attention(*, batch: Sizes = 8, seq_len: int = 5, dim: int = 4, classes: int = 3) -> Built:
-    """:class:`CausalAttention` tagging ``x [B, T, dim]`` with labels ``y [B, T]``; ``token_classification``."""
+    """:class:`CausalAttention` tagging ``x [B, T, dim]`` with labels ``y [B, T]``; ``token_classification``.
+
+    Args:
+        batch: ``B``, or one ``B`` per batch.
+        seq_len: ``T``.
+        dim: input width.
+        classes: number of classes.
+    """
     model = CausalAttention(dim, classes)
     batches = [(torch.randn(size, seq_len, dim), labelled((size, seq_len), classes)) for size in per_batch(batch)]
     return Built(model, losses.token_classification(model), batches)
@@ -253,10 +338,15 @@ def causal_attention(*, batch: Sizes = 8, seq_len: int = 5, dim: int = 4, classe
 
 @register("conv_patches", tags=("classification", "conv"))
 def conv_patches(*, dims: int = 2, batch: Sizes = 5, classes: int = 3) -> Built:
-    """Conv → Tanh → Conv (no bias) → Flatten → Linear, with strides / dilations to unfold by hand.
+    """Conv → Tanh → Conv (no bias) → Flatten → Linear, with a stride or a dilation to unfold by hand.
 
     ``dims=2``: Conv2d(2, 3, 3, padding 1, stride 2), Conv2d(3, 4, 2) on ``x [B, 2, 6, 6]``;
     ``dims=1``: Conv1d(2, 3, 3, padding 1, dilation 2), Conv1d(3, 4, 2) on ``x [B, 2, 9]``.
+
+    Args:
+        dims: 1 or 2.
+        batch: ``B``, or one ``B`` per batch.
+        classes: number of classes; labels ``y [B]``, cross-entropy.
     """
     shape: tuple[int, ...]
     if dims == 2:
@@ -274,7 +364,14 @@ def conv_patches(*, dims: int = 2, batch: Sizes = 5, classes: int = 3) -> Built:
 
 @register("reused_weight", tags=("classification",))
 def reused_weight(*, use: str = "twice", batch: Sizes = 6, dim: int = 4, classes: int = 3) -> Built:
-    """:class:`ReusedWeight`: ``lin`` applied twice (``use="twice"``) or also in a plain matmul (``"matmul"``)."""
+    """:class:`ReusedWeight`: one Linear applied twice, or also in a plain matmul; cross-entropy.
+
+    Args:
+        use: ``"twice"`` or ``"matmul"``.
+        batch: ``B``, or one ``B`` per batch. Inputs ``x [B, dim]``, labels ``y [B]``.
+        dim: input (and ``lin``'s) width.
+        classes: number of classes.
+    """
     return classified(ReusedWeight(dim, classes, use=use), batch, (dim,), classes)
 
 
@@ -283,6 +380,11 @@ def conv1d_linear(*, batch: Sizes = 1, features: int = 4, classes: int = 3) -> B
     """A single GPT-2 :class:`Conv1D` (``weight [features, classes]``, ``torch.addmm``) as a classifier.
 
     Spec: ``weight`` by output channel (``Channel(1)``), ``bias`` by ``Channel(0)``.
+
+    Args:
+        batch: ``B``, or one ``B`` per batch. Inputs ``x [B, features]``, labels ``y [B]``.
+        features: input width.
+        classes: number of classes.
     """
     built = classified(Conv1D(classes, features), batch, (features,), classes)
     return Built(built.model, built.loss, built.batches, dict(CONV1D_RULES))
@@ -290,7 +392,13 @@ def conv1d_linear(*, batch: Sizes = 1, features: int = 4, classes: int = 3) -> B
 
 @register("index_net", tags=("classification", "special"))
 def index_net(*, batch: Sizes = 5, dim: int = 4, classes: int = 3) -> Built:
-    """:class:`IndexNet`: a Linear next to a non-floating (int64) parameter ``order``; spec skips ``order``."""
+    """:class:`IndexNet`: a Linear next to a non-floating (int64) parameter ``order``; spec skips ``order``.
+
+    Args:
+        batch: ``B``, or one ``B`` per batch. Inputs ``x [B, dim]``, labels ``y [B]``.
+        dim: input width.
+        classes: number of classes.
+    """
     model = IndexNet(dim, classes)
     built = classified(model, batch, (dim,), classes)
     spec = {"lin.weight": Channel(), "lin.bias": Channel(), "order": Skip()}
@@ -299,7 +407,15 @@ def index_net(*, batch: Sizes = 5, dim: int = 4, classes: int = 3) -> Built:
 
 @register("functional_dropout", tags=("classification", "attention", "special"))
 def functional_dropout(*, p: float = 0.6, batch: Sizes = 6, seq_len: int = 5, dim: int = 8, classes: int = 5) -> Built:
-    """:class:`FunctionalDropout`: dropout hard-coded on (``training=True``) and inside attention; ``x [B, T, dim]``."""
+    """:class:`FunctionalDropout`: dropout hard-coded on (``training=True``) and inside attention.
+
+    Args:
+        p: the dropout probability (``0``: the deterministic network).
+        batch: ``B``, or one ``B`` per batch.
+        seq_len: ``T``: ``x [B, T, dim]`` from ``N(0, 1)``.
+        dim: width.
+        classes: number of classes; labels ``y [B]``, cross-entropy.
+    """
     model = FunctionalDropout(dim, classes, p=p)
     batches = [(torch.randn(size, seq_len, dim), labelled((size,), classes)) for size in per_batch(batch)]
     return Built(model, losses.classification(model), batches)

@@ -109,11 +109,21 @@ def mlp(
 ) -> Built:
     """An MLP classifier (:func:`mlp_model`); ``(x, y)`` batches, cross-entropy.
 
-    ``x [B, features]``, ``y [B]``; with ``positions = T`` the MLP runs on every position of
-    ``x [B, T, features]`` with a label per position ``y [B, T]`` (each ``-100`` with probability
-    ``ignore_frac``) and the loss is ``token_classification``. ``spec="mixed"``: the first
-    Linear's weight in ``Heads(2)`` (``hidden`` even) and its bias ``Skip()``, the next layer's
-    weight ``Whole()``, the last bias ``Elementwise()``.
+    Args:
+        batch: ``B``, or one ``B`` per batch (``Case.batches``).
+        features: input width: ``x [B, features]`` from ``N(0, 1)``.
+        hidden: one hidden width, or one per hidden layer (``()``: a single Linear).
+        classes: output width; labels ``y [B]`` in ``[0, classes)``.
+        activation: ``"tanh"``, ``"relu"``, ``"gelu"`` or ``"sigmoid"``, or one per hidden layer.
+        norm: a LayerNorm after the first activation.
+        bias: whether the Linears have biases.
+        dropout: ``> 0``: ``nn.Dropout`` / ``nn.AlphaDropout`` after the hidden activations.
+        positions: ``T``: the MLP runs on every position of ``x [B, T, features]`` with labels
+            ``y [B, T]`` and the loss is ``token_classification``.
+        ignore_frac: with ``positions``, the probability that a label is ``-100``.
+        spec: ``"inferred"``, or ``"mixed"``: the first Linear's weight in ``Heads(2)`` (``hidden``
+            even) and its bias ``Skip()``, the next layer's weight ``Whole()``, the last bias
+            ``Elementwise()``, the rest inferred.
     """
     _spec_option(spec)
     model = mlp_model(features, hidden, classes, activation=activation, norm=norm, bias=bias, dropout=dropout)
@@ -136,9 +146,15 @@ def regression(
     activation: str | Sequence[str] = "tanh",
     variance: float = 1.0,
 ) -> Built:
-    """The MLP of ``mlp`` with ``outputs`` outputs; ``(x, y)`` batches ``[B, features]``, ``[B, outputs]``.
+    """The ``mlp`` network with ``outputs`` outputs and a Gaussian loss; ``(x, y)`` batches.
 
-    Loss ``regression(variance=variance)``: ``Σ_k (f_k − y_k)² / (2σ²)``, targets from ``N(0, 1)``.
+    Args:
+        batch: ``B``, or one ``B`` per batch.
+        features: input width: ``x [B, features]`` from ``N(0, 1)``.
+        hidden: one hidden width, or one per hidden layer.
+        outputs: output width: targets ``y [B, outputs]`` from ``N(0, 1)``.
+        activation: the hidden activations (as for ``mlp``).
+        variance: ``σ²`` of ``regression(variance=σ²)``: ``L_b = Σ_k (f_k − y_bk)² / (2σ²)``.
     """
     model = mlp_model(features, hidden, outputs, activation=activation)
     batches = [(torch.randn(size, features), torch.randn(size, outputs)) for size in per_batch(batch)]
@@ -156,7 +172,17 @@ def cnn1d(
     length: int = 5,
     classes: int = 3,
 ) -> Built:
-    """Grouped Conv1d (``padding = kernel // 2``) → Tanh → Flatten → Linear; ``x [B, groups·in_per_group, length]``."""
+    """Grouped Conv1d (``padding = kernel // 2``) → Tanh → Flatten → Linear; cross-entropy.
+
+    Args:
+        batch: ``B``, or one ``B`` per batch.
+        groups: the convolution's groups ``G``.
+        in_per_group: input channels per group: ``x [B, G·in_per_group, length]``.
+        out_per_group: output channels per group.
+        kernel: kernel size.
+        length: input length.
+        classes: number of classes; labels ``y [B]``.
+    """
     g, k = groups, kernel
     c_in, c_out = g * in_per_group, g * out_per_group
     model = Sequential(
@@ -178,9 +204,15 @@ def cnn2d(
     length: int = 3,
     classes: int = 3,
 ) -> Built:
-    """Grouped Conv2d (3×3, padding 1) → GroupNorm → Tanh → mean pool → Linear; ``x [B, C, length, length]``.
+    """Grouped Conv2d (3×3, padding 1) → GroupNorm → Tanh → mean pool → Linear; cross-entropy.
 
-    ``length = 1`` gives the convolution a single output position.
+    Args:
+        batch: ``B``, or one ``B`` per batch.
+        groups: the convolution's and the GroupNorm's groups ``G``.
+        in_per_group: input channels per group: ``x [B, G·in_per_group, length, length]``.
+        out_per_group: output channels per group.
+        length: image side (``1``: the convolution has a single output position).
+        classes: number of classes; labels ``y [B]``.
     """
     g = groups
     c_in, c_out = g * in_per_group, g * out_per_group
@@ -207,7 +239,19 @@ def conv_transpose(
     classes: int = 3,
     two_d: bool = False,
 ) -> Built:
-    """Grouped ConvTranspose1d (or 2d with ``two_d``) → Tanh → Flatten → Linear; ``x [B, C, length(, length)]``."""
+    """Grouped ConvTranspose1d (or 2d) → Tanh → Flatten → Linear; cross-entropy.
+
+    Args:
+        batch: ``B``, or one ``B`` per batch.
+        groups: the convolution's groups ``G`` (weight ``[G·in_per_group, out_per_group, *k]``).
+        in_per_group: input channels per group: ``x [B, G·in_per_group, length(, length)]``.
+        out_per_group: output channels per group.
+        kernel: kernel size.
+        stride: stride.
+        length: input length (side).
+        classes: number of classes; labels ``y [B]``.
+        two_d: ConvTranspose2d on ``length × length`` images instead of ConvTranspose1d.
+    """
     g, k = groups, kernel
     c_in, c_out = g * in_per_group, g * out_per_group
     out_len = (length - 1) * stride + k
@@ -272,12 +316,31 @@ def token_classification(
     pad_id: int | None = 0,
     spec: str = "inferred",
 ) -> Built:
-    """A :class:`TokenModel` tagger on right-padded token batches (``input_ids``, ``labels``, ``attention_mask``).
+    """A :class:`TokenModel` tagger on right-padded token batches; ``token_classification`` loss.
 
-    Labels in ``[0, classes)``; loss ``token_classification`` over ``labels`` with the padding mask
-    (``mask=False``: no mask, padding excluded by ``ignore_index`` alone). See
-    :func:`~fisherfunc.testing._batches.token_batches` for ``lengths``, ``ignore_frac`` and
-    ``reserved_ids`` and ``pad_id``; ``padding_idx`` makes id 0 the embedding's padding index.
+    Batches ``{"input_ids", "labels", "attention_mask"}``, each ``[B, T]`` int64
+    (:func:`~fisherfunc.testing._batches.token_batches`): real ids in ``[1, vocab)``, padding id 0,
+    labels in ``[0, classes)`` on real tokens and ``ignore_index`` on padding.
+
+    Args:
+        batch: ``B``, or one ``B`` per batch.
+        seq_len: ``T``, or one ``T`` per batch.
+        vocab: vocabulary size (embedding rows).
+        dim: embedding width.
+        classes: number of label classes (the head's width).
+        hidden: width of a residual ``up → tanh → down`` block, or ``None`` for none.
+        norm: a LayerNorm after the embedding.
+        padding_idx: make id 0 the embedding's ``padding_idx``.
+        causal_mean: position ``t`` sees the running mean of positions ``≤ t``.
+        conv1d: the block's up-projection is a GPT-2 :class:`Conv1D` (``addmm``).
+        lengths: every sample's real length (one batch); default drawn, the first sample full.
+        mask: the loss reads ``attention_mask`` (``False``: padding excluded by ``ignore_index``).
+        ignore_index: label of padded and ignored positions.
+        ignore_frac: probability that a real token's label is ``ignore_index``.
+        reserved_ids: the last ids of the vocabulary never occur (rows free for a test to poison).
+        pad_id: id of padded positions; ``None``: every id may be real, padding by the mask alone.
+        spec: ``"inferred"``, or ``"mixed"``: ``Buckets(4)`` on the embedding and ``up.bias``
+            skipped (needs ``hidden``).
     """
     model = _token_model(vocab, dim, classes, hidden, norm, False, padding_idx, conv1d=conv1d, causal_mean=causal_mean)
     batches = token_batches(
@@ -323,12 +386,31 @@ def causal_lm(
     pad_id: int | None = 0,
     spec: str = "inferred",
 ) -> Built:
-    """A :class:`TokenModel` language model (``classes = vocab``, optionally ``tied``) on right-padded batches.
+    """A :class:`TokenModel` language model (``classes = vocab``) on right-padded batches; ``causal_lm`` loss.
 
-    Loss ``causal_lm`` on ``input_ids`` (``labels=True``: on the unshifted ``labels`` entry, random
-    ids with ``-100`` on padding and, with probability ``ignore_frac``, on real tokens) with the
-    padding mask (unless ``mask=False``). Every sample has at least 2 real tokens (one target).
-    ``pad_id=None``: ids in ``[0, vocab)`` everywhere, padding marked by the mask alone.
+    Batches as for ``token_classification``, every sample with at least 2 real tokens (a target);
+    the loss predicts ``input_ids`` shifted by one, or the unshifted ``labels`` entry.
+
+    Args:
+        batch: ``B``, or one ``B`` per batch.
+        seq_len: ``T``, or one ``T`` per batch.
+        vocab: vocabulary size (embedding rows).
+        dim: embedding width.
+        hidden: width of a residual ``up → tanh → down`` block, or ``None`` for none.
+        norm: a LayerNorm after the embedding.
+        tied: the head's weight is the embedding's (no head bias).
+        padding_idx: make id 0 the embedding's ``padding_idx``.
+        causal_mean: position ``t`` sees the running mean of positions ``≤ t`` (positions mix).
+        conv1d: the block's up-projection is a GPT-2 :class:`Conv1D` (``addmm``).
+        lengths: every sample's real length (one batch); default drawn, the first sample full.
+        labels: targets from ``labels`` (random ids, ``-100`` on padding) instead of ``input_ids``.
+        mask: the loss reads ``attention_mask``.
+        ignore_frac: with ``labels``, the probability that a real token's label is ``-100``.
+        reserved_ids: the last ids of the vocabulary never occur.
+        pad_id: id of padded positions; ``None``: ids in ``[0, vocab)`` everywhere, padding by the
+            mask alone.
+        spec: ``"inferred"``, or ``"mixed"``: ``Buckets(4)`` on the embedding and ``up.bias``
+            skipped (needs ``hidden``).
     """
     model = _token_model(vocab, dim, vocab, hidden, norm, tied, padding_idx, conv1d=conv1d, causal_mean=causal_mean)
     batches = token_batches(
@@ -362,10 +444,19 @@ def transformer(
     norm_first: bool | Sequence[bool] = True,
     lengths: Sequence[int] | None = None,
 ) -> Built:
-    """:class:`Transformer` (one encoder layer per ``norm_first`` entry) as a causal LM with a key-padding mask.
+    """:class:`Transformer` as a causal LM with a key-padding mask; ``causal_lm`` loss.
 
-    ``dim = heads · head_dim``; loss ``causal_lm`` on ``input_ids`` with ``attention_mask`` as the
-    padding mask and as the model's second input.
+    The loss predicts ``input_ids`` shifted by one; ``attention_mask`` is the padding mask and the
+    model's second input. Every sample has at least 2 real tokens.
+
+    Args:
+        batch: ``B``, or one ``B`` per batch.
+        seq_len: ``T``, or one ``T`` per batch.
+        vocab: vocabulary size.
+        heads: attention heads.
+        head_dim: width per head (``dim = heads · head_dim``).
+        norm_first: pre-LN (``True``) or post-LN, or one flag per layer (the number of layers).
+        lengths: every sample's real length (one batch); default drawn, the first sample full.
     """
     firsts = (norm_first,) if isinstance(norm_first, bool) else tuple(norm_first)
     model = Transformer(vocab, heads * head_dim, heads, firsts)

@@ -145,8 +145,22 @@ def hf_causal_lm(
 ) -> Built:
     """A tiny GPT-2 / Llama / Mistral / Qwen2 causal LM (:func:`hf_model`) and a padded batch.
 
-    Batch ``{"input_ids", "attention_mask"}`` ``[len(lengths), seq_len]`` (:func:`padded_ids`);
-    loss ``fisherfunc.hf.causal_lm(model)``.
+    Batch ``{"input_ids", "attention_mask"}`` ``[B, T]`` (:func:`padded_ids`); loss
+    ``fisherfunc.hf.causal_lm(model)``.
+
+    Args:
+        family: ``"gpt2"``, ``"llama"``, ``"mistral"`` or ``"qwen2"``.
+        impl: ``attn_implementation``: ``"sdpa"`` or ``"eager"``.
+        side: padding side, ``"right"`` or ``"left"``.
+        lengths: real lengths of the sequences (``B = len(lengths)``).
+        seq_len: ``T``, at least ``max(lengths)``.
+        vocab: vocabulary size (ids drawn in ``[2, vocab)``).
+        dim: hidden size.
+        layers: number of layers.
+        heads: attention heads.
+        positions: maximum number of positions.
+        dropout: the config's dropout probabilities.
+        pad_id: the padding token id.
     """
     if family not in LM_FAMILIES:
         raise ValueError(f"family must be one of {LM_FAMILIES}, got {family!r}")
@@ -174,7 +188,19 @@ def hf_masked_lm(
 ) -> Built:
     """A tiny BERT masked LM and a padded batch with MLM ``labels`` (every other real token).
 
-    Loss ``fisherfunc.hf.masked_lm(model)``.
+    Batch ``{"input_ids", "attention_mask", "labels"}`` ``[B, T]``; loss
+    ``fisherfunc.hf.masked_lm(model)``.
+
+    Args:
+        impl: ``attn_implementation``: ``"sdpa"`` or ``"eager"``.
+        side: padding side, ``"right"`` or ``"left"``.
+        lengths: real lengths of the sequences (``B = len(lengths)``).
+        seq_len: ``T``, at least ``max(lengths)``.
+        vocab: vocabulary size (ids drawn in ``[2, vocab)``).
+        dim: hidden size.
+        layers: number of layers.
+        heads: attention heads.
+        dropout: the config's dropout probabilities.
     """
     model = hf_model("bert", "lm", impl=impl, vocab=vocab, dim=dim, layers=layers, heads=heads, dropout=dropout)
     batch = padded_ids(lengths, seq_len, vocab, side=side)
@@ -199,8 +225,22 @@ def hf_sequence_classification(
 ) -> Built:
     """A tiny BERT / GPT-2 / Llama sequence classifier and a padded batch with a class per sequence.
 
-    Batch ``{"input_ids", "attention_mask", "labels" [B]}``; loss
-    ``fisherfunc.hf.sequence_classification(model)``.
+    Batch ``{"input_ids", "attention_mask"}`` ``[B, T]`` and ``"labels" [B]`` in ``[0, classes)``;
+    loss ``fisherfunc.hf.sequence_classification(model)``.
+
+    Args:
+        family: ``"bert"``, ``"gpt2"`` or ``"llama"``.
+        impl: ``attn_implementation``: ``"sdpa"`` or ``"eager"``.
+        side: padding side, ``"right"`` or ``"left"``.
+        lengths: real lengths of the sequences (``B = len(lengths)``).
+        seq_len: ``T``, at least ``max(lengths)``.
+        vocab: vocabulary size (ids drawn in ``[2, vocab)``).
+        dim: hidden size.
+        layers: number of layers.
+        heads: attention heads.
+        positions: maximum number of positions.
+        classes: number of labels.
+        dropout: the config's dropout probabilities.
     """
     if family not in CLASSIFIER_FAMILIES:
         raise ValueError(f"family must be one of {CLASSIFIER_FAMILIES}, got {family!r}")

@@ -28,8 +28,14 @@ def nested_params(*, batch: Sizes = 5, features: int = 4, hidden: int = 6, class
 
     ``params = {"enc": {"w": [hidden, features], "b": [hidden]}, "head": ([classes, hidden],
     [classes]), "scale": []}``; ``h = scale · tanh(w x + b)``, logits ``head[0] h + head[1]``,
-    cross-entropy of ``(x [B, features], y [B])``. Spec: ``{"enc": Channel(), "head":
-    (Elementwise(), Skip()), "scale": Whole()}`` (a prefix rule for ``enc``).
+    cross-entropy, one token per sample. Spec: ``{"enc": Channel(), "head": (Elementwise(),
+    Skip()), "scale": Whole()}`` (a prefix rule for ``enc``).
+
+    Args:
+        batch: ``B``, or one ``B`` per batch: ``(x [B, features], y [B])``.
+        features: input width.
+        hidden: width of ``enc``.
+        classes: number of classes.
     """
     params = {
         "enc": {"w": torch.randn(hidden, features), "b": torch.randn(hidden)},
@@ -52,9 +58,12 @@ def nested_params(*, batch: Sizes = 5, features: int = 4, hidden: int = 6, class
 def linear_scores(*, batch: Sizes = 6) -> Built:
     """``L_b = a·x_b + b·z_b``: per-sample gradients ``∇_a = x_b``, ``∇_b = z_b`` are the inputs.
 
-    ``params = {"a": [0.5, −1, 2], "b": [1.5, 0.25]}`` (fixed); batches ``(x [B, 3], z [B, 2])``
-    from ``N(0, 1)``; one token per sample; spec ``Elementwise()``. A value planted in ``x`` (``z``)
-    reaches ``a`` (``b``) and that sample only.
+    ``params = {"a": [0.5, −1, 2], "b": [1.5, 0.25]}`` (fixed, whatever the seed); one token per
+    sample; spec ``Elementwise()``. A value planted in ``x`` (``z``) reaches ``a`` (``b``) and that
+    sample only.
+
+    Args:
+        batch: ``B``, or one ``B`` per batch: ``(x [B, 3], z [B, 2])`` from ``N(0, 1)``.
     """
     params = {"a": torch.tensor([0.5, -1.0, 2.0]), "b": torch.tensor([1.5, 0.25])}
 
@@ -68,11 +77,13 @@ def linear_scores(*, batch: Sizes = 6) -> Built:
 
 @register("scaled_gradients", tags=("callable", "special"))
 def scaled_gradients(*, batch: Sizes = 4) -> Built:
-    """``L_b = tiny·x_b + huge·z_b + Σ off``: gradients ``x_b ~ 1e-15``, ``z_b ~ 1e15``, and a skipped ``off``.
+    """``L_b = tiny·x_b + huge·z_b + Σ off``: gradients ~1e-15 and ~1e15, and a skipped ``off``.
 
-    ``params = {"tiny": ones(3), "huge": ones(2), "off": ones(1)}``; batches
-    ``(1e-15·(1 + U[B, 3]), 1e15·(1 + U[B, 2]))``; spec ``{"tiny": Elementwise(), "huge":
-    Channel(), "off": Skip()}``: Fisher values near 1e-30 and 1e30.
+    ``params = {"tiny": ones(3), "huge": ones(2), "off": ones(1)}`` (fixed); spec ``{"tiny":
+    Elementwise(), "huge": Channel(), "off": Skip()}``: Fisher values near 1e-30 and 1e30.
+
+    Args:
+        batch: ``B``, or one ``B`` per batch: ``(1e-15·(1 + U[B, 3]), 1e15·(1 + U[B, 2]))``.
     """
     params = {"tiny": torch.ones(3), "huge": torch.ones(2), "off": torch.ones(1)}
 
