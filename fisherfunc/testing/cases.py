@@ -16,14 +16,18 @@ True
 :func:`case` builds an entry under ``torch.random.fork_rng`` from ``torch.manual_seed(seed)``
 (the caller's RNG state is untouched; the same arguments give the same case), in float32, then
 casts to ``dtype`` (default float64) and moves to ``device``; the model comes back in eval mode.
-Every model of fisherfunc's own classes counts its forward calls in ``model.calls``. Sizes are
+Builders initialise the model, then draw the batches, then give norm layers random affine
+parameters (and BatchNorm random running statistics), so no norm sits at its identity. Every
+model of fisherfunc's own classes counts its forward calls in ``model.calls``. Sizes are
 keyword arguments, each with a default; ``batch`` (and ``seq_len`` where there is one) may be a
-tuple, one entry per batch, giving ``Case.batches``. :func:`names` selects entries by tag for
-``pytest.mark.parametrize``; :func:`register` adds an entry. The tags used here: ``hypothesis``
-(drawn by :func:`fisherfunc.testing.strategies.model_cases`), ``classification``, ``regression``,
-``token``, ``causal``, ``mlp``, ``conv``, ``embedding``, ``attention``, ``transformer``, ``norm``
-(has norm layers), ``callable`` (the loss is a plain callable), ``special`` (hand-built for one
-property) and ``hf`` (needs ``transformers``, imported only when the case is built).
+tuple, one entry per batch, giving ``Case.batches``; ``Case.rebuild(**changes)`` builds the same
+entry and seed with other sizes. :func:`names` selects entries by tag for
+``pytest.mark.parametrize``; :func:`register` adds an entry (a builder returning :class:`Built`).
+The tags used here: ``hypothesis`` (drawn by :func:`fisherfunc.testing.strategies.model_cases`),
+``classification``, ``regression``, ``token``, ``causal``, ``mlp``, ``conv``, ``embedding``,
+``attention``, ``transformer``, ``norm`` (has norm layers), ``callable`` (the loss is a plain
+callable), ``special`` (hand-built for one property) and ``hf`` (needs ``transformers``, imported
+only when the case is built).
 
 Batches: ``(x, y)`` tuples for classification and regression (``x [B, ...]`` from ``N(0, 1)``,
 ``y [B]`` class indices or ``[B, outputs]``); right-padded token dicts ``{"input_ids", "labels",
