@@ -138,7 +138,11 @@ def _public_callables() -> list[tuple[str, Any]]:
         mod = importlib.import_module(module)
         for name in getattr(mod, "__all__", []):
             obj = getattr(mod, name)
-            if callable(obj) and not isinstance(obj, type(ff)) and getattr(obj, "__module__", "").startswith("fisherfunc"):
+            if (
+                callable(obj)
+                and not isinstance(obj, type(ff))
+                and getattr(obj, "__module__", "").startswith("fisherfunc")
+            ):
                 out.append((f"{module}.{name}", obj))
     return out
 

@@ -103,7 +103,9 @@ def test_edited_rules_and_parameter_table_are_refused(tmp_path: Path) -> None:
 def test_a_hand_edited_kfac_file_is_refused(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
-    K = ff.kfac.kfac(ff.losses.classification(model), dict(model.named_parameters()), (torch.randn(6, 4), torch.randint(0, 3, (6,))))
+    K = ff.kfac.kfac(
+        ff.losses.classification(model), dict(model.named_parameters()), (torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    )
     path = ff.kfac.save(tmp_path / "kfac.safetensors", K)
     assert ff.kfac.load(path).tokens == K.tokens
 
@@ -134,7 +136,9 @@ def _hooked(kind: str) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize(("kind", "where"), [("full_backward", "'2'"), ("backward_pre", "'0'"), ("legacy_backward", "'0'")])
+@pytest.mark.parametrize(
+    ("kind", "where"), [("full_backward", "'2'"), ("backward_pre", "'0'"), ("legacy_backward", "'0'")]
+)
 def test_backward_hooked_models_are_refused_naming_the_modules(kind: str, where: str) -> None:
     model = _hooked(kind)
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -167,7 +171,11 @@ def test_a_global_backward_hook_is_refused() -> None:
     handle = torch.nn.modules.module.register_module_full_backward_hook(lambda module, gi, go: None)
     try:
         with pytest.raises(ValueError, match="a global module backward hook is registered"):
-            ff.fisher(ff.losses.classification(model), dict(model.named_parameters()), (torch.randn(2, 4), torch.tensor([0, 1])))
+            ff.fisher(
+                ff.losses.classification(model),
+                dict(model.named_parameters()),
+                (torch.randn(2, 4), torch.tensor([0, 1])),
+            )
     finally:
         handle.remove()
 
