@@ -36,10 +36,6 @@ unless the table says otherwise (``spec="mixed"`` where offered).
 
 Models and losses (every loss a ``fisherfunc.losses`` builder unless it says otherwise):
 
-Models and losses (every loss a ``fisherfunc.losses`` builder unless it says otherwise):
-
-Models and losses (every loss a ``fisherfunc.losses`` builder unless it says otherwise):
-
 | name                       | model                                              | loss                          |
 |----------------------------|----------------------------------------------------|-------------------------------|
 | mlp                        | Linear → act [→ LayerNorm] [→ Dropout] … → Linear  | classification (or per token) |
