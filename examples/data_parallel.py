@@ -47,6 +47,7 @@ def main(path: str) -> None:
         ff.save(path, state, params=params, task="classifier")
         top = ff.estimate(state)["0.weight"].topk(3).indices.tolist()
         print(f"{world} processes, {state.samples} samples: most important hidden units {top}; saved {path}")
+    dist.barrier()  # no process tears down while another is still saving or communicating
     dist.destroy_process_group()
 
 

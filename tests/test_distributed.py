@@ -52,7 +52,7 @@ def _launch(argv_of_rank: Any, world: int, env_of_rank: Any = None) -> list[subp
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-                proc.wait()
+            proc.communicate()  # reap and close the pipes, so nothing leaks into later tests
     for rank, result in enumerate(done):
         assert result.returncode == 0, f"process {rank} failed:\n{result.stderr[-4000:]}"
     return done
