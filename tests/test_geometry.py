@@ -17,6 +17,7 @@ from torch import Tensor, nn
 import fisherfunc as ff
 from fisherfunc._engine.group_sums import find_sites
 from fisherfunc._engine.numerics import prepare
+from fisherfunc._spec.groups import group_index
 from fisherfunc._spec.resolve import resolve_spec
 from fisherfunc.testing import assert_fisher_close, cases
 
@@ -101,9 +102,18 @@ def test_stated_membership_is_the_derived_one(rule: ff.Rule, shape: tuple[int, .
 def test_membership_scatter_is_reduce(rule: ff.Rule, shape: tuple[int, ...]) -> None:
     x = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     owner = rule.membership(shape)
+    assert owner.shape == torch.Size(shape) and owner.dtype == torch.long
     size = rule.group_shape(torch.Size(shape)).numel()
     scattered = torch.zeros(size, dtype=torch.float64).index_add(0, owner.reshape(-1), x.reshape(-1))
     torch.testing.assert_close(scattered, rule.reduce(x).reshape(-1), rtol=1e-12, atol=0)
+    # the group numbering perturb chooses on counts the same members
+    sizes = group_index(rule, {"p": torch.zeros(shape)}).sizes
+    assert torch.equal(sizes, torch.bincount(owner.reshape(-1), minlength=size).to(torch.float64))
+
+
+def test_skip_has_no_geometry() -> None:
+    with pytest.raises(ff.SpecError, match="belong to none"):
+        ff.Skip().membership(torch.Size([3]))
 
 
 MATRICES = [(r, s) for r, s in BUILT_IN if len(s) == 2]

@@ -17,43 +17,7 @@ import torch
 from torch import nn
 
 import fisherfunc as ff
-from fisherfunc._spec.groups import group_index
 from fisherfunc.testing import cases
-
-# --- membership -----------------------------------------------------------------------------------
-
-RULES = [
-    (ff.Channel(0), (4, 3, 2)),
-    (ff.Channel(1), (4, 3)),
-    (ff.Channel(axis=1, groups=2), (6, 3, 2)),
-    (ff.Heads(2), (8, 3)),
-    (ff.Heads(2, axis=1), (3, 8)),
-    (ff.Heads(2, parts=3), (12, 5)),
-    (ff.Rows(), (7, 3)),
-    (ff.Buckets(3), (7, 2)),
-    (ff.Buckets(mapping=(2, 0, 0, 1, 2)), (5, 3)),
-    (ff.Elementwise(), (3, 4)),
-    (ff.Whole(), (3, 4)),
-    (ff.Whole(), ()),
-]
-
-
-@pytest.mark.parametrize("rule,shape", RULES, ids=[f"{r!r}-{s}" for r, s in RULES])
-def test_membership_scatter_sum_is_reduce(rule: ff.Rule, shape: tuple[int, ...]) -> None:
-    x = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    member = rule.membership(torch.Size(shape))
-    assert member.shape == torch.Size(shape) and member.dtype == torch.long
-    groups = rule.group_shape(torch.Size(shape)).numel()
-    scattered = torch.zeros(groups, dtype=torch.float64).index_add(0, member.reshape(-1), x.reshape(-1))
-    torch.testing.assert_close(scattered, rule.reduce(x).reshape(-1), rtol=1e-12, atol=0)
-    sizes = group_index(rule, {"p": torch.zeros(shape)}).sizes
-    assert torch.equal(sizes, torch.bincount(member.reshape(-1), minlength=groups).to(torch.float64))
-
-
-def test_membership_refuses_skip() -> None:
-    with pytest.raises(ff.SpecError):
-        ff.Skip().membership(torch.Size([3]))
-
 
 # --- sampling law -----------------------------------------------------------------------------------
 
