@@ -356,6 +356,8 @@ def regression(
 
     ``L_b = Σ_k (f_k(x_b) − y_bk)² / (2σ²)`` (``σ² = variance``), ``n_b = 1``. The ``½`` makes
     ``∇L_b`` the score of a Gaussian likelihood, so the Fisher has its usual scale ``Jᵀ J / σ²``.
+    The model maps inputs ``[1, ...]`` to predictions ``[1, K]`` (or any shape with ``K`` entries);
+    targets are ``[B, K]``.
     """
     if not variance > 0:
         raise ValueError(f"variance must be > 0, got {variance}")
@@ -390,6 +392,9 @@ def custom(
     dropout: DropoutMode = "eval",
 ) -> ModelLoss:
     """Any function of one sample's (prediction, targets), batch dimension removed.
+
+    The prediction and the targets reach ``fn`` as one sample's tensors, e.g. ``[C]`` logits and
+    a ``[]`` class index, or ``[T, C]`` and ``[T]`` for a sequence.
 
     Args:
         model: the module.

@@ -257,3 +257,66 @@ def test_specs_that_do_not_fit_raise_one_error_type(entry: str) -> None:
     _, loss, params = _mlp()
     with pytest.raises(ff.SpecError, match=r"parameter '0\.(weight|bias)'.*does not divide"):
         ENTRIES[entry](loss, params, (torch.randn(6, 4), torch.randint(0, 3, (6,))), spec=ff.Heads(4))
+
+
+# --- purity: no entry point writes into what it is given ------------------------------------------
+
+
+def _snapshot(tree: Any) -> list[torch.Tensor]:
+    import optree
+
+    return [t.detach().clone() for t in optree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _same(before: list[torch.Tensor], tree: Any) -> bool:
+    import optree
+
+    after = [t for t in optree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+    return len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_entry_points_leave_params_and_batch_untouched(entry: str) -> None:
+    model, loss, params = _mlp()
+    batch = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    params_before, batch_before = _snapshot(params), _snapshot(batch)
+    weights_before = _snapshot(dict(model.named_parameters()))
+    ENTRIES[entry](loss, params, batch)
+    assert _same(params_before, params) and _same(batch_before, batch)
+    assert _same(weights_before, dict(model.named_parameters()))
+
+
+def test_kfac_step_and_perturb_return_new_values() -> None:
+    _, loss, params = _mlp()
+    batch = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    kstep = ff.kfac.make_kfac_step(loss, decay=0.5)
+    state = kstep(params, batch, kstep.init(params, batch))
+    before = _snapshot(state)
+    new = kstep(params, batch, state)
+    assert _same(before, state) and new is not state and new.step == state.step + 1
+    F = ff.fisher(loss, params, batch, kind="exact")
+    plan = ff.perturb.plan(F, ff.Channel(0), params, concentration=0.5, energy=1e-2, temperature=0)
+    params_before = _snapshot(params)
+    perturbed, _ = ff.perturb.perturb(params, plan, generator=torch.Generator().manual_seed(0))
+    assert _same(params_before, params) and not _same(params_before, perturbed)
+
+
+# --- docstrings say the shapes of the tensors they take and return --------------------------------
+
+
+def _tensor_facing(obj: Any) -> bool:
+    """Whether a callable's annotations mention tensors or group trees."""
+    try:
+        hints = " ".join(str(p.annotation) for p in inspect.signature(obj).parameters.values())
+        hints += " " + str(inspect.signature(obj).return_annotation)
+    except (TypeError, ValueError):
+        return False
+    return "Tensor" in hints
+
+
+@pytest.mark.parametrize(("name", "obj"), CALLABLES, ids=[n for n, _ in CALLABLES])
+def test_tensor_facing_docstrings_give_shapes(name: str, obj: Any) -> None:
+    if not _tensor_facing(obj):
+        return
+    doc = inspect.getdoc(obj) or ""
+    assert "[" in doc or "shape" in doc, f"{name} takes or returns tensors but its docstring gives no shape"

@@ -45,7 +45,8 @@ def to_keyed(tree: Any, *, task: str, spec: Any = None) -> dict[str, Tensor]:
     Returns:
         A dict in hierarchical order (by task, then parameter name, then group type — which is
         not plain string order, since ``|`` sorts after letters); values are the tree's tensors
-        (not copied).
+        (not copied), each of its rule's group shape (``[channels]``, ``[heads]`` or
+        ``[parts, heads]``, ``[vocab]``, ``[]``, or the parameter's shape for ``Elementwise()``).
     """
     _check_part(task, "task")
     if isinstance(tree, FisherState):
@@ -78,6 +79,9 @@ def from_keyed(keyed: Mapping[str, Tensor], *, task: str | None = None, like: An
         task: return only this task's tree; ``None`` returns ``{task: tree}`` for every task.
         like: optional params tree (or spec) giving the structure to rebuild, with ``None`` for
             parameters that have no key; without it each tree is a flat ``{param_name: tensor}``.
+
+    Returns:
+        The group tree(s), each value a tensor of its rule's group shape, as :func:`to_keyed` took it.
 
     Raises:
         ValueError: for a malformed key, or a key not in ``like``.

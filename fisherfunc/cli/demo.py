@@ -25,7 +25,7 @@ class Job(NamedTuple):
     Attributes:
         model: the model (its parameters are read, never changed).
         loss: per-sample loss ``(params, sample) -> (loss_sum, num_tokens)``.
-        batches: the batches to fold into the state, in order.
+        batches: the batches to fold into the state, in order: ``(images [B, 64], labels [B])``.
         description: one line saying what was built (printed by the command).
     """
 
@@ -52,7 +52,14 @@ def load_digits() -> tuple[Tensor, Tensor]:
 
 
 def train(x: Tensor, y: Tensor, *, seed: int = 0, steps: int = 200) -> tuple[nn.Module, float]:
-    """Train a 64-64-32-10 ReLU MLP with full-batch Adam; returns the model (eval mode) and its accuracy."""
+    """Train a 64-64-32-10 ReLU MLP with full-batch Adam; returns the model (eval mode) and its accuracy.
+
+    Args:
+        x: ``[N, 64]`` float32 images (pixel values in ``[0, 1]``).
+        y: ``[N]`` int64 labels in ``[0, 10)``.
+        seed: seeds the initialisation.
+        steps: Adam steps over the whole data.
+    """
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

@@ -127,7 +127,8 @@ def inverse_mvp(F: Approximation, vector: Any, damping: float) -> dict[str, Tens
         damping: ``λ > 0`` added to every eigenvalue (``0`` allowed when ``F̃`` is invertible).
 
     Returns:
-        ``{parameter name: tensor}`` for the covered weights and biases.
+        ``{parameter name: tensor}`` for the covered weights and biases, each in its parameter's
+        shape (the layer's ``[W | b]`` is solved as one ``[out, in(+1)]`` matrix).
     """
     _check(F)
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:

@@ -88,7 +88,7 @@ class Record(NamedTuple):
 
     Attributes:
         plan: the plan (chosen groups and their shares).
-        generator_state: the noise generator's ``get_state()`` before the draw.
+        generator_state: the noise generator's ``get_state()`` before the draw (a ``[n]`` uint8 tensor).
         seed: the generator's ``initial_seed()`` (for reports; the state is what replays).
         device: the generator's device.
     """
