@@ -128,7 +128,8 @@ def check_per_sample(names: Sequence[str], values: Sequence[Tensor], tokens: Ten
         values: per-sample values, each ``[B, ...]``.
         tokens: ``[B]`` token counts.
     """
-    flags = torch.stack([_screen(v) for v in values] + [~torch.isfinite(tokens).all()])
+    device = values[0].device if values else tokens.device
+    flags = torch.stack([_screen(v).to(device) for v in values] + [~torch.isfinite(tokens).all().to(device)])
     if bool(flags.any()):  # one host sync
         found = _nonfinite_samples(values, tokens)
         if found:
