@@ -26,15 +26,6 @@ _BACKWARD_HOOKS = ("_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_BACKWARD_HOOKS = ("_global_backward_hooks", "_global_backward_pre_hooks")
 
 
-def _backward_hooked(model: nn.Module) -> list[str]:
-    """Names of the modules of ``model`` carrying backward hooks."""
-    return [
-        name or "<root>"
-        for name, module in model.named_modules()
-        if any(getattr(module, attr, None) for attr in _BACKWARD_HOOKS)
-    ]
-
-
 def check_model(model: nn.Module) -> None:
     """Refuse models that cannot give per-sample gradients under ``torch.func``.
 
@@ -50,7 +41,10 @@ def check_model(model: nn.Module) -> None:
     ...
     ValueError: module(s) '<root>' of Linear carry backward hooks ...
     """
-    for name, module in model.named_modules():
+    hooked: list[str] = []
+    for name, module in model.named_modules():  # one walk: BatchNorm modes and backward hooks
+        if any(getattr(module, attr, None) for attr in _BACKWARD_HOOKS):
+            hooked.append(name or "<root>")
         if isinstance(module, _BATCHNORM) and module.training:
             raise ValueError(
                 f"BatchNorm layer '{name or '<root>'}' is in training mode: its output mixes the samples "
@@ -58,7 +52,6 @@ def check_model(model: nn.Module) -> None:
                 "running statistics in place, which torch.func cannot vectorise. Call model.eval() to use "
                 "the running statistics (or replace it with GroupNorm/LayerNorm)"
             )
-    hooked = _backward_hooked(model)
     if hooked:
         listing = ", ".join(repr(n) for n in hooked[:8]) + (f" and {len(hooked) - 8} more" if len(hooked) > 8 else "")
         raise ValueError(
