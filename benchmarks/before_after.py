@@ -42,7 +42,7 @@ def run_tree(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trees", nargs="+", required=True, help="name=path pairs, e.g. before=/tmp/old after=.")
+    parser.add_argument("--trees", nargs="+", required=True, help="name=path pairs, e.g. before=../old after=.")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)

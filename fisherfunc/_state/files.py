@@ -40,10 +40,10 @@ import optree
 import torch
 from torch import Tensor
 
-from .. import _version
 from .._naming import path_name
 from .._spec.resolve import ResolvedSpec, named_rules, resolve_spec
 from .._spec.rules import Rule, SpecError
+from .._version import __version__
 from . import container
 from .codec import STORAGE_DTYPES, Scaled
 from .ema import bias_correction
@@ -172,7 +172,7 @@ def save(
         "values": "raw EMA m_t, not debiased: estimate = tensor / bias_correction; float16 values are "
         f"mantissa (key) * 2 ** exponent (key + '{_EXPONENT}')",
         "library": {
-            "fisherfunc": _version.__version__,
+            "fisherfunc": __version__,
             "torch": torch.__version__,
             "safetensors": safetensors.__version__,
         },

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .. import _version
 from .._state import container
+from .._version import __version__
 from ._eigen import EKFAC
 from ._factors import KFAC, KFACState
 from ._layers import Layer
@@ -58,7 +58,7 @@ def save(path: str | os.PathLike[str], value: KFAC | EKFAC | KFACState) -> Path:
         "layers": [layer.to_json() for layer in value.layers],
         "fields": fields,
         "library": {
-            "fisherfunc": _version.__version__,
+            "fisherfunc": __version__,
             "torch": torch.__version__,
             "safetensors": safetensors.__version__,
         },
