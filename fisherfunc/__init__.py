@@ -15,7 +15,7 @@ This module only re-exports; the layers underneath, in the order a batch flows t
 - ``_estimate``: one-shot estimates (``fisher``, ``accumulate``, ``per_sample_fisher``);
 - ``_state``: states, the EMA, the step, storage codec, keys, merging and files.
 
-Public modules on top: :mod:`~fisherfunc.losses`, :mod:`~fisherfunc.dropout`,
+Public modules on top: :mod:`~fisherfunc.losses`, :mod:`~fisherfunc.heads`, :mod:`~fisherfunc.dropout`,
 :mod:`~fisherfunc.storage`, :mod:`~fisherfunc.distributed`, :mod:`~fisherfunc.plot`; the uses
 :mod:`~fisherfunc.perturb`, :mod:`~fisherfunc.kfac`, :mod:`~fisherfunc.hf`,
 :mod:`~fisherfunc.testing` and the command :mod:`~fisherfunc.cli`.
@@ -64,6 +64,8 @@ from ._state.state import metadata as metadata
 from ._state.step import FisherStep as FisherStep
 from ._state.step import make_fisher_step as make_fisher_step
 from ._version import __version__ as __version__
+from .heads import HeadImportance as HeadImportance
+from .heads import head_importance as head_importance
 
 __all__ = [
     "MC",
@@ -77,6 +79,7 @@ __all__ = [
     "FisherKind",
     "FisherState",
     "FisherStep",
+    "HeadImportance",
     "Heads",
     "NonFiniteError",
     "PerSampleFisher",
@@ -93,6 +96,7 @@ __all__ = [
     "estimate",
     "fisher",
     "from_keyed",
+    "head_importance",
     "hf",
     "infer_spec",
     "init_state",

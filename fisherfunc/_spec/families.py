@@ -32,14 +32,15 @@ Nothing here imports ``transformers``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal, cast
 
 from torch import nn
 
 from .rules import Channel, Heads, Rule, SpecError
 
-__all__ = ["hf_rules", "placements", "attention_families", "is_hf_module"]
+__all__ = ["hf_rules", "placements", "attention_families", "is_hf_module", "AttentionBlock", "attention_blocks"]
 
 
 def is_hf_module(module: nn.Module) -> bool:
@@ -235,3 +236,111 @@ def hf_rules(model: nn.Module) -> dict[str, Rule]:
             raise rule
         out[path] = rule
     return out
+
+
+# --- head layouts: which parameters (and which parts of fused ones) make each head ----------------
+
+#: A head's part: its query rows, key rows, value rows, or its columns of the output projection.
+Role = Literal["q", "k", "v", "o"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBlock:
+    """One attention module's heads, read off the live module (for :func:`fisherfunc.head_importance`).
+
+    Attributes:
+        module: the attention module's dotted name.
+        attention: ``"self"`` or ``"cross"`` (the module's own ``is_cross_attention``, or the
+            cross-attention of ``nn.TransformerDecoderLayer``).
+        heads: query heads ``H`` (also the output projection's column blocks).
+        kv_heads: key-value heads ``KV``: ``H`` for multi-head, ``1`` for multi-query, between for
+            grouped-query attention; query head ``h`` reads key-value head ``h // (H / KV)``.
+        parts: ``(parameter name, role, fused part or None)``: which parameter holds which part of
+            every head; a fused projection's group values are ``[parts, heads]`` and ``part``
+            selects the row (GPT-2 ``c_attn``: 0 = Q, 1 = K, 2 = V).
+    """
+
+    module: str
+    attention: Literal["self", "cross"]
+    heads: int
+    kv_heads: int
+    parts: tuple[tuple[str, Role, int | None], ...]
+
+
+def _present(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _block(
+    model: nn.Module, prefix: str, attention: Any, heads: int, kv_heads: int, parts: list[tuple[str, str, int | None]]
+) -> AttentionBlock:
+    """The block of module ``prefix``; ``parts``: ``(local parameter name, role, fused part)``, absent ones dropped."""
+    kind: Literal["self", "cross"] = "cross" if attention else "self"
+    found = tuple(
+        (_join(prefix, local), cast(Role, role), part)
+        for local, role, part in parts
+        if _present(model, _join(prefix, local))
+    )
+    return AttentionBlock(module=prefix, attention=kind, heads=heads, kv_heads=kv_heads, parts=found)
+
+
+def _hf_block(model: nn.Module, family: str, name: str, module: nn.Module, config: Any) -> AttentionBlock:
+    cross = getattr(module, "is_cross_attention", False)
+    if family == "bert":
+        h = _count(config, module.get_submodule("self"), _join(name, "self"), "num_attention_heads", "num_heads")
+        parts: list[tuple[str, str, int | None]] = [
+            (f"self.{p}.{w}", role, None) for p, role in (("query", "q"), ("key", "k"), ("value", "v"))
+            for w in ("weight", "bias")
+        ]  # fmt: skip
+        return _block(model, name, cross, h, h, [*parts, ("output.dense.weight", "o", None)])
+    if family == "gpt2":
+        h = _count(config, module, name, "num_heads", "num_attention_heads", "n_head")
+        if _is_conv1d(getattr(module, "q_attn", None)):  # cross-attention: Q alone, K and V fused
+            fused: list[tuple[str, str, int | None]] = [
+                (f"c_attn.{w}", role, i) for w in ("weight", "bias") for i, role in enumerate(("k", "v"))
+            ]
+            parts = [("q_attn.weight", "q", None), ("q_attn.bias", "q", None), *fused]
+            return _block(model, name, True, h, h, [*parts, ("c_proj.weight", "o", None)])
+        fused = [(f"c_attn.{w}", role, i) for w in ("weight", "bias") for i, role in enumerate(("q", "k", "v"))]
+        return _block(model, name, cross, h, h, [*fused, ("c_proj.weight", "o", None)])
+    h = _count(config, module, name, "num_heads", "num_attention_heads")
+    kv = getattr(module, "num_key_value_heads", None) or getattr(config, "num_key_value_heads", None) or h
+    parts = [
+        (f"{p}.{w}", role, None) for p, role in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"))
+        for w in ("weight", "bias")
+    ]  # fmt: skip
+    return _block(model, name, cross, h, int(kv), [*parts, ("o_proj.weight", "o", None)])
+
+
+def _torch_block(model: nn.Module, name: str, module: nn.MultiheadAttention, cross: bool) -> AttentionBlock:
+    h = module.num_heads
+    parts: list[tuple[str, str, int | None]] = [
+        *((f"in_proj_{w}", role, i) for w in ("weight", "bias") for i, role in enumerate(("q", "k", "v"))),
+        ("q_proj_weight", "q", None), ("k_proj_weight", "k", None), ("v_proj_weight", "v", None),
+        ("bias_k", "k", None), ("bias_v", "v", None), ("out_proj.weight", "o", None),
+    ]  # fmt: skip
+    return _block(model, name, cross, h, h, parts)
+
+
+def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
+    """Every attention module of ``model`` whose parameters ``infer_spec`` groups by heads, in module order.
+
+    Covers the Hugging Face families of the rule table (BERT-, GPT-2- and Llama-like, grouped-query
+    aware) and ``nn.MultiheadAttention`` (a ``nn.TransformerDecoderLayer``'s ``multihead_attn`` is
+    its cross-attention). Head counts are read as the rules read them: the module's own attribute
+    first, then its config.
+    """
+    configs = _configs(model)
+    found = {
+        name: _hf_block(model, family, name, module, configs.get(name)) for family, name, module in _families(model)
+    }
+    cross_of_decoders = {id(m.multihead_attn) for m in model.modules() if isinstance(m, nn.TransformerDecoderLayer)}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            found[name] = _torch_block(model, name, module, id(module) in cross_of_decoders)
+    order = [name for name, _ in model.named_modules() if name in found]
+    return [found[name] for name in order]

@@ -34,6 +34,9 @@ from .._state.files import save
 from .._state.keys import SEPARATOR, to_keyed
 from .._state.state import FisherState
 from .._state.step import make_fisher_step
+from ..heads import HeadImportance, head_importance
+from ._hf import JobError, hf_job
+from ._report import heads_table, write_heads_csv
 
 __all__ = ["main", "UsageError", "parse_args", "rank_groups"]
 
@@ -67,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     source = p.add_argument_group("what to measure (default: the built-in digits MLP)")
-    source.add_argument("--model", metavar="DIR", help="a local Hugging Face causal-LM checkpoint directory")
+    source.add_argument(
+        "--model", metavar="DIR", help="a local Hugging Face checkpoint directory (a causal or a masked LM)"
+    )
     source.add_argument("--text", metavar="FILE", help="with --model: a UTF-8 text file, one example per line")
     source.add_argument(
         "--entry",
@@ -88,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     opts.add_argument("--batch-size", type=_positive, default=None, help="samples per batch (default: 64, HF: 8)")
     opts.add_argument("--max-batches", type=_positive, default=None, help="fold in at most this many batches")
     opts.add_argument("--max-length", type=_positive, default=128, help="with --model: tokens per line (default: 128)")
+    opts.add_argument(
+        "--objective",
+        default="auto",
+        choices=["auto", "causal", "masked"],
+        help="with --model: next-token (causal) or masked-token prediction (masked, 15%% of the tokens masked with "
+        "--seed); auto: masked when the checkpoint's architecture is a ...ForMaskedLM (default: auto)",
+    )
     opts.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     opts.add_argument("--seed", type=int, default=0, help="seed for training, shuffling and mc labels (default: 0)")
     output = p.add_argument_group("output")
@@ -152,46 +164,6 @@ def _default_job(args: argparse.Namespace) -> tuple[Any, Any, list[Any], str, st
     except ImportError as err:
         raise UsageError(str(err)) from None
     return job.model, job.loss, job.batches, job.description, "digits"
-
-
-def _hf_job(args: argparse.Namespace) -> tuple[Any, Any, list[Any], str, str]:
-    folder, text = Path(args.model), Path(args.text)
-    if not folder.is_dir():
-        raise UsageError(f"--model {args.model!r} is not a directory")
-    if not (folder / "config.json").is_file():
-        raise UsageError(f"--model {args.model!r} has no config.json: not a Hugging Face checkpoint directory")
-    if not text.is_file():
-        raise UsageError(f"--text {args.text!r}: no such file")
-    try:
-        import transformers
-    except ImportError:
-        raise UsageError('--model needs transformers: pip install "fisherfunc[hf]"') from None
-    from ..hf import causal_lm
-
-    lines = [line.strip() for line in text.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-    if not lines:
-        raise UsageError(f"--text {args.text!r} has no non-empty lines")
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, config=config, local_files_only=True, attn_implementation="sdpa"
-        )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"--model {args.model!r} cannot be loaded as a causal LM: {first}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    model.eval()
-    size = args.batch_size or 8
-    batches = []
-    for i in range(0, len(lines), size):
-        enc = tokenizer(
-            lines[i : i + size], padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"
-        )
-        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-    description = f"{config.model_type} causal LM from {folder.name} on {len(lines)} lines of {text.name}"
-    return model, causal_lm(model), batches, description, folder.name.replace(SEPARATOR, "_") or "model"
 
 
 def _entry_job(args: argparse.Namespace) -> tuple[Any, Any, list[Any], str, str]:
@@ -273,7 +245,7 @@ def _plots(state: FisherState, job: tuple[Any, ...], params: Any, spec: Any, arg
 
     model, loss, batches = job[:3]
     out = Path(args.out)
-    figures = plot.figures_for_state(state)
+    figures = plot.figures_for_state(state, model=model)
     ps = per_sample_fisher(loss, params, _to_device(batches[0], params_device(params)), spec=spec, kind=_kind(args))
     figures["per_sample"] = plot.per_sample_distribution(
         ps, title=f"Per-sample Fisher, first batch of {type(model).__name__}"
@@ -319,7 +291,10 @@ def run(args: argparse.Namespace) -> int:
     if args.entry is not None:
         job = _entry_job(args)
     elif args.model is not None:
-        job = _hf_job(args)
+        try:
+            job = hf_job(args)
+        except JobError as err:
+            raise UsageError(str(err)) from None
     else:
         job = _default_job(args)
     model, loss, batches, description, default_task = job
@@ -346,28 +321,27 @@ def run(args: argparse.Namespace) -> int:
         state = fisher_step(params, _to_device(batch, device), state)
     seconds = time.perf_counter() - collect_start
 
-    keyed = to_keyed(state, task=task)
-    rule_leaves = optree.tree_leaves(state.spec, is_leaf=is_rule)
-    group_type = "head" if any(isinstance(r, Heads) for r in rule_leaves) else "channel"
-    rows = rank_groups(keyed, group_type)
-    weights = [row for row in rows if row[0].endswith("weight")]
-    rows = weights or rows  # a unit's bias Fisher is a small part of its weights': rank the weights
-    zeros = sum(row[2] == 0 for row in rows)
-    print(
-        f"\n{args.kind} Fisher per token, bias-corrected EMA (decay {args.decay}) over {state.step} batches, "
-        f"{state.samples} samples, {state.tokens:g} tokens; {len(rows)} {group_type}s of weights, "
-        "most and least important:"
-    )
-    print(_table(rows, args.top, group_type))
-    if any("," in row[1] for row in rows):
-        print("(a head index p,h is part p of a fused projection, 0 = Q, 1 = K, 2 = V, of head h)")
-    if zeros:
-        print(
-            f"{zeros} {group_type}s have zero Fisher: the loss does not depend on them on this data (e.g. dead ReLUs)"
-        )
-
+    heads = _heads(state, model)
     path = save(out / STATE_FILE, {task: state}, params=params)
     written = [path]
+    summary = (
+        f"\n{args.kind} Fisher per token, bias-corrected EMA (decay {args.decay}) over {state.step} batches, "
+        f"{state.samples} samples, {state.tokens:g} tokens; "
+    )
+    if heads is not None:
+        grouped = heads.kv_heads != heads.heads
+        shape = f"{len(heads.layers)} layers × {heads.heads} heads" + (f", {heads.kv_heads} key-value heads" * grouped)
+        print(summary + f"{heads.matrix.numel()} attention heads ({shape}), most and least important:")
+        print(heads_table(heads, args.top))
+        if grouped:
+            print(
+                f"(grouped-query attention: each key-value head's K and V Fisher is shared by the "
+                f"{heads.heads // heads.kv_heads} query heads that read it; fisherfunc.head_importance(...).kv_groups "
+                "has the groups)"
+            )
+        written.append(write_heads_csv(heads, out / "heads.csv"))
+    else:
+        _print_groups(state, task, args, summary)
     if not args.no_plots:
         written += _plots(state, job, params, spec, args)
     print(f"\nwrote {len(written)} files to {out}/ ({time.perf_counter() - start:.1f} s, Fisher {seconds:.1f} s):")
@@ -375,6 +349,33 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {p}")
     print(f"load with: fisherfunc.load({str(path)!r}, params, task={task!r})")
     return 0
+
+
+def _heads(state: FisherState, model: Any) -> HeadImportance | None:
+    """The self-attention head importance of ``model``, or ``None`` if it has no head-grouped attention."""
+    try:
+        return head_importance(state, model)
+    except ValueError:
+        return None
+
+
+def _print_groups(state: FisherState, task: str, args: argparse.Namespace, summary: str) -> None:
+    """The ranked table of (parameter, group) pairs, for models without attention heads."""
+    keyed = to_keyed(state, task=task)
+    rule_leaves = optree.tree_leaves(state.spec, is_leaf=is_rule)
+    group_type = "head" if any(isinstance(r, Heads) for r in rule_leaves) else "channel"
+    rows = rank_groups(keyed, group_type)
+    weights = [row for row in rows if row[0].endswith("weight")]
+    rows = weights or rows  # a unit's bias Fisher is a small part of its weights': rank the weights
+    zeros = sum(row[2] == 0 for row in rows)
+    print(summary + f"{len(rows)} {group_type}s of weights, most and least important:")
+    print(_table(rows, args.top, group_type))
+    if any("," in row[1] for row in rows):
+        print("(a head index p,h is part p of a fused projection, 0 = Q, 1 = K, 2 = V, of head h)")
+    if zeros:
+        print(
+            f"{zeros} {group_type}s have zero Fisher: the loss does not depend on them on this data (e.g. dead ReLUs)"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
