@@ -48,10 +48,11 @@ class HeadImportance(NamedTuple):
     """Per-head Fisher of one kind of attention (self or cross) in every layer.
 
     Attributes:
-        matrix: ``[layers, H]`` the importance of each query head (see the module docstring).
-        parts: ``{"q", "k", "v", "o"}`` each ``[layers, H]``; ``"k"`` and ``"v"`` are the shared
+        matrix: ``[layers, H]`` the importance of each query head (see the module docstring);
+            ``[B, layers, H]`` for per-sample groups.
+        parts: ``{"q", "k", "v", "o"}`` each shaped like ``matrix``; ``"k"`` and ``"v"`` are the
             shares ``K[l, g(h)] / r``, so ``matrix == q + k + v + o``.
-        kv_groups: ``[layers, KV]`` the importance of each key-value group.
+        kv_groups: ``[layers, KV]`` (``[B, layers, KV]``) the importance of each key-value group.
         layers: the attention modules' names, one per row.
         heads: ``H``.
         kv_heads: ``KV``.
@@ -74,23 +75,33 @@ def _flat(groups: Any) -> dict[str, Tensor | None]:
     return {path_name(p): v for p, v in zip(paths, leaves)}
 
 
-def _part(flat: dict[str, Tensor | None], name: str, part: int | None, size: int, block: AttentionBlock) -> Tensor:
-    """The ``[size]`` per-head values of one parameter (one fused part of it); zeros for ``Skip()``."""
+def _part(
+    flat: dict[str, Tensor | None], name: str, part: int | None, size: int, block: AttentionBlock, lead: tuple[int, ...]
+) -> Tensor:
+    """The ``[*lead, size]`` per-head values of one parameter (one fused part of it); zeros for ``Skip()``."""
     if name not in flat:
         raise KeyError(f"the group tree has no entry for '{name}' of attention module '{block.module}'")
     value = flat[name]
     if value is None:  # Skip(): no Fisher was computed, so it adds nothing
-        return torch.zeros(size, dtype=torch.float64)
+        return torch.zeros(*lead, size, dtype=torch.float64)
     value = value.detach().to("cpu", torch.float64)
-    if part is not None and value.ndim == 2:
-        value = value[part]
-    if tuple(value.shape) != (size,):
+    expected = (*lead, size) if part is None else (*lead, -1, size)
+    if value.ndim != len(expected) or value.shape[-1] != size or tuple(value.shape[: len(lead)]) != lead:
         fused = f" (part {part} of a fused projection)" if part is not None else ""
         raise ValueError(
-            f"parameter '{name}'{fused} has group values of shape {tuple(flat[name].shape)}, not one per head "  # type: ignore[union-attr]
-            f"({size}): compute the Fisher with the per-head rules of fisherfunc.infer_spec(model) (Heads)"
+            f"parameter '{name}'{fused} has group values of shape {tuple(value.shape)}, not one per head "
+            f"({(*lead, size) if part is None else (*lead, 'parts', size)}): compute the Fisher with the "
+            "per-head rules of fisherfunc.infer_spec(model) (Heads)"
         )
-    return value
+    return value if part is None else value[..., part, :]
+
+
+def _lead(flat: dict[str, Tensor | None], block: AttentionBlock) -> tuple[int, ...]:
+    """Leading dimensions of the values (``(B,)`` for per-sample groups, ``()`` for a group tree)."""
+    name, _, part = next((n, r, p) for n, r, p in block.parts if flat.get(n) is not None)
+    value = flat[name]
+    assert value is not None
+    return tuple(value.shape[: value.ndim - (1 if part is None else 2)])
 
 
 def head_importance(groups: Any, model: nn.Module, *, attention: str = "self") -> HeadImportance:
@@ -98,14 +109,16 @@ def head_importance(groups: Any, model: nn.Module, *, attention: str = "self") -
 
     Args:
         groups: a group tree (from :func:`~fisherfunc.fisher` with the per-head rules of
-            :func:`~fisherfunc.infer_spec`) or a :class:`~fisherfunc.FisherState` (its bias-corrected
-            estimate); skipped parameters contribute nothing.
+            :func:`~fisherfunc.infer_spec`), a :class:`~fisherfunc.FisherState` (its bias-corrected
+            estimate), or per-sample groups (``PerSampleFisher.groups``, leaves ``[B, ...]``: then
+            every result has a leading ``[B]``); skipped parameters contribute nothing.
         model: the model the Fisher is of: its attention modules give the layout.
         attention: ``"self"`` or ``"cross"`` (encoder–decoders and decoders with cross-attention
             have both, as separate matrices).
 
     Returns:
-        A :class:`HeadImportance`, float64 on the CPU.
+        A :class:`HeadImportance`, float64 on the CPU (``matrix`` ``[layers, H]``, or ``[B, layers, H]``
+        for per-sample groups).
 
     Raises:
         ValueError: no attention module of that kind, layers with different head counts, or a
@@ -128,16 +141,18 @@ def head_importance(groups: Any, model: nn.Module, *, attention: str = "self") -
     if heads % kv:
         raise ValueError(f"'{blocks[0].module}': {heads} query heads cannot share {kv} key-value heads evenly")
     flat = _flat(groups)
-    q, k, v, o = (torch.zeros(len(blocks), n, dtype=torch.float64) for n in (heads, kv, kv, heads))
-    per_role = {"q": q, "k": k, "v": v, "o": o}
+    lead = _lead(flat, blocks[0])
+    sizes = {"q": heads, "k": kv, "v": kv, "o": heads}
+    per_role = {role: torch.zeros(*lead, len(blocks), n, dtype=torch.float64) for role, n in sizes.items()}
     for row, block in enumerate(blocks):
         for name, role, part in block.parts:
-            per_role[role][row] += _part(flat, name, part, per_role[role].shape[1], block)
+            per_role[role][..., row, :] += _part(flat, name, part, sizes[role], block, lead)
+    q, k, v, o = (per_role[role] for role in "qkvo")
     r = heads // kv
     group_of = torch.arange(heads) // r  # query head h reads key-value head ⌊h / r⌋
-    shared_k, shared_v = k[:, group_of] / r, v[:, group_of] / r
+    shared_k, shared_v = k[..., group_of] / r, v[..., group_of] / r
     matrix = q + shared_k + shared_v + o
-    kv_groups = k + v + (q + o).reshape(len(blocks), kv, r).sum(-1)
+    kv_groups = k + v + (q + o).reshape(*lead, len(blocks), kv, r).sum(-1)
     return HeadImportance(
         matrix=matrix,
         parts={"q": q, "k": shared_k, "v": shared_v, "o": o},

@@ -203,3 +203,15 @@ def test_errors_name_what_is_wrong() -> None:
         ff.head_importance(_known_values(model), model, attention="both")
     with pytest.raises(ValueError, match="no self-attention module"):
         ff.head_importance({}, nn.Linear(2, 2))
+
+
+def test_per_sample_groups_give_per_sample_heads() -> None:
+    case = cases.case("hf_causal_lm", family="llama", layers=2)
+    ps = ff.per_sample_fisher(case.loss, case.params, case.batch, spec=case.spec)
+    per_sample = ff.head_importance(ps.groups, case.model)
+    whole = ff.head_importance(ff.fisher(case.loss, case.params, case.batch, spec=case.spec), case.model)
+    batch = ps.tokens.shape[0]
+    assert per_sample.matrix.shape == (batch, 2, 4) and per_sample.kv_groups.shape == (batch, 2, 2)
+    # Σ_b per-sample heads / Σ_b n_b is the batch's heads: the matrix is linear in the group values
+    mean = per_sample.matrix.sum(0) / float(ps.tokens.sum())
+    assert torch.allclose(mean, whole.matrix, rtol=1e-10, atol=0)
