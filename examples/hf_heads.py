@@ -19,9 +19,7 @@ texts = ["Paris is the capital and largest city of France.", "Fisher information
 batch = dict(DataCollatorForLanguageModeling(tok, mlm_probability=0.3, seed=0)([tok(t) for t in texts]))
 
 F = ff.fisher(ff.hf.masked_lm(model), dict(model.named_parameters()), batch, spec=ff.infer_spec(model))
-parts = ("self.query", "self.key", "self.value", "output.dense")  # Q, K, V rows and O columns of a head
-layers = range(model.config.num_hidden_layers)
-heads = torch.stack([sum(F[f"bert.encoder.layer.{i}.attention.{p}.weight"] for p in parts) for i in layers])
+heads = ff.head_importance(F, model).matrix  # each head's Q, K, V rows and O columns (with biases)
 
 print(f"per-head Fisher, {tuple(heads.shape)} (layers × heads), per predicted token:")
 print((heads / heads.max()).mul(100).round().int())  # in % of the largest head

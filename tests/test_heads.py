@@ -215,3 +215,15 @@ def test_per_sample_groups_give_per_sample_heads() -> None:
     # Σ_b per-sample heads / Σ_b n_b is the batch's heads: the matrix is linear in the group values
     mean = per_sample.matrix.sum(0) / float(ps.tokens.sum())
     assert torch.allclose(mean, whole.matrix, rtol=1e-10, atol=0)
+
+
+def test_the_documented_worked_example() -> None:
+    """docs/transformers.md and the module docstring: H = 4, KV = 2, Q = [1, 2, 3, 4], K = [10, 20], V = O = 0."""
+    model = _hf("llama", heads=4, kv_heads=2, layers=1)
+    F_ = {n: torch.zeros_like(v) for n, v in _known_values(model).items() if v is not None}
+    p = "model.layers.0.self_attn."
+    F_[p + "q_proj.weight"] = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    F_[p + "k_proj.weight"] = torch.tensor([10.0, 20.0], dtype=torch.float64)
+    imp = ff.head_importance(F_, model)
+    assert imp.matrix[0].tolist() == [6.0, 7.0, 13.0, 14.0]
+    assert imp.kv_groups[0].tolist() == [13.0, 27.0]
