@@ -201,3 +201,21 @@ def test_a_user_rule_works_in_the_step_keys_files_and_perturb(tmp_path) -> None:
         energy = spec[name].reduce(delta[name].square())
         assert torch.all((energy == 0) | torch.isclose(energy, plan.shares[0].to(energy.dtype), rtol=1e-6))
     assert torch.allclose(sum(d.square().sum() for d in delta.values()), torch.tensor(1e-2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("rule", "shape"), BUILT_IN, ids=IDS)
+def test_broadcast_spreads_each_group_over_its_entries(rule: ff.Rule, shape: tuple[int, ...]) -> None:
+    from fisherfunc._spec.groups import broadcast
+
+    params = {"p": torch.zeros(shape, dtype=torch.float64)}
+    groups = {
+        "p": torch.rand(
+            rule.group_shape(torch.Size(shape)), dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+        )
+    }
+    owner = rule.membership(shape)
+    spread = broadcast(groups, rule, params, density=False)["p"]
+    assert spread.shape == torch.Size(shape) and torch.equal(spread, groups["p"].reshape(-1)[owner])
+    # densities: each group's entries share its value equally, so reducing them gives the groups back
+    density = broadcast(groups, rule, params)["p"]
+    torch.testing.assert_close(rule.reduce(density), groups["p"], rtol=1e-12, atol=0)

@@ -20,7 +20,7 @@ from torch import Tensor
 from .resolve import ResolvedSpec, resolve_spec
 from .rules import Rule, SpecError
 
-__all__ = ["GroupIndex", "group_index", "Where"]
+__all__ = ["GroupIndex", "group_index", "Where", "broadcast"]
 
 #: Which groups are eligible: a name glob or several (``fnmatch`` over dotted parameter names), a
 #: rule class or tuple of them (e.g. ``ff.Heads``), or a callable ``(name, rule) -> bool``.
@@ -107,3 +107,43 @@ def group_index(spec: Any, params: Any) -> GroupIndex:
         sizes.append(resolved.rules[i].reduce(ones).reshape(-1))
         offsets.append(offsets[-1] + sizes[-1].numel())
     return GroupIndex(spec=resolved, offsets=tuple(offsets), sizes=torch.cat(sizes))
+
+
+def broadcast(groups: Any, spec: Any, params: Any, *, density: bool = True) -> Any:
+    """Group values spread back onto the parameters' entries: a tree shaped like ``params``.
+
+    Entry ``i`` of a parameter gets its group's value ``F_g`` (``density=False``) or the group's
+    density ``F_g / n_g`` (``density=True``, the default: a group's ``n_g`` entries then sum to its
+    value, the per-entry diagonal that group Fisher implies when the entries of a group share it
+    equally). Used where a per-weight Fisher is needed — EWC penalties, Fisher merging — and only
+    group Fisher was kept. Skipped parameters (``None`` in ``groups``) stay ``None``.
+
+    Args:
+        groups: a group tree made with ``spec`` (leaves ``[*group_shape]``), e.g. from
+            :func:`fisherfunc.fisher` or :func:`fisherfunc.estimate`.
+        spec: the spec (or resolved spec) the groups were made with.
+        params: the parameters (only their structure and shapes are read).
+        density: spread ``F_g / n_g`` (default) or ``F_g`` itself.
+
+    Returns:
+        A tree with ``params``' structure: tensors of each parameter's shape (the groups' dtype and
+        device), ``None`` for skipped parameters.
+
+    >>> import torch, fisherfunc as ff
+    >>> params = {"w": torch.zeros(2, 3)}
+    >>> broadcast({"w": torch.tensor([3.0, 6.0])}, ff.Channel(0), params)["w"]
+    tensor([[1., 1., 1.],
+            [2., 2., 2.]])
+    """
+    resolved = spec if isinstance(spec, ResolvedSpec) else resolve_spec(spec, params)
+    values = resolved.flatten_groups(groups, "groups")
+    out: list[Any] = []
+    for i, value in zip(resolved.active, values):
+        rule, shape = resolved.rules[i], resolved.shapes[i]
+        owner = rule.membership(shape, device=value.device).reshape(-1)
+        flat = value.reshape(-1)
+        if density:
+            sizes = torch.bincount(owner, minlength=flat.numel()).to(flat.dtype)
+            flat = flat / sizes.clamp_min(1)
+        out.append(flat[owner].reshape(shape))
+    return resolved.unflatten_groups(out)
