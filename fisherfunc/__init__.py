@@ -21,6 +21,7 @@ Public modules on top: :mod:`~fisherfunc.losses`, :mod:`~fisherfunc.heads`, :mod
 :mod:`~fisherfunc.testing` and the command :mod:`~fisherfunc.cli`.
 """
 
+from . import compat as compat
 from . import distributed as distributed
 from . import dropout as dropout
 from . import hf as hf
@@ -91,6 +92,7 @@ __all__ = [
     "Whole",
     "accumulate",
     "clear",
+    "compat",
     "distributed",
     "dropout",
     "estimate",

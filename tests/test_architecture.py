@@ -30,6 +30,7 @@ PUBLIC = {
     "fisherfunc",
     "fisherfunc.cli",
     "fisherfunc.cli.demo",
+    "fisherfunc.compat",
     "fisherfunc.distributed",
     "fisherfunc.dropout",
     "fisherfunc.heads",
