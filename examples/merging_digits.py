@@ -79,7 +79,11 @@ def params_of(model: nn.Module) -> dict[str, Tensor]:
 
 
 def run(seed: int, *, start_steps: int = 20, finetune_steps: int = 200) -> dict[str, dict[str, float]]:
-    """One seed: ``{row: {"A": accuracy, "B": accuracy, "mean": their mean}}`` on the test split."""
+    """One seed: ``{row: {"A": accuracy, "B": accuracy, "mean": their mean}}`` on the test split.
+
+    Also ``"fine-tunes"``: each fine-tune's training loss on its task (``"A"``, ``"B"``) and the L2 norm
+    of its diagonal Fisher over the merged body (``"fisher A"``, ``"fisher B"``).
+    """
     data = split(seed)
     start, _ = train(*data["train"]["all"], seed=seed, steps=start_steps)
     tuned = [finetune(start, data["train"][t], steps=finetune_steps) for t in "AB"]
@@ -126,7 +130,16 @@ def run(seed: int, *, start_steps: int = 20, finetune_steps: int = 200) -> dict[
         "fine-tuned on B": both(models[1], "test"),
     }
     results.update({row: both(merge(), "test") for row, merge in merges.items()})
-    return {row: {"A": a, "B": b, "mean": (a + b) / 2} for row, (a, b) in results.items()}
+    out = {row: {"A": a, "B": b, "mean": (a + b) / 2} for row, (a, b) in results.items()}
+    with torch.no_grad():
+        losses = [
+            float(nn.functional.cross_entropy(m(data["train"][t][0]), data["train"][t][1])) for m, t in zip(tuned, "AB")
+        ]
+    norms = [
+        float(torch.cat([v.reshape(-1) for k, v in f.items() if k[:2] != "4."]).norm()) for f in fisher["diagonal"]
+    ]
+    out["fine-tunes"] = {"A": losses[0], "B": losses[1], "fisher A": norms[0], "fisher B": norms[1]}
+    return out
 
 
 def table(runs: list[dict[str, dict[str, float]]]) -> str:
