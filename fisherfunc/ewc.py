@@ -71,7 +71,7 @@ def _treespec_names(tree: Any) -> tuple[optree.PyTreeSpec, tuple[str, ...], list
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Penalty:
-    """An EWC penalty with its Fisher already spread onto the parameters' entries (built by :func:`penalty`).
+    """An EWC penalty, its Fisher already spread onto the parameters' entries (from :func:`penalty`, :func:`per_task`).
 
     ``penalty(params) = ½ λ (Σ_i W_i (θ_i − c_i)² + K)``: a scalar tensor, differentiable in
     ``params``. For one task ``W = F`` and ``c = θ*`` (``K = 0``); for several, see :func:`per_task`.
@@ -92,6 +92,9 @@ class Penalty:
     centres: tuple[Tensor | None, ...]
     constant: float
     strength: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strength", _check_strength(self.strength))
 
     @property
     def fisher(self) -> Any:

@@ -9,6 +9,7 @@ the library's own broadcast. Property tests draw model cases and specs from
 from __future__ import annotations
 
 import collections
+import dataclasses
 import importlib.util
 import math
 import re
@@ -313,7 +314,9 @@ def test_zero_at_the_anchor_non_negative_and_linear_in_strength(setup: Any, lam:
     value = pen(theta)
     assert value.item() >= 0.0 and value.shape == () and value.dtype == torch.float64
     scaled = ewc.penalty(anchor, F, spec=spec, strength=lam * factor)(theta)
-    assert scaled.item() == pytest.approx(factor * value.item(), rel=RTOL, abs=0.0)
+    assert scaled.item() == pytest.approx(factor * value.item(), rel=RTOL, abs=1e-300)  # below: subnormals
+    replaced = dataclasses.replace(pen, strength=lam * factor)(theta)  # rescaled without rebuilding
+    assert replaced.item() == pytest.approx(factor * value.item(), rel=RTOL, abs=1e-300)
 
 
 # --- inside torch.func, and in an optimizer loop -----------------------------------------------------
@@ -435,6 +438,8 @@ def test_mismatches_are_refused_when_the_penalty_is_built() -> None:
     for bad in (-1.0, math.inf, math.nan, True):
         with pytest.raises(ValueError, match="strength must be a finite number >= 0"):
             ewc.penalty(anchor, F, strength=bad)
+        with pytest.raises(ValueError, match="strength must be a finite number >= 0"):
+            dataclasses.replace(ewc.penalty(anchor, F, strength=1.0), strength=bad)
     with pytest.raises(ValueError, match="at least one"):
         ewc.per_task([], strength=1.0)
     with pytest.raises(ff.SpecError, match=r"anchor entry 'n' is a torch.int64 tensor"):
