@@ -562,7 +562,7 @@ def test_the_digits_example_and_what_the_docs_say_of_it():
     assert abs(mean("Fisher, diagonal, λ searched") - mean(fisher)) < 0.005
     # the table in the docs is the one the example prints
     docs = (ROOT / "docs" / "merging.md").read_text()
-    assert text in docs
+    assert text in docs and "python examples/merging_digits.py" in docs and "torch 2.13" in docs
 
 
 def test_the_docs_code_runs(tmp_path, monkeypatch):
