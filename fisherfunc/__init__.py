@@ -17,16 +17,18 @@ This module only re-exports; the layers underneath, in the order a batch flows t
 
 Public modules on top: :mod:`~fisherfunc.losses`, :mod:`~fisherfunc.heads`, :mod:`~fisherfunc.dropout`,
 :mod:`~fisherfunc.storage`, :mod:`~fisherfunc.distributed`, :mod:`~fisherfunc.plot`; the uses
-:mod:`~fisherfunc.perturb`, :mod:`~fisherfunc.kfac`, :mod:`~fisherfunc.hf`,
+:mod:`~fisherfunc.merging`, :mod:`~fisherfunc.ewc`, :mod:`~fisherfunc.compat`, :mod:`~fisherfunc.perturb`, :mod:`~fisherfunc.kfac`, :mod:`~fisherfunc.hf`,
 :mod:`~fisherfunc.testing` and the command :mod:`~fisherfunc.cli`.
 """
 
 from . import compat as compat
 from . import distributed as distributed
 from . import dropout as dropout
+from . import ewc as ewc
 from . import hf as hf
 from . import kfac as kfac
 from . import losses as losses
+from . import merging as merging
 from . import perturb as perturb
 from . import plot as plot
 from . import storage as storage
@@ -96,6 +98,7 @@ __all__ = [
     "distributed",
     "dropout",
     "estimate",
+    "ewc",
     "fisher",
     "from_keyed",
     "head_importance",
@@ -107,6 +110,7 @@ __all__ = [
     "losses",
     "make_fisher_step",
     "merge",
+    "merging",
     "metadata",
     "per_sample_fisher",
     "perturb",
