@@ -17,8 +17,8 @@ This module only re-exports; the layers underneath, in the order a batch flows t
 
 Public modules on top: :mod:`~fisherfunc.losses`, :mod:`~fisherfunc.heads`, :mod:`~fisherfunc.dropout`,
 :mod:`~fisherfunc.storage`, :mod:`~fisherfunc.distributed`, :mod:`~fisherfunc.plot`; the uses
-:mod:`~fisherfunc.merging`, :mod:`~fisherfunc.ewc`, :mod:`~fisherfunc.compat`, :mod:`~fisherfunc.perturb`, :mod:`~fisherfunc.kfac`, :mod:`~fisherfunc.hf`,
-:mod:`~fisherfunc.testing` and the command :mod:`~fisherfunc.cli`.
+:mod:`~fisherfunc.merging`, :mod:`~fisherfunc.ewc`, :mod:`~fisherfunc.compat`, :mod:`~fisherfunc.perturb`,
+:mod:`~fisherfunc.kfac`, :mod:`~fisherfunc.hf`, :mod:`~fisherfunc.testing` and the command :mod:`~fisherfunc.cli`.
 """
 
 from . import compat as compat

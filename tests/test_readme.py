@@ -32,7 +32,15 @@ def test_readme_has_the_loop_and_the_fresh_machine_commands() -> None:
     first_screen = "\n".join(text.splitlines()[:25])
     assert "pip install" in first_screen and "python -m pytest" in first_screen
     assert "state = fisher_step(params, (x, y), state)" in text
-    for doc in ("docs/kinds.md", "docs/state.md", "docs/transformers.md", "docs/kfac.md"):
+    for doc in (
+        "docs/kinds.md",
+        "docs/state.md",
+        "docs/transformers.md",
+        "docs/kfac.md",
+        "docs/merging.md",
+        "docs/ewc.md",
+        "docs/compat.md",
+    ):
         assert f"({doc})" in text and (ROOT / doc).exists()
 
 
@@ -113,3 +121,24 @@ def test_docs_kfac_block_runs() -> None:
     namespace: dict = {}
     exec(block, namespace)
     assert [layer.name for layer in namespace["K"].layers] == ["0.weight", "2.weight"]
+
+
+def test_readme_uses_block_runs() -> None:
+    """The merging/EWC block: a convex combination per entry, and a penalty that is zero at its anchor."""
+    block = next(b for b in _python_blocks(ROOT / "README.md") if "fm.merge_models" in b)
+    namespace = _loop_namespace()
+    params, spec = namespace["params"], namespace["spec"]
+    g = torch.Generator().manual_seed(1)
+    params_b = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in params.items()}
+    x_b, y_b = torch.randn(16, 20, generator=g), torch.randint(0, 10, (16,), generator=g)
+    F_b = namespace["ff"].fisher(namespace["loss"], params_b, (x_b, y_b), spec=spec, kind="exact")
+    namespace.update(params_b=params_b, F_b=F_b, x_b=x_b, y_b=y_b)
+    exec(block, namespace)
+    for name, merged in namespace["merged"].items():
+        lo, hi = torch.minimum(params[name], params_b[name]), torch.maximum(params[name], params_b[name])
+        assert bool(((merged >= lo - 1e-6) & (merged <= hi + 1e-6)).all()), name
+        assert not torch.equal(merged, params[name]) and not torch.equal(merged, params_b[name])
+    assert float(namespace["penalty"](params)) == 0.0
+    assert float(namespace["penalty"](params_b)) > 0.0
+    namespace["objective"].backward()
+    assert all(p.grad is not None for p in namespace["model"].parameters())
