@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from .._model_check import check_model
+from .experts import placements as expert_placements
 from .families import placements as hf_placements
 from .rules import Channel, Heads, Rows, Rule, SpecError
 
@@ -127,6 +128,7 @@ def infer_spec(model: nn.Module, *, overrides: Mapping[str, Rule] | None = None)
                 table.setdefault(id(param), rule)
     for path, hf_rule in hf_placements(model).items():  # Hugging Face heads, Conv1D, norms win
         table[id(model.get_parameter(path))] = hf_rule
+    table.update({id(model.get_parameter(path)): rule for path, rule in expert_placements(model).items()})  # MoE
 
     spec: dict[str, Rule] = {}
     used: set[str] = set()  # patterns matching some parameter, whether or not an earlier one won
