@@ -182,25 +182,22 @@ def placements(model: nn.Module) -> dict[str, Rule | SpecError]:
     """
     out: dict[str, Rule | SpecError] = {}
     for name, module in fused_experts(model):
-        own = [key for key, _ in module.named_parameters(recurse=False)]
         try:
             layout = expert_layout(module, name)
+            for key, param in module.named_parameters(recurse=False):
+                out[f"{name}.{key}"] = ExpertChannels(layout.channel_axis if param.ndim == 3 else 1)
         except SpecError as error:
-            out.update({f"{name}.{key}": error for key in own})
-            continue
-        for key, param in module.named_parameters(recurse=False):
-            axis = layout.channel_axis if param.ndim == 3 else 1
-            out[f"{name}.{key}"] = ExpertChannels(axis) if param.ndim >= 2 else Channel(0)
-        found = router_of(model, name, layout.num_experts)
-        if found is None:
-            continue
-        router_name, router = found
-        try:
-            check_router(router, router_name, layout.num_experts)
-            rule: Rule | SpecError = Channel(0)
-        except SpecError as error:
-            rule = error
-        for key, param in router.named_parameters(recurse=False):
-            if param.shape[0] == layout.num_experts:
-                out[f"{router_name}.{key}"] = rule
+            out.update({f"{name}.{key}": error for key, _ in module.named_parameters(recurse=False)})
+        num_experts = int(dict(module.named_parameters(recurse=False))["down_proj"].shape[0])
+        found = router_of(model, name, num_experts)
+        if found is not None:  # the router's rows are checked on their own, whatever the experts' verdict
+            router_name, router = found
+            try:
+                check_router(router, router_name, num_experts)
+                rule: Rule | SpecError = Channel(0)
+            except SpecError as error:
+                rule = error
+            for key, param in router.named_parameters(recurse=False):
+                if param.shape[0] == num_experts:
+                    out[f"{router_name}.{key}"] = rule
     return out
