@@ -60,7 +60,12 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": E, "moe_intermediate_size": 6, "decoder_sparse_step": 1}),
     "olmoe": ("OlmoeConfig", {"num_experts": E}),
+    # PhiMoE's sparse mixer drops experts whose logit trails the best by 2·eps (relative); with the default
+    # eps (0.01) only the best survives its softmax, the routing weight is exactly 1 and the router's gradient 0
+    "phimoe": ("PhimoeConfig", {"num_local_experts": E, "router_jitter_noise": 1.0}),
 }
+#: Families whose router samples its experts in training mode (PhiMoE's sparse mixer): built in eval mode.
+SAMPLING = ("phimoe",)
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +89,8 @@ def config_class(family: str) -> type:
 
 
 def build(family: str, seed: int = 0, **extra: Any) -> nn.Module:
-    """A float64 tiny causal LM of ``family`` in training mode (as ``from_config`` builds it), weights N(0, 0.2²)."""
+    """A float64 tiny causal LM of ``family``, weights N(0, 0.2²), in training mode (as ``from_config`` builds it)
+    — eval mode for the families of ``SAMPLING`` — skipped where ``transformers`` lacks it or it is refused."""
     cls = config_class(family)
     config = cls(**COMMON, **FAMILIES[family][1], **extra)
     torch.manual_seed(seed)
@@ -93,7 +99,24 @@ def build(family: str, seed: int = 0, **extra: Any) -> nn.Module:
         for p in model.parameters():
             if p.ndim > 1:
                 p.normal_(0.0, 0.2)  # routing that differs from token to token, away from ties
-    return model.train()
+    if family == "phimoe" and dense_routing_weights(model):
+        pytest.skip(
+            f"transformers {transformers.__version__}: PhiMoE's router returns [tokens, experts] routing weights, "
+            "which its own eager experts index by top-k position: refused (test_phimoe_dense_routing_is_refused)"
+        )
+    return model.eval() if family in SAMPLING else model.train()
+
+
+def dense_routing_weights(model: nn.Module) -> bool:
+    """Whether the first layer's router returns routing weights ``[tokens, experts]`` rather than ``[tokens, k]``."""
+    with torch.no_grad():
+        *_, weights, _indices = router_module(model, 0).eval()(torch.randn(3, H, dtype=torch.float64))
+    return weights.shape == (3, E)
+
+
+def router_module(model: nn.Module, layer: int) -> nn.Module:
+    mlp = model.model.layers[layer].mlp
+    return getattr(mlp, "router", None) or mlp.gate
 
 
 def padded_batch(side: str, seed: int = 1) -> dict[str, Tensor]:
@@ -111,7 +134,8 @@ def padded_batch(side: str, seed: int = 1) -> dict[str, Tensor]:
 
 def moe_names(model: nn.Module) -> list[str]:
     """The experts' and routers' parameter names."""
-    return [n for n, _ in model.named_parameters() if ".experts." in n or n.endswith("mlp.gate.weight")]
+    routers = ("mlp.gate.weight", "mlp.router.weight")
+    return [n for n, _ in model.named_parameters() if ".experts." in n or n.endswith(routers)]
 
 
 def eager_copy(model: nn.Module) -> nn.Module:
@@ -169,13 +193,19 @@ def reference_groups(
 def moe_spec(model: nn.Module, experts_whole: bool) -> dict[str, ff.Rule]:
     """``infer_spec``'s rules for experts and routers (``Channel(0)`` experts if ``experts_whole``); rest skipped."""
     overrides: dict[str, ff.Rule] = {"*.experts.*": ff.Channel(0)} if experts_whole else {}
-    inferred = ff.infer_spec(model, overrides=overrides)
+    inferred = infer(model, **overrides)
     keep = set(moe_names(model))
     return {n: (rule if n in keep else ff.Skip()) for n, rule in inferred.items()}
 
 
+def infer(model: nn.Module, **overrides: ff.Rule) -> dict[str, ff.Rule]:
+    """``infer_spec`` with attention skipped: its per-head rules (and refusals) are not this file's subject."""
+    return ff.infer_spec(model, overrides={**overrides, "*.self_attn.*": ff.Skip()})
+
+
 def rel_err(actual: Tensor, expected: Tensor) -> float:
     assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert float(expected.abs().max()) > 0, "a reference that is all zeros tests nothing"
     return float((actual - expected).abs().max() / expected.abs().max())
 
 
@@ -185,18 +215,20 @@ def rel_err(actual: Tensor, expected: Tensor) -> float:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_infer_spec_places_expert_channels_and_router_rows(family: str) -> None:
     model = build(family)
-    spec = ff.infer_spec(model)
+    spec = infer(model)
     for layer in range(2):
         mlp = f"model.layers.{layer}.mlp"
         assert spec[f"{mlp}.experts.gate_up_proj"] == ExpertChannels(1)
         assert spec[f"{mlp}.experts.down_proj"] == ExpertChannels(1)
-        assert spec[f"{mlp}.gate.weight"] == ff.Channel(0)
+        router = "router" if family == "phimoe" else "gate"
+        assert spec[f"{mlp}.{router}.weight"] == ff.Channel(0)
+        assert router_module(model, layer).weight.shape == (E, H)
         experts = model.get_submodule(f"{mlp}.experts")
         assert tuple(experts.gate_up_proj.shape)[:2] == (E, 2 * expert_layout(experts).intermediate)
         assert tuple(experts.down_proj.shape)[:2] == (E, H)
-    shapes = {n: spec[n].group_shape(p.shape, n) for n, p in model.named_parameters()}
+    shapes = {n: spec[n].group_shape(p.shape, n) for n, p in model.named_parameters() if n in moe_names(model)}
     assert shapes["model.layers.0.mlp.experts.down_proj"] == torch.Size([E, H])
-    assert shapes["model.layers.0.mlp.gate.weight"] == torch.Size([E])
+    assert shapes[f"model.layers.0.mlp.{router}.weight"] == torch.Size([E])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -279,7 +311,7 @@ def test_paths_router_is_factorised_experts_are_direct() -> None:
     model = build("mixtral")
     loss = routed(ff.hf.causal_lm(model, causal=True))
     params = dict(model.named_parameters())
-    resolved = resolve_spec(ff.infer_spec(model), params)
+    resolved = resolve_spec(infer(model), params)
     prepared = prepare(params)
     sample = {k: v[0] for k, v in padded_batch("right").items()}
     sites = {resolved.names[s.leaf] for s in find_sites(loss, prepared, resolved, sample)}
@@ -381,11 +413,11 @@ def test_a_permuted_expert_layout_is_refused_by_name() -> None:
     model.config._experts_implementation = "eager"
     bad = "model.layers.0.mlp.experts"
     with pytest.raises(ff.SpecError, match=f"{bad}.gate_up_proj|{bad} \\(ShiftedExperts\\)"):
-        ff.infer_spec(model)
+        infer(model)
     with pytest.raises(ff.SpecError, match=f"{bad} \\(ShiftedExperts\\): its forward differs"):
         routed(ff.hf.causal_lm(model, causal=True))
     # an override covers the spec, but the experts still cannot run per sample
-    spec = ff.infer_spec(model, overrides={f"{bad}.*": ff.Whole()})
+    spec = infer(model, **{f"{bad}.*": ff.Whole()})
     assert spec[f"{bad}.down_proj"] == ff.Whole()
     assert placements(build("mixtral"))["model.layers.0.mlp.experts.down_proj"] == ExpertChannels(1)
 
@@ -401,14 +433,14 @@ def test_a_router_whose_rows_are_not_the_experts_is_refused() -> None:
 
     router.__class__ = Reversed
     with pytest.raises(ff.SpecError, match="model.layers.1.mlp.gate \\(Reversed\\).*does not choose expert 0"):
-        ff.infer_spec(model)
-    spec = ff.infer_spec(model, overrides={"model.layers.1.mlp.gate.weight": ff.Elementwise()})
+        infer(model)
+    spec = infer(model, **{"model.layers.1.mlp.gate.weight": ff.Elementwise()})
     assert spec["model.layers.0.mlp.gate.weight"] == ff.Channel(0)
 
 
 def test_router_jitter_in_training_mode_is_refused_under_eval_dropout() -> None:
     model = build("mixtral", router_jitter_noise=0.1)
-    with pytest.raises(ValueError, match="model.layers.0.mlp \\(MixtralSparseMoeBlock\\).*jitter noise"):
+    with pytest.raises(ValueError, match="model.layers.0.mlp \\(MixtralSparseMoeBlock\\).*jitter_noise=0.1"):
         routed(ff.hf.causal_lm(model, causal=True))
     assert isinstance(routed(ff.hf.causal_lm(model.eval(), causal=True)), RoutedLoss)
 
@@ -427,3 +459,15 @@ def test_the_swap_is_undone_on_error() -> None:
         assert "forward" in model.model.layers[0].mlp.experts.__dict__
         raise RuntimeError("boom")
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_phimoe_dense_routing_is_refused() -> None:
+    """transformers 5.0's PhiMoE: routing weights ``[tokens, experts]`` are refused with a message, not misread."""
+    cls = config_class("phimoe")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cls(**COMMON, **FAMILIES["phimoe"][1])).double().eval()
+    if not dense_routing_weights(model):
+        pytest.skip(f"transformers {transformers.__version__}: PhiMoE's router returns one weight per chosen expert")
+    loss = routed(ff.hf.causal_lm(model, causal=True))
+    with pytest.raises(ValueError, match="PhimoeExperts: routing weights of shape \\(7, 4\\).*\\(7, 2\\)"):
+        ff.fisher(loss, dict(model.named_parameters()), padded_batch("right"))

@@ -36,9 +36,7 @@ from ..losses import ModelLoss
 __all__ = ["RoutedLoss", "routed", "dense_experts", "verified_experts"]
 
 #: Verified ``(module, layout)`` of every fused-experts module, per model, kept while the model lives.
-_MODELS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[nn.Module, ExpertLayout], ...]] = (
-    weakref.WeakKeyDictionary()
-)
+_MODELS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[nn.Module, ExpertLayout], ...]] = weakref.WeakKeyDictionary()
 
 
 def verified_experts(model: nn.Module) -> tuple[tuple[nn.Module, ExpertLayout], ...]:
@@ -74,16 +72,22 @@ def _dense(layout: ExpertLayout) -> Any:
     return forward
 
 
+#: Attributes by which mixture-of-experts layers scale their inputs by random noise in training mode.
+_JITTER = ("jitter_noise", "input_jitter_noise")
+
+
 def _check_jitter(model: nn.Module, dropout: str) -> None:
+    """Refuse router jitter (Mixtral's ``jitter_noise``, PhiMoE's ``input_jitter_noise``) under eval semantics."""
     for name, module in model.named_modules():
-        noise = getattr(module, "jitter_noise", 0)
-        if dropout == "eval" and module.training and isinstance(noise, float) and noise > 0:
-            raise ValueError(
-                f"{name} ({type(module).__name__}) multiplies its inputs by random router jitter noise "
-                f"({noise}) in training mode, which dropout='eval' cannot turn off without changing the module: "
-                "call model.eval(), set config.router_jitter_noise=0 before building the model, or pass "
-                "dropout='train' for the Fisher of the noisy model"
-            )
+        for attr in _JITTER:
+            noise = getattr(module, attr, 0)
+            if dropout == "eval" and module.training and isinstance(noise, float) and noise > 0:
+                raise ValueError(
+                    f"{name} ({type(module).__name__}) multiplies its inputs by random noise ({attr}={noise}) in "
+                    "training mode, which dropout='eval' cannot turn off without changing the module: call "
+                    "model.eval(), build the model with that noise at 0, or pass dropout='train' for the Fisher "
+                    "of the noisy model"
+                )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
