@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ._naming import path_name
-from ._spec.families import AttentionBlock, attention_blocks
+from ._spec.families import AttentionBlock, HeadPart, attention_blocks
 from ._state.state import FisherState, estimate
 
 __all__ = ["HeadImportance", "head_importance"]
@@ -75,33 +75,33 @@ def _flat(groups: Any) -> dict[str, Tensor | None]:
     return {path_name(p): v for p, v in zip(paths, leaves)}
 
 
-def _part(
-    flat: dict[str, Tensor | None], name: str, part: int | None, size: int, block: AttentionBlock, lead: tuple[int, ...]
-) -> Tensor:
-    """The ``[*lead, size]`` per-head values of one parameter (one fused part of it); zeros for ``Skip()``."""
-    if name not in flat:
-        raise KeyError(f"the group tree has no entry for '{name}' of attention module '{block.module}'")
-    value = flat[name]
+def _part(flat: dict[str, Tensor | None], part: HeadPart, block: AttentionBlock, lead: tuple[int, ...]) -> Tensor:
+    """The ``[*lead, stop − start]`` per-head values of one part of a parameter; zeros for ``Skip()``."""
+    size = part.stop - part.start
+    if part.param not in flat:
+        raise KeyError(f"the group tree has no entry for '{part.param}' of attention module '{block.module}'")
+    value = flat[part.param]
     if value is None:  # Skip(): no Fisher was computed, so it adds nothing
         return torch.zeros(*lead, size, dtype=torch.float64)
     value = value.detach().to("cpu", torch.float64)
-    expected = (*lead, size) if part is None else (*lead, -1, size)
-    if value.ndim != len(expected) or value.shape[-1] != size or tuple(value.shape[: len(lead)]) != lead:
-        fused = f" (part {part} of a fused projection)" if part is not None else ""
+    if tuple(value.shape) != (*lead, *part.shape):
+        fused = f" (a fused projection; its {part.role.upper()} heads are groups {part.start}..{part.stop - 1})"
         raise ValueError(
-            f"parameter '{name}'{fused} has group values of shape {tuple(value.shape)}, not one per head "
-            f"({(*lead, size) if part is None else (*lead, 'parts', size)}): compute the Fisher with the "
+            f"parameter '{part.param}'{fused if size != part.groups else ''} has group values of shape "
+            f"{tuple(value.shape)}, not one per head ({(*lead, *part.shape)}): compute the Fisher with the "
             "per-head rules of fisherfunc.infer_spec(model) (Heads)"
         )
-    return value if part is None else value[..., part, :]
+    return value.reshape(*lead, part.groups)[..., part.start : part.stop]
 
 
 def _lead(flat: dict[str, Tensor | None], block: AttentionBlock) -> tuple[int, ...]:
     """Leading dimensions of the values (``(B,)`` for per-sample groups, ``()`` for a group tree)."""
-    name, _, part = next((n, r, p) for n, r, p in block.parts if flat.get(n) is not None)
-    value = flat[name]
+    part = next((p for p in block.parts if flat.get(p.param) is not None), None)
+    if part is None:
+        return ()
+    value = flat[part.param]
     assert value is not None
-    return tuple(value.shape[: value.ndim - (1 if part is None else 2)])
+    return tuple(value.shape[: max(value.ndim - len(part.shape), 0)])
 
 
 def head_importance(groups: Any, model: nn.Module, *, attention: str = "self") -> HeadImportance:
@@ -145,8 +145,8 @@ def head_importance(groups: Any, model: nn.Module, *, attention: str = "self") -
     sizes = {"q": heads, "k": kv, "v": kv, "o": heads}
     per_role = {role: torch.zeros(*lead, len(blocks), n, dtype=torch.float64) for role, n in sizes.items()}
     for row, block in enumerate(blocks):
-        for name, role, part in block.parts:
-            per_role[role][..., row, :] += _part(flat, name, part, sizes[role], block, lead)
+        for part in block.parts:
+            per_role[part.role][..., row, :] += _part(flat, part, block, lead)
     q, k, v, o = (per_role[role] for role in "qkvo")
     r = heads // kv
     group_of = torch.arange(heads) // r  # query head h reads key-value head ⌊h / r⌋

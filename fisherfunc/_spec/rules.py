@@ -262,50 +262,138 @@ class Channel(_Broadcast):
         return "rows" if self.axis % 2 == 0 else "cols"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Heads(_Broadcast):
     """One value per attention head along ``axis`` (``parts`` fused blocks, e.g. Q, K, V).
 
-    The axis of size ``D`` is read as ``[parts, num_heads, D / (parts · num_heads)]`` (the layout of
-    ``nn.MultiheadAttention.in_proj_weight``, GPT-2 ``c_attn`` and per-head projections)::
+    The axis of size ``D`` holds ``parts`` blocks: part 0 (the queries, or the only part) has
+    ``H = num_heads`` heads, every later part ``KV = kv_heads`` (default ``H``) heads, all of width
+    ``d = D / (H + (parts − 1)·KV)``. How they are laid out along the axis, outermost first:
+
+    | layout            | the axis, outermost first                      | e.g.                                  |
+    |-------------------|------------------------------------------------|---------------------------------------|
+    | ``"blocked"``     | ``[part 0: H·d │ part 1: KV·d │ …]``            | ``in_proj`` of MHA, GPT-2, Phi-3      |
+    | ``"interleaved"`` | ``[KV, r + parts − 1, d]``, ``r = H / KV``     | GPT-NeoX, Bloom: ``[H, 3, d]``        |
+    | ``shards = S``    | ``[S, part 0: H·d/S │ part 1: KV·d/S │ …]``     | CodeGen (``S = 4``)                   |
+
+    Blocked: each part's heads one after another (Falcon's and GPT-BigCode's multi-query
+    ``[Q: H·d │ K: d │ V: d]`` too). Interleaved: for key-value head ``g``, its ``r`` query heads,
+    then its head of every later part (Falcon's new decoder architecture; ``r = 1`` is the
+    ``[H, parts, d]`` of GPT-NeoX, Bloom and GPT-BigCode). Sharded: the blocked layout cut into ``S``
+    shards, each part's pieces concatenated in shard order.
+
+    Every entry of part ``p``, head ``h`` goes to one group::
 
         F[p, h] = Σ_{j in block (p, h)} Σ_{other axes} x
 
     Args:
-        num_heads: heads per part (for grouped-query K/V projections: the key-value heads).
+        num_heads: ``H``, heads of part 0 (for a separate grouped-query K/V projection: its
+            key-value heads).
         axis: 0 for Q/K/V rows (``nn.Linear`` layout), 1 for output-projection columns.
         parts: number of fused blocks along the axis (3 for a fused QKV projection).
+        kv_heads: ``KV``, heads of parts 1, 2, … when fewer than ``H`` (a fused projection with
+            grouped- or multi-query keys and values); ``None``: ``H``.
+        layout: ``"blocked"`` or ``"interleaved"`` (the table above).
+        shards: ``S`` for a blocked layout split across shards; 1 otherwise.
+
+    The groups have shape ``[H]`` for one part, ``[parts, H]`` when every part has ``H`` heads, and
+    ``[H + (parts − 1)·KV]`` (part 0's heads, then part 1's, …) when ``KV ≠ H``.
+
+    >>> import torch, fisherfunc as ff
+    >>> ff.Heads(2, parts=3, layout="interleaved").membership((6, 1)).flatten().tolist()  # [heads, 3, d=1]
+    [0, 2, 4, 1, 3, 5]
+    >>> ff.Heads(2, parts=3, kv_heads=1).group_shape(torch.Size([4, 8]))                  # [Q0 Q1 | K | V]
+    torch.Size([4])
     """
 
     num_heads: int
     axis: int = 0
     parts: int = 1
+    kv_heads: int | None = dataclasses.field(default=None, kw_only=True)
+    layout: Literal["blocked", "interleaved"] = dataclasses.field(default="blocked", kw_only=True)
+    shards: int = dataclasses.field(default=1, kw_only=True)
     group_type: str = dataclasses.field(default="head", init=False, repr=False)
+
+    def __repr__(self) -> str:
+        extra = "".join(
+            f", {f}={getattr(self, f)!r}"
+            for f, default in (("kv_heads", None), ("layout", "blocked"), ("shards", 1))
+            if getattr(self, f) != default
+        )
+        return f"Heads(num_heads={self.num_heads}, axis={self.axis}, parts={self.parts}{extra})"
+
+    def _counts(self) -> list[int]:
+        """Heads of every part: ``[H, KV, KV, …]``."""
+        kv = self.num_heads if self.kv_heads is None else self.kv_heads
+        return [self.num_heads] + [kv] * (self.parts - 1)
+
+    def _check(self, name: str) -> None:
+        problem = None
+        if self.num_heads < 1 or self.parts < 1 or self.shards < 1:
+            problem = "needs num_heads >= 1, parts >= 1 and shards >= 1"
+        elif self.layout not in ("blocked", "interleaved"):
+            problem = f"has layout {self.layout!r}; choose 'blocked' or 'interleaved'"
+        elif self.kv_heads is not None and (self.kv_heads < 1 or self.parts < 2):
+            problem = "needs kv_heads >= 1, and parts >= 2 (key-value heads are those of the parts after the first)"
+        elif self.layout == "interleaved" and (self.shards != 1 or self.num_heads % self._counts()[-1]):
+            problem = "interleaves whole key-value groups: it needs shards = 1 and kv_heads dividing num_heads"
+        if problem is not None:
+            raise SpecError(f"parameter '{name}': {self!r} {problem}")
 
     def group_shape(self, shape: torch.Size, name: str = "<param>") -> torch.Size:
         axis = _normalise_axis(self.axis, len(shape), name, self)
-        if self.num_heads < 1 or self.parts < 1:
-            raise SpecError(f"parameter '{name}': {self!r} needs num_heads >= 1 and parts >= 1")
-        blocks = self.num_heads * self.parts
-        if shape[axis] % blocks:
-            raise SpecError(
-                f"parameter '{name}' of shape {tuple(shape)}: {self!r}: {self.parts} part(s) × "
-                f"{self.num_heads} heads = {blocks} does not divide size {shape[axis]} of axis {axis}"
+        self._check(name)
+        counts = self._counts()
+        blocks = sum(counts)
+        if shape[axis] % blocks or any((n * (shape[axis] // blocks)) % self.shards for n in counts):
+            heads = (
+                f"{self.parts} part(s) × {self.num_heads} heads"
+                if len(set(counts)) == 1
+                else " + ".join(map(str, counts)) + " heads"
             )
-        return torch.Size([self.num_heads] if self.parts == 1 else [self.parts, self.num_heads])
+            shards = f" (in {self.shards} shards)" if self.shards > 1 else ""
+            raise SpecError(
+                f"parameter '{name}' of shape {tuple(shape)}: {self!r}: {heads} = {blocks}{shards} does not divide "
+                f"size {shape[axis]} of axis {axis}"
+            )
+        if self.parts == 1:
+            return torch.Size([self.num_heads])
+        return torch.Size([self.parts, self.num_heads] if len(set(counts)) == 1 else [blocks])
+
+    def _part_heads(self, v: Tensor) -> list[Tensor]:
+        """The axis ``v`` (``[D]``) as every part's ``[heads, d]`` block, rows in head order."""
+        counts = self._counts()
+        d = v.shape[0] // sum(counts)
+        if self.layout == "interleaved" and self.parts > 1:  # [KV, r + parts - 1, d]
+            kv = counts[1]
+            r = self.num_heads // kv
+            grouped = v.reshape(kv, r + self.parts - 1, d)
+            return [grouped[:, :r].reshape(self.num_heads, d)] + [grouped[:, r + p - 1] for p in range(1, self.parts)]
+        widths = [n * d // self.shards for n in counts]
+        blocks = v.reshape(self.shards, -1).split(widths, dim=1)  # [S, width / S] per part, shard-major
+        return [block.reshape(n, d) for block, n in zip(blocks, counts)]
+
+    def _join(self, per_part: list[Tensor]) -> Tensor:
+        if self.parts == 1:
+            return per_part[0]
+        return torch.stack(per_part) if len(set(self._counts())) == 1 else torch.cat(per_part)
 
     def reduce(self, x: Tensor) -> Tensor:
         axis = self.axis % x.ndim
-        per_block = _sum_except(x, [axis]).reshape(self.parts, self.num_heads, -1).sum(-1)
-        return per_block[0] if self.parts == 1 else per_block
+        return self._join([block.sum(-1) for block in self._part_heads(_sum_except(x, [axis]))])
 
     def membership(self, shape: torch.Size | Sequence[int], device: Device = None) -> Tensor:
         shape = torch.Size(shape)
         self.group_shape(shape)
         axis = self.axis % len(shape)
-        width = shape[axis] // (self.parts * self.num_heads)  # block (p, h) is at flat p · heads + h
-        block = torch.div(torch.arange(shape[axis], device=device), width, rounding_mode="floor")
-        return _along(block, axis, shape)
+        stored = self._part_heads(torch.arange(shape[axis], device=device))  # stored index of each (part, head, j)
+        owner = torch.empty(shape[axis], dtype=torch.long, device=device)
+        first = 0
+        for block in stored:  # group of (p, h): first_p + h, with first_p = heads of the parts before p
+            heads = torch.arange(block.shape[0], device=device).unsqueeze(1).expand_as(block)
+            owner[block.reshape(-1)] = first + heads.reshape(-1)
+            first += block.shape[0]
+        return _along(owner, axis, shape)
 
     def square_sums(self, shape: torch.Size | Sequence[int]) -> SquareSums:
         _check_2d(torch.Size(shape), self)
