@@ -18,9 +18,12 @@ used. An embedding ``y_t = W[id_t]`` has ``G[v] = Σ_{t: id_t = v} d_t``; with `
     r_t = Σ_t' S_tt' (d_t · d_t'),   rows[v] = Σ_{t: id_t = v} r_t,   cols[j] = Σ_t d_tj (S d)_tj
 
 A weight is factorised (a :class:`Site`) when one sample's forward shows it used exactly once, by a
-plain ``F.linear``, ``torch.addmm`` (GPT-2 ``Conv1D``) or ``F.embedding`` call; everything else —
-weights used twice (tied embeddings, recurrent weights: the square of a sum has cross terms),
-norms, biases — takes the direct path in the same ``grad`` call.
+plain ``F.linear``, ``torch.addmm`` (GPT-2 ``Conv1D``) or ``F.embedding`` call, or used ``k`` times
+and every time by the same kind of ``F.linear``/``torch.addmm`` call (a recurrent weight at each
+time step): then ``G = Σ_uses Σ_t d_t a_tᵀ`` is the factorisation above over the ``k`` uses' tokens
+stacked, and the square of the whole sum is formed. Everything else — weights used in two ways
+(a tied embedding is also the output layer), norms, biases — takes the direct path in the same
+``grad`` call.
 
 Callers that only need the batch's sums (``fisher``, ``accumulate``, the step) get the sums form,
 which contracts some sites at chunk level: with one vector per sample,
@@ -62,9 +65,11 @@ class Site:
     Attributes:
         leaf: index of the weight among the params' leaves.
         op: the call that uses it (``"linear"``, ``"addmm"`` or ``"embedding"``).
-        out_shape: per-sample shape of that call's output (the probe's shape).
+        out_shape: the probe's per-sample shape: the call's output shape, with a leading ``uses``
+            for a weight called ``uses > 1`` times (one probe per call, stacked).
         sums: which sums of ``G ⊙ G`` the weight's rule needs.
         padding_idx: for embeddings, the row whose gradient is always zero.
+        uses: how many calls use the weight (``> 1`` only for ``linear`` and ``addmm``).
     """
 
     leaf: int
@@ -72,6 +77,7 @@ class Site:
     out_shape: tuple[int, ...]
     sums: SquareSums
     padding_idx: int | None = None
+    uses: int = 1
 
 
 def find_sites(loss: PerSampleLoss, prepared: Prepared, spec: ResolvedSpec, sample: Any) -> tuple[Site, ...]:
@@ -88,9 +94,12 @@ def find_sites(loss: PerSampleLoss, prepared: Prepared, spec: ResolvedSpec, samp
     found = discover(lambda: loss(prepared.tree(), cast_floating(sample, prepared.dtype)), prepared, list(needs))
     sites = []
     for i, sums in needs.items():
-        call = found.single(i)
-        if call is not None and call.op in _FACTORISED:
-            sites.append(Site(leaf=i, op=call.op, out_shape=call.out_shape, sums=sums, padding_idx=call.padding_idx))
+        repeated = found.repeated(i)
+        if repeated is None or repeated[0].op not in _FACTORISED:
+            continue
+        call, uses = repeated
+        shape = call.out_shape if uses == 1 else (uses, *call.out_shape)
+        sites.append(Site(leaf=i, op=call.op, out_shape=shape, sums=sums, padding_idx=call.padding_idx, uses=uses))
     return tuple(sites)
 
 
@@ -247,6 +256,7 @@ def group_chunk_fns(
             direct=direct,
             probed=[s.leaf for s in sites],
             probe_shapes=[s.out_shape for s in sites],
+            repeats=[s.uses for s in sites],
             reduce=make_reduce(chunk_level),
             labels=labels,
         )

@@ -24,9 +24,18 @@ is handed; ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``,
 
 **Discovery** (:func:`discover`) runs one sample's forward under the mode without probes and learns,
 for every candidate weight, how often it is used (by any torch function that returns floating
-values) and how it is called (:class:`Call`). A probe is only correct for a weight used exactly
-once: the gradient of a weight used twice (tied embeddings, recurrent weights) is a sum over uses,
-and its square has cross terms. What to do with ``a`` and ``d`` is the caller's: the group path
+values) and how it is called (:class:`Call`). The gradient of a weight used ``k`` times is a sum
+over its uses, and its square has cross terms, so one probe is only correct for a weight used once.
+A weight whose every use is the same kind of linear call (``F.linear`` or ``torch.addmm`` with
+equal output shapes: a recurrent weight at each time step, a layer shared across depth) gets one
+probe per use instead, stacked ``[k, *out_shape]``, and its inputs are stacked alike::
+
+    G = Σ_{i < k} Σ_t d_{i,t} a_{i,t}ᵀ        (a linear layer over k times the tokens)
+
+so the square of the whole sum is formed, cross terms included. A weight also used any other way
+(a tied embedding that is also an output layer, a fused weight that is split) takes the direct
+path. The recurrent kernels are run as such linear calls by :mod:`~fisherfunc._engine.recurrent`,
+entered below this mode. What to do with ``a`` and ``d`` is the caller's: the group path
 (:mod:`~fisherfunc._engine.group_sums`) sums squares of ``G = Σ_t d_t a_tᵀ`` into groups, K-FAC
 (:mod:`fisherfunc.kfac`) forms ``Σ a aᵀ`` and ``Σ d dᵀ``.
 """
@@ -46,6 +55,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .numerics import Prepared, scope
+from .recurrent import Recurrent
 
 __all__ = ["Op", "Call", "Discovery", "ProbeMode", "discover", "arg", "transparent"]
 
@@ -53,6 +63,8 @@ Op = Literal["linear", "addmm", "embedding", "conv1d", "conv2d"]
 #: A convolution's ``(kernel, stride, padding, dilation)``, each a 2-tuple (conv1d as a conv2d over ``[1, L]``).
 ConvGeometry = tuple[tuple[int, int], ...]
 _CONV: dict[Callable[..., Any], Op] = {torch.conv1d: "conv1d", torch.conv2d: "conv2d"}
+#: Calls whose repeated uses of one weight are factorised together (see :meth:`Discovery.repeated`).
+_REPEATABLE: tuple[Op, ...] = ("linear", "addmm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,16 +96,32 @@ class Discovery:
 
     Attributes:
         uses: for every leaf of the params, how many torch calls used it.
-        calls: ``{leaf index: Call}`` for the candidates used by a supported call (the last such call).
+        calls: ``{leaf index: (Call, ...)}``: every supported call of each candidate, in call order.
     """
 
     uses: tuple[int, ...]
-    calls: Mapping[int, Call]
+    calls: Mapping[int, tuple[Call, ...]]
 
     def single(self, leaf: int) -> Call | None:
         """The call of a weight used exactly once by a supported, plain call; else ``None``."""
-        call = self.calls.get(leaf)
-        return call if call is not None and call.plain and self.uses[leaf] == 1 else None
+        calls = self.calls.get(leaf, ())
+        return calls[0] if len(calls) == 1 and calls[0].plain and self.uses[leaf] == 1 else None
+
+    def repeated(self, leaf: int) -> tuple[Call, int] | None:
+        """``(call, k)`` for a weight whose every one of ``k`` uses is the same plain call; else ``None``.
+
+        ``k = 1`` is :meth:`single`. For ``k > 1`` the calls must be ``F.linear`` or ``torch.addmm``
+        with equal output shapes (a recurrent weight at every step, a layer shared across depth):
+        then ``G = Σ_uses Σ_t d_t a_tᵀ`` is a linear layer's gradient over ``k`` times the tokens.
+        A weight also used any other way (a tied embedding, a split) is ``None``.
+        """
+        calls = self.calls.get(leaf, ())
+        if not calls or self.uses[leaf] != len(calls) or not all(c.plain for c in calls):
+            return None
+        first = calls[0]
+        if len(calls) > 1 and (first.op not in _REPEATABLE or any(c.out_shape != first.out_shape for c in calls)):
+            return None
+        return first, len(calls)
 
 
 def arg(args: tuple, kwargs: dict, position: int, name: str, default: Any = None) -> Any:
@@ -132,12 +160,15 @@ def transparent(func: Callable) -> Callable | None:
     return clone
 
 
-def _carries_values(out: Any) -> bool:
-    """Whether a call's output can carry its inputs' values.
+def _is_use(func: Callable, out: Any) -> bool:
+    """Whether a call uses its inputs' values in a way the gradient sees.
 
-    Metadata queries such as ``.dtype`` or ``.is_floating_point()`` return no floating tensor, so
-    they are not uses of a weight.
+    Metadata queries such as ``.dtype`` or ``.is_floating_point()`` return no floating tensor, and
+    ``.data`` and ``.detach()`` return one that carries no gradient (torch 2.1's recurrent modules
+    read ``weight.data`` in their forward), so none of them is a use of a weight.
     """
+    if func is Tensor.detach or getattr(func, "__self__", None) is Tensor.data:
+        return False
     if isinstance(out, Tensor):  # the common case, without a tree walk
         return out.is_floating_point()
     return any(isinstance(x, Tensor) and x.is_floating_point() for x in optree.tree_leaves(out))
@@ -190,9 +221,11 @@ class ProbeMode(TorchFunctionMode):
         probes: one probe per slot, added to the call's output; ``None`` for discovery, which
             instead counts the uses of every tensor in ``leaf_of`` and describes the calls.
         leaf_of: discovery: ``{id(tensor): leaf index}`` of every leaf of the params.
+        repeats: how many calls use each slot's weight (default 1). A slot used ``k > 1`` times has a
+            probe ``[k, *out_shape]``: its ``i``-th call adds ``probe[i]``, and its inputs are stacked.
 
-    After a run, ``inputs[slot]`` holds the slot's input (an embedding's ids), ``None`` if the
-    weight was not called.
+    After a run, ``inputs[slot]`` holds the slot's input (an embedding's ids; ``[k, ...]`` for a
+    repeated slot), ``None`` if the weight was not called.
     """
 
     def __init__(
@@ -200,14 +233,17 @@ class ProbeMode(TorchFunctionMode):
         slots: Mapping[int, int],
         probes: Sequence[Tensor] | None = None,
         leaf_of: Mapping[int, int] | None = None,
+        repeats: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.slots = slots
         self.probes = probes
         self.leaf_of = leaf_of or {}
+        self.repeats = tuple(repeats) if repeats is not None else (1,) * len(slots)
         self.uses = [0] * len(self.leaf_of)
-        self.calls: dict[int, Call] = {}
+        self.calls: dict[int, list[Call]] = {}
         self.inputs: list[Tensor | None] = [None] * len(slots)
+        self.steps: list[list[Tensor]] = [[] for _ in slots]  # the inputs of repeated slots, in call order
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
@@ -219,7 +255,7 @@ class ProbeMode(TorchFunctionMode):
         found = _weight_of(func, args, kwargs)
         slot = self.slots.get(id(found[1])) if found is not None else None
         out = func(*args, **kwargs)
-        if self.probes is None and _carries_values(out):  # discovery: count uses of the params' leaves
+        if self.probes is None and _is_use(func, out):  # discovery: count uses of the params' leaves
             for x in optree.tree_leaves((args, kwargs)):
                 leaf = self.leaf_of.get(id(x)) if isinstance(x, Tensor) else None
                 if leaf is not None:
@@ -228,16 +264,35 @@ class ProbeMode(TorchFunctionMode):
             return out
         assert found is not None
         op, weight = found
-        self.inputs[slot] = arg(args, kwargs, 1, "mat1") if op == "addmm" else arg(args, kwargs, 0, "input")
+        a = arg(args, kwargs, 1, "mat1") if op == "addmm" else arg(args, kwargs, 0, "input")
         if self.probes is None:
-            self.calls[slot] = _describe(op, weight, out, args, kwargs, self.leaf_of)
+            self.inputs[slot] = a
+            self.calls.setdefault(slot, []).append(_describe(op, weight, out, args, kwargs, self.leaf_of))
             return out
-        return out + self.probes[slot]
+        if self.repeats[slot] == 1:
+            self.inputs[slot] = a
+            return out + self.probes[slot]
+        use = len(self.steps[slot])
+        if use >= self.repeats[slot]:
+            raise RuntimeError(
+                f"a probed weight was called more than the {self.repeats[slot]} times discovery saw: the model's "
+                "calls changed between two forwards of samples of one shape"
+            )
+        self.steps[slot].append(a)
+        return out + self.probes[slot][use]
 
     def recorded(self, like: Tensor) -> tuple[Tensor, ...]:
-        """The recorded inputs, an empty tensor like ``like`` for a slot that was not called."""
+        """The recorded inputs (stacked over the uses of a repeated slot), empty like ``like`` if not called."""
         empty = like.new_zeros(0)
-        return tuple(x if x is not None else empty for x in self.inputs)
+        out = []
+        for slot, (x, steps) in enumerate(zip(self.inputs, self.steps)):
+            if self.repeats[slot] > 1 and len(steps) != self.repeats[slot]:
+                raise RuntimeError(
+                    f"a probed weight was called {len(steps)} times, but discovery saw {self.repeats[slot]}: the "
+                    "model's calls changed between two forwards of samples of one shape"
+                )
+            out.append(torch.stack(steps) if self.repeats[slot] > 1 else x if x is not None else empty)
+        return tuple(out)
 
 
 def discover(run: Callable[[], Any], prepared: Prepared, candidates: Sequence[int]) -> Discovery:
@@ -254,6 +309,6 @@ def discover(run: Callable[[], Any], prepared: Prepared, candidates: Sequence[in
     slots = {id(prepared.leaves[i]): k for k, i in enumerate(candidates)}
     leaf_of = {id(x): i for i, x in enumerate(prepared.leaves)}
     mode = ProbeMode(slots, leaf_of=leaf_of)
-    with torch.no_grad(), scope(prepared.device_types), mode:
+    with torch.no_grad(), scope(prepared.device_types), mode, Recurrent():
         run()
-    return Discovery(uses=tuple(mode.uses), calls={candidates[k]: call for k, call in mode.calls.items()})
+    return Discovery(uses=tuple(mode.uses), calls={candidates[k]: tuple(calls) for k, calls in mode.calls.items()})

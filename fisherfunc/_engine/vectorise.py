@@ -29,6 +29,7 @@ from .batches import cast_floating
 from .kinds import LabelSets
 from .numerics import Prepared, scope
 from .probes import ProbeMode
+from .recurrent import Recurrent
 
 __all__ = ["PerSampleLoss", "Reduce", "Output", "vectorise"]
 
@@ -46,6 +47,7 @@ def vectorise(
     direct: Sequence[int],
     probed: Sequence[int] = (),
     probe_shapes: Sequence[tuple[int, ...]] = (),
+    repeats: Sequence[int] | None = None,
     reduce: Reduce,
     labels: LabelSets | None = None,
     keep: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] | None = None,
@@ -57,7 +59,9 @@ def vectorise(
         prepared: the prepared params.
         direct: leaf indices differentiated directly.
         probed: leaf indices of the weights whose calls get output probes.
-        probe_shapes: per-sample output shape of each probed call.
+        probe_shapes: per-sample shape of each probe (a probed weight's output shape; ``[k, ...]``
+            for a weight called ``k`` times, see ``repeats``).
+        repeats: how many calls use each probed weight (default: 1 each).
         reduce: what leaves ``vmap`` per sample (per label set, weighted, for labelled kinds).
         labels: the label sets of the ``"mc"`` / ``"exact"`` kinds; ``None``: the data's labels.
         keep: also return ``keep(a)`` of the recorded inputs ``a`` of the probed calls (computed inside ``vmap``).
@@ -72,15 +76,17 @@ def vectorise(
     zeros = tuple(torch.zeros(shape, dtype=dtype, device=prepared.device) for shape in probe_shapes)
     direct_values = tuple(prepared.leaves[i] for i in direct)
     like = torch.zeros((), dtype=dtype, device=prepared.device)
+    randomness = vmap_randomness(loss)
 
     def run(
         call: Callable[[Any, Any], Any], direct_params: tuple[Tensor, ...], probes: tuple[Tensor, ...], sample: Any
     ):
         tree = prepared.tree(dict(zip(direct, direct_params)))
         if not slots:
-            return call(tree, sample), ()
-        mode = ProbeMode(slots, probes)
-        with mode:
+            with Recurrent(random=randomness == "different"):
+                return call(tree, sample), ()
+        mode = ProbeMode(slots, probes, repeats=repeats)
+        with mode, Recurrent(random=randomness == "different"):
             out = call(tree, sample)
         return out, mode.recorded(like)
 
@@ -108,7 +114,7 @@ def vectorise(
         values, tokens, inputs = labels.expected_squares(predict, (direct_values, zeros), reduce_set, sample, noise)
         return values, tokens, keep(inputs) if keep is not None else ()
 
-    batched = vmap(per_sample if labels is None else per_sample_labelled, randomness=vmap_randomness(loss))
+    batched = vmap(per_sample if labels is None else per_sample_labelled, randomness=randomness)
 
     def chunk_fn(chunk: Any) -> Output:
         with scope(prepared.device_types):

@@ -15,6 +15,10 @@ the module that owns it:
 |                                          | ``bias_k``, ``bias_v`` ``[1,1,E]`` | ``Heads(h, 2)``                  |
 |                                          | ``out_proj.weight`` (input columns) | ``Heads(h, 1)``                 |
 |                                          | ``out_proj.bias``                 | ``Channel(0)``                    |
+| ``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and   | ``weight_ih_l{k}`` ``[g·H, in]``  | ``Units(g)``: per hidden unit,    |
+| their cells; ``g`` = 4, 3, 1 gates       | ``weight_hh_l{k}`` ``[g·H, P or H]`` | its ``g`` gate rows summed        |
+| (also ``*_reverse``; ``recurrent.py``)   | ``bias_ih/bias_hh_l{k}`` ``[g·H]`` | ``Units(g)``                     |
+|                                          | LSTM ``weight_hr_l{k}`` ``[P, H]`` | ``Units(1, axis=1)`` (columns)   |
 
 Hugging Face ``transformers`` layers take their rules from the family table (``_spec/families.py``), which win
 over the table above: per-head rules for BERT-, GPT-2- and Llama-like attention (head counts from
@@ -36,6 +40,7 @@ from torch import nn
 from .._model_check import check_model
 from .experts import placements as expert_placements
 from .families import placements as hf_placements
+from .recurrent import recurrent_rules
 from .rules import Channel, Heads, Rows, Rule, SpecError
 
 __all__ = ["infer_spec"]
@@ -72,10 +77,12 @@ def _attention_rules(mha: nn.MultiheadAttention) -> dict[str, Rule]:
     }
 
 
-def _module_rules(module: nn.Module) -> dict[str, Rule]:
-    """Rules for the parameters owned directly by ``module`` (names relative to it)."""
+def _module_rules(module: nn.Module, path: str) -> dict[str, Rule | SpecError]:
+    """Rules for the parameters owned directly by ``module`` (at ``path``; names relative to it)."""
     if isinstance(module, nn.MultiheadAttention):
-        return _attention_rules(module)
+        return dict(_attention_rules(module))
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        return recurrent_rules(module, path)
     if isinstance(module, _TRANSPOSED):
         return {"weight": Channel(axis=1, groups=module.groups), "bias": Channel(0)}
     if isinstance(module, _CHANNEL_OUT) or isinstance(module, _NORMS):
@@ -121,11 +128,11 @@ def infer_spec(model: nn.Module, *, overrides: Mapping[str, Rule] | None = None)
 
     # Rules keyed by parameter identity, so a tied parameter is placed whichever name it is listed under.
     table: dict[int, Rule | SpecError] = {}
-    for module in model.modules():
-        for local, rule in _module_rules(module).items():
+    for path, module in model.named_modules():
+        for local, module_rule in _module_rules(module, path).items():
             param = _parameter(module, local)
             if param is not None:
-                table.setdefault(id(param), rule)
+                table.setdefault(id(param), module_rule)
     for path, hf_rule in hf_placements(model).items():  # Hugging Face heads, Conv1D, norms win
         table[id(model.get_parameter(path))] = hf_rule
     table.update({id(model.get_parameter(path)): rule for path, rule in expert_placements(model).items()})  # MoE
