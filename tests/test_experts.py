@@ -10,18 +10,17 @@ layouts stated in ``docs/experts.md``::
     gate_up_proj [E, 2I, H]:  F[e, c] = Σ_h g²[e, c, h]      down_proj [E, H, I]:  F[e, c] = Σ_i g²[e, c, i]
     one number per expert:    F[e]    = Σ g²[e]              router weight [E, H]:  F[e]    = Σ_h g²[e, h]
 
-The library computes the same numbers through ``fisherfunc.hf.causal_lm`` (wrapped by
-``routed``, which runs the experts in their dense, verified form per sample) on right- and
-left-padded batches, on both paths of the engine: ``"direct"`` (``vmap(grad)`` of every parameter)
-and ``"auto"``, where the router's ``F.linear`` weight is factorised by output probes and the 3-D
-expert tensors — never a probe site — are differentiated directly. Agreement: ≤ 1e-10 relative
+The library computes the same numbers through ``fisherfunc.hf.causal_lm``, within
+``dense_experts(model)`` (the experts in their dense, verified form), on right- and left-padded
+batches, on both paths of the engine: ``"direct"`` (``vmap(grad)`` of every parameter) and
+``"auto"``, where the router's ``F.linear`` weight is factorised by output probes and the 3-D expert
+tensors — never a probe site — are differentiated directly. Agreement: ≤ 1e-10 relative
 per parameter (seen: ~1e-15).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Any
 
 import pytest
@@ -31,12 +30,12 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import fisherfunc as ff
+from fisherfunc._engine.experts import check_jitter, dense_experts
 from fisherfunc._engine.group_sums import find_sites
 from fisherfunc._engine.numerics import prepare
 from fisherfunc._spec.expert_layout import SELF_TEST_TOL, dense_forward, expert_layout
 from fisherfunc._spec.experts import ExpertChannels, placements
 from fisherfunc._spec.resolve import resolve_spec
-from fisherfunc.hf._experts import RoutedLoss, dense_experts, routed
 
 transformers = pytest.importorskip("transformers", reason="fisherfunc[hf] (transformers) is not installed")
 
@@ -275,17 +274,22 @@ def test_expert_channels_and_router_equal_a_naive_loop(family: str, side: str) -
     model = build(family)
     batch = padded_batch(side)
     expected, tokens = reference_groups(model, batch, experts_whole=False)
-    loss = routed(ff.hf.causal_lm(model, causal=True))
-    assert isinstance(loss, RoutedLoss)
     spec = moe_spec(model, experts_whole=False)
     params = dict(model.named_parameters())
-    for path in PATHS:
-        got = ff.per_sample_fisher(loss, params, batch, spec=spec, path=path)
+    with dense_experts(model):
+        loss = ff.hf.causal_lm(model, causal=True)
+        runs = {
+            path: (
+                ff.per_sample_fisher(loss, params, batch, spec=spec, path=path),
+                ff.fisher(loss, params, batch, spec=spec, path=path),
+            )
+            for path in PATHS
+        }
+    for path, (got, one_shot) in runs.items():
         assert torch.equal(got.tokens.double(), tokens)
         for name, ref in expected.items():
             err = rel_err(got.groups[name], ref)
             assert err <= TOL, f"{family} {side} {path} {name}: relative error {err:.2e}"
-        one_shot = ff.fisher(loss, params, batch, spec=spec, path=path)
         for name, ref in expected.items():
             assert rel_err(one_shot[name], ref.sum(0) / tokens.sum()) <= TOL, f"{family} {side} {path} {name}"
 
@@ -296,10 +300,11 @@ def test_one_number_per_expert_equals_a_naive_loop(family: str) -> None:
     model = build(family, seed=3)
     batch = padded_batch("left", seed=4)
     expected, tokens = reference_groups(model, batch, experts_whole=True)
-    loss = routed(ff.hf.causal_lm(model, causal=True))
     spec = moe_spec(model, experts_whole=True)
-    for path in PATHS:
-        got = ff.fisher(loss, dict(model.named_parameters()), batch, spec=spec, path=path)
+    with dense_experts(model):
+        loss = ff.hf.causal_lm(model, causal=True)
+        runs = {path: ff.fisher(loss, dict(model.named_parameters()), batch, spec=spec, path=path) for path in PATHS}
+    for path, got in runs.items():
         for name, ref in expected.items():
             assert got[name].shape == (E,)
             err = rel_err(got[name], ref.sum(0) / tokens.sum())
@@ -309,21 +314,22 @@ def test_one_number_per_expert_equals_a_naive_loop(family: str) -> None:
 def test_paths_router_is_factorised_experts_are_direct() -> None:
     """On ``path="auto"`` the router's ``F.linear`` weight is a probe site; 3-D expert tensors never are."""
     model = build("mixtral")
-    loss = routed(ff.hf.causal_lm(model, causal=True))
     params = dict(model.named_parameters())
     resolved = resolve_spec(infer(model), params)
-    prepared = prepare(params)
     sample = {k: v[0] for k, v in padded_batch("right").items()}
-    sites = {resolved.names[s.leaf] for s in find_sites(loss, prepared, resolved, sample)}
+    with dense_experts(model):
+        loss = ff.hf.causal_lm(model, causal=True)
+        sites = {resolved.names[s.leaf] for s in find_sites(loss, prepare(params), resolved, sample)}
     assert "model.layers.0.mlp.gate.weight" in sites
     assert not any(".experts." in name for name in sites)
 
 
 def test_padding_does_not_change_the_fisher() -> None:
     model = build("qwen2_moe")
-    loss = routed(ff.hf.causal_lm(model, causal=True))
     params = dict(model.named_parameters())
-    right, left = (ff.fisher(loss, params, padded_batch(side), spec=moe_spec(model, False)) for side in SIDES)
+    with dense_experts(model):
+        loss = ff.hf.causal_lm(model, causal=True)
+        right, left = (ff.fisher(loss, params, padded_batch(side), spec=moe_spec(model, False)) for side in SIDES)
     for name in moe_names(model):
         assert rel_err(left[name], right[name]) <= TOL, name
 
@@ -414,8 +420,9 @@ def test_a_permuted_expert_layout_is_refused_by_name() -> None:
     bad = "model.layers.0.mlp.experts"
     with pytest.raises(ff.SpecError, match=f"{bad}.gate_up_proj|{bad} \\(ShiftedExperts\\)"):
         infer(model)
-    with pytest.raises(ff.SpecError, match=f"{bad} \\(ShiftedExperts\\): its forward differs"):
-        routed(ff.hf.causal_lm(model, causal=True))
+    with pytest.raises(ff.SpecError, match=f"{bad} \\(ShiftedExperts\\): its forward differs"), dense_experts(model):
+        pytest.fail("the block must not start")
+    assert all("forward" not in m.__dict__ for m in model.modules())
     # an override covers the spec, but the experts still cannot run per sample
     spec = infer(model, **{f"{bad}.*": ff.Whole()})
     assert spec[f"{bad}.down_proj"] == ff.Whole()
@@ -441,16 +448,23 @@ def test_a_router_whose_rows_are_not_the_experts_is_refused() -> None:
 def test_router_jitter_in_training_mode_is_refused_under_eval_dropout() -> None:
     model = build("mixtral", router_jitter_noise=0.1)
     with pytest.raises(ValueError, match="model.layers.0.mlp \\(MixtralSparseMoeBlock\\).*jitter_noise=0.1"):
-        routed(ff.hf.causal_lm(model, causal=True))
-    assert isinstance(routed(ff.hf.causal_lm(model.eval(), causal=True)), RoutedLoss)
+        check_jitter(model, "eval")
+    check_jitter(model, "train")  # the Fisher of the noisy model: each sample draws its own noise
+    check_jitter(model.eval(), "eval")
 
 
-def test_routed_leaves_dense_models_and_routed_losses_alone() -> None:
-    dense = ff.losses.regression(nn.Linear(2, 2), inputs=0, targets=1)
-    assert routed(dense) is dense
-    loss = routed(ff.hf.causal_lm(build("qwen3_moe"), causal=True))
-    assert routed(loss) is loss
-    assert [f.name for f in dataclasses.fields(loss)] == [f.name for f in dataclasses.fields(ff.losses.ModelLoss)]
+def test_dense_experts_leave_other_models_alone_and_nest() -> None:
+    net = nn.Linear(2, 2)
+    with dense_experts(net):
+        assert "forward" not in net.__dict__
+    model = build("qwen3_moe").eval()
+    experts = model.model.layers[0].mlp.experts
+    with dense_experts(model):
+        outer = experts.__dict__["forward"]
+        with dense_experts(model):
+            assert experts.__dict__["forward"] is not outer
+        assert experts.__dict__["forward"] is outer
+    assert "forward" not in experts.__dict__
 
 
 def test_the_swap_is_undone_on_error() -> None:
@@ -468,6 +482,28 @@ def test_phimoe_dense_routing_is_refused() -> None:
     model = transformers.AutoModelForCausalLM.from_config(cls(**COMMON, **FAMILIES["phimoe"][1])).double().eval()
     if not dense_routing_weights(model):
         pytest.skip(f"transformers {transformers.__version__}: PhiMoE's router returns one weight per chosen expert")
-    loss = routed(ff.hf.causal_lm(model, causal=True))
-    with pytest.raises(ValueError, match="PhimoeExperts: routing weights of shape \\(7, 4\\).*\\(7, 2\\)"):
-        ff.fisher(loss, dict(model.named_parameters()), padded_batch("right"))
+    with pytest.raises(ValueError, match="PhimoeExperts: routing weights of shape \\(\\d+, 4\\).*\\(\\d+, 2\\)"):
+        with dense_experts(model):  # the builder's own probes (or the first per-sample call) meet it
+            loss = ff.hf.causal_lm(model, causal=True)
+            ff.fisher(loss, dict(model.named_parameters()), padded_batch("right"), spec=moe_spec(model, False))
+
+
+# --- pending: the losses enter dense_experts themselves -------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="pending: ModelLoss.forward does not yet enter dense_experts(self.model) (docs/experts.md, Status); "
+    "when it does, this passes and the marker must go",
+)
+def test_a_model_loss_runs_its_models_experts_dense_by_itself() -> None:
+    model = build("mixtral").eval()
+    loss = ff.losses.causal_lm(model, inputs="input_ids", output="logits")
+    batch = {"input_ids": padded_batch("right")["input_ids"][:, :3]}  # no padding: the generic loss
+    params, spec = dict(model.named_parameters()), moe_spec(model, False)
+    with dense_experts(model):
+        want = ff.fisher(loss, params, batch, spec=spec)
+    got = ff.fisher(loss, params, batch, spec=spec)
+    for name in moe_names(model):
+        assert rel_err(got[name], want[name]) <= TOL, name

@@ -26,7 +26,7 @@ row ``e`` set to ones and the others to zero, the router must choose expert ``e`
 
 A layer whose experts fail their self-test, or whose router fails its check, gets a ``SpecError``
 for those parameters (raised by ``infer_spec`` unless an override covers them); its experts cannot
-run per sample either (:mod:`fisherfunc.hf._experts` refuses them by name).
+run per sample either (:mod:`fisherfunc._engine.experts` refuses them by name).
 """
 
 from __future__ import annotations
