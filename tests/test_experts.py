@@ -265,6 +265,24 @@ def test_dense_form_equals_the_modules_eager_forward_for_any_routing(seed: int, 
     assert rel_err(dense, own) <= SELF_TEST_TOL
 
 
+def test_the_self_test_runs_inside_vmap_too() -> None:
+    """A block first entered inside a vectorised function verifies there (no random op) and is exact."""
+    experts = build("olmoe").eval().model.layers[0].mlp.experts
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 6, H, generator=generator, dtype=torch.float64)
+    index = torch.stack([torch.randperm(E, generator=generator)[:K] for _ in range(6)])
+    weights = torch.rand(6, K, generator=generator, dtype=torch.float64)
+
+    def one(tokens: Tensor) -> Tensor:
+        with dense_experts(experts):
+            return experts(tokens, index, weights)
+
+    got = torch.func.vmap(one)(x)
+    eager = getattr(type(experts).forward, "__wrapped__", type(experts).forward)
+    want = torch.stack([eager(experts, x[b], index, weights) for b in range(3)])
+    assert rel_err(got.detach(), want.detach()) <= SELF_TEST_TOL
+
+
 # --- exactness: per expert, per expert channel, router; both paths, both paddings ------------------
 
 

@@ -34,7 +34,7 @@ times the per-sample gradient of the tensor itself.
 
 The layout is read off the module (its ``is_transposed`` flag, else the shapes) and **verified**
 before it is trusted (:func:`expert_layout`): the module's own eager forward and :func:`dense_forward`
-run on random float64 inputs and weights (every expert hit, ``k = 2``) and must agree to 1e-12; a
+run on pseudo-random float64 inputs and weights (every expert hit, ``k = 2``) and must agree to 1e-12; a
 module that does not is refused, by name. Nothing here imports ``transformers``.
 """
 
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import weakref
 from collections.abc import Callable, Iterator
@@ -226,19 +227,28 @@ def _eager(module: nn.Module) -> Callable[..., Tensor]:
     return getattr(forward, "__wrapped__", forward)
 
 
+def _scrambled(shape: tuple[int, ...], salt: int) -> Tensor:
+    """Deterministic float64 values in ``[-0.5, 0.5)``: ``|frac(sin(12.9898 i + 78.233 s) · 43758.5453)| − ½``.
+
+    No random generator: the self-test may first run inside a per-sample function, where ``vmap``
+    refuses random operations, and it never touches torch's global generator.
+    """
+    i = torch.arange(math.prod(shape), dtype=torch.float64)
+    return (torch.sin(12.9898 * i + 78.233 * salt) * 43758.5453).frac().abs().sub(0.5).reshape(shape)
+
+
 def _self_test(module: nn.Module, layout: ExpertLayout, name: str) -> None:
-    """Run the module's own forward and :func:`dense_forward` on random float64 data; raise if they differ."""
-    generator = torch.Generator().manual_seed(0)
+    """Run the module's own forward and :func:`dense_forward` on scrambled float64 data; raise if they differ."""
     e, h = layout.num_experts, layout.hidden
     k = min(2, e)
     n = 2 * e
     params = {
-        key: torch.randn(shape, generator=generator, dtype=torch.float64)
-        for key, shape in layout.shapes(min(layout.intermediate, _TEST_INTERMEDIATE)).items()
+        key: _scrambled(shape, salt)
+        for salt, (key, shape) in enumerate(layout.shapes(min(layout.intermediate, _TEST_INTERMEDIATE)).items())
     }
-    x = torch.randn(n, h, generator=generator, dtype=torch.float64)
+    x = _scrambled((n, h), 7)
     index = (torch.arange(n).unsqueeze(1) + torch.arange(k)) % e  # every expert hit, k distinct per token
-    weights = torch.rand(n, k, generator=generator, dtype=torch.float64) + 0.5
+    weights = _scrambled((n, k), 8) + 1.0  # in [0.5, 1.5)
     buffers = {key: b.double() if b.is_floating_point() else b for key, b in module.named_buffers()}
     extras = {key: p.detach().double() for key, p in module.named_parameters() if "." in key}  # e.g. a norm's
     try:
@@ -257,8 +267,8 @@ def _self_test(module: nn.Module, layout: ExpertLayout, name: str) -> None:
     if not torch.isfinite(own).all() or diff > SELF_TEST_TOL:
         raise SpecError(
             f"{name} ({type(module).__name__}): its forward differs from the fused-experts layout {layout} "
-            f"(relative difference {diff:.1e} > {SELF_TEST_TOL:.0e} on random float64 inputs); fisherfunc refuses "
-            "to compute per-sample Fisher through it"
+            f"(relative difference {diff:.1e} > {SELF_TEST_TOL:.0e} on pseudo-random float64 inputs); fisherfunc "
+            "refuses to compute per-sample Fisher through it"
         )
 
 
