@@ -20,10 +20,11 @@ and the function they compute, for token ``n`` routed to experts ``idx[n, j]`` w
     r_ne  = Σ_j w[n, j] · [idx[n, j] = e]        [N, E]       routing weights, zero off the top-k
     out_n = Σ_e r_ne · y_ne                      [N, H]
 
-This **dense** form is what the per-sample computation runs (:func:`dense_forward`): the model's
-own forwards choose experts with data-dependent control flow (``nonzero``, a loop with ``if`` over
-the experts hit, ``torch.where``; the ``grouped_mm`` kernel sorts tokens into groups of varying
-size), which ``torch.func.vmap`` cannot run. It is exact: an expert off a token's top-k gets the
+This **dense** form (:func:`dense_forward`) is what experts run per sample, within
+:func:`~fisherfunc._engine.experts.dense_experts`: the model's own forwards choose experts with
+data-dependent control flow (``nonzero``, a loop with ``if`` over the experts hit, ``torch.where``;
+the ``grouped_mm`` kernel sorts tokens into groups of varying size), which ``torch.func.vmap``
+cannot run. It is exact: an expert off a token's top-k gets the
 routing weight 0, so its contribution to the output — and to every gradient — is exactly zero (for
 finite activations), and the router's gradient flows through ``w`` as in the model.
 
@@ -127,7 +128,7 @@ def _candidate(module: nn.Module, name: str) -> ExpertLayout:
     flag = getattr(module, "is_transposed", None)
     if isinstance(flag, bool):
         transposed = flag
-    else:  # [E, out1, H] with down [E, H, I]: up's last size is down's middle one
+    else:  # no flag: transposed only if just that reading fits (H shared as up[2] = down[1], or up[1] = down[2])
         transposed = up.shape[2] != down.shape[1] and up.shape[1] == down.shape[2]
     e, h = up.shape[0], (up.shape[1] if transposed else up.shape[2])
     intermediate = down.shape[1] if transposed else down.shape[2]

@@ -32,7 +32,6 @@ run per sample either (:mod:`fisherfunc._engine.experts` refuses them by name).
 from __future__ import annotations
 
 import dataclasses
-import math
 import weakref
 from collections.abc import Sequence
 
@@ -55,6 +54,10 @@ class ExpertChannels(Rule):
     Args:
         axis: the output-channel axis of the fused expert tensor (1 for ``[E, out, in]``, 2 for the
             transposed ``[E, in, out]``; 1 for a bias ``[E, out]``). Axis 0 is the expert.
+
+    >>> import torch
+    >>> ExpertChannels(1).reduce(torch.ones(2, 3, 4)).tolist()   # [E=2, out=3, in=4] -> [E, out]
+    [[4.0, 4.0, 4.0], [4.0, 4.0, 4.0]]
     """
 
     axis: int = 1
@@ -82,9 +85,7 @@ class ExpertChannels(Rule):
         expert[0], channel[self.axis] = shape[0], shape[self.axis]
         e = torch.arange(shape[0], device=device).reshape(expert)
         c = torch.arange(shape[self.axis], device=device).reshape(channel)
-        owner = (e * groups[1] + c).expand(shape).contiguous()
-        assert int(owner.max()) < math.prod(groups)
-        return owner
+        return (e * groups[1] + c).expand(shape).contiguous()  # group (e, c) at flat e · out + c
 
 
 def fused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
