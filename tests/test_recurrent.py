@@ -60,7 +60,9 @@ def hand_groups(model: nn.Module, name: str, g2: Tensor, rule: ff.Rule) -> Tenso
     owner = model.get_submodule(name.rpartition(".")[0])
     if isinstance(rule, Units):
         gates = GATES[type(owner).__name__.removesuffix("Cell")]
-        return column_sums(g2) if name.rpartition(".")[2].startswith("weight_hr") else unit_sums(g2, gates, rule.per_gate)
+        return (
+            column_sums(g2) if name.rpartition(".")[2].startswith("weight_hr") else unit_sums(g2, gates, rule.per_gate)
+        )
     if isinstance(rule, ff.Rows):  # embedding: one value per token id
         return torch.stack([g2[v].sum() for v in range(g2.shape[0])])
     assert isinstance(rule, ff.Channel) and rule.axis == 0, rule
@@ -115,11 +117,19 @@ class Classifier(nn.Module):
     ``c0 [N, L·D, H]`` for LSTM), else the module builds its own zeros.
     """
 
-    def __init__(self, kind: str, layers: int, bidirectional: bool, batch_first: bool, bias: bool, proj: int, state: bool):
+    def __init__(
+        self, kind: str, layers: int, bidirectional: bool, batch_first: bool, bias: bool, proj: int, state: bool
+    ):
         super().__init__()
         extra = {"proj_size": proj} if proj else {}
         self.rnn = getattr(nn, kind)(
-            FEATURES, HIDDEN, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias, **extra
+            FEATURES,
+            HIDDEN,
+            num_layers=layers,
+            bidirectional=bidirectional,
+            batch_first=batch_first,
+            bias=bias,
+            **extra,
         )
         out = proj or HIDDEN
         self.head = nn.Linear((2 if bidirectional else 1) * out + out, CLASSES)
@@ -199,7 +209,9 @@ def test_units_and_diagonal_equal_the_naive_loop(kind: str, config: tuple) -> No
     length=st.integers(1, 4),
     seed=st.integers(0, 2**16),
 )
-def test_any_configuration_matches_per_gate(kind, layers, bidirectional, batch_first, bias, proj, state, batch, length, seed):
+def test_any_configuration_matches_per_gate(
+    kind, layers, bidirectional, batch_first, bias, proj, state, batch, length, seed
+):
     proj = proj if kind == "LSTM" else 0
     model, loss, data, sample_loss = classifier_case(
         kind, layers, bidirectional, batch_first, bias, proj, state, batch=batch, length=length, seed=seed
@@ -215,7 +227,12 @@ def test_gate_breakdown_sums_to_the_unit_values() -> None:
     model, loss, batch, _ = classifier_case("LSTM", 2, True, True, True, 0, False)
     params = {k: v.detach() for k, v in model.named_parameters()}
     units = ff.fisher(loss, params, batch)
-    gates = ff.fisher(loss, params, batch, spec={n: Units(4, per_gate=True) if n.startswith("rnn.") else r for n, r in ff.infer_spec(model).items()})
+    gates = ff.fisher(
+        loss,
+        params,
+        batch,
+        spec={n: Units(4, per_gate=True) if n.startswith("rnn.") else r for n, r in ff.infer_spec(model).items()},
+    )
     for name in (n for n in params if n.startswith("rnn.")):
         assert gates[name].shape == (4, HIDDEN)
         assert torch.allclose(gates[name].sum(0), units[name], rtol=1e-12, atol=0)
@@ -340,8 +357,10 @@ def test_exact_kind_on_both_paths() -> None:
         logits = model(x[b : b + 1])
         probs = logits.softmax(-1).detach()[0]
         for c in range(CLASSES):
-            grads = torch.autograd.grad(F.cross_entropy(logits, torch.tensor([c])), list(params.values()), retain_graph=True)
-            for (name, g) in zip(params, grads):
+            grads = torch.autograd.grad(
+                F.cross_entropy(logits, torch.tensor([c])), list(params.values()), retain_graph=True
+            )
+            for name, g in zip(params, grads):
                 expected[name] = expected[name] + probs[c] * hand_groups(model, name, g.square(), spec[name])
     detached = {k: v.detach() for k, v in params.items()}
     for path in PATHS:
@@ -365,7 +384,9 @@ def test_the_functional_recurrence_computes_what_the_module_does(kind: str) -> N
         extra = {"proj_size": proj} if proj else {}
         if kind == "RNN":
             extra["nonlinearity"] = "relu" if layers == 2 else "tanh"
-        rnn = getattr(nn, kind)(3, 4, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias, **extra).double()
+        rnn = getattr(nn, kind)(
+            3, 4, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias, **extra
+        ).double()
         x = torch.randn(2, 5, 3, dtype=torch.float64)
         x = x if batch_first else x.transpose(0, 1)
         rows = layers * (2 if bidirectional else 1)
@@ -389,7 +410,8 @@ def test_every_recurrent_weight_takes_the_factorised_path() -> None:
     resolved = resolve_spec(ff.infer_spec(model), params)
     sample = tuple(e[0] for e in batch)
     sites = {
-        resolved.names[s.leaf]: s for s in find_sites(loss, prepare(params, differentiated=resolved.active), resolved, sample)
+        resolved.names[s.leaf]: s
+        for s in find_sites(loss, prepare(params, differentiated=resolved.active), resolved, sample)
     }
     for name in params:
         if name.startswith("rnn.weight_ih"):  # one call over the whole sequence
@@ -450,7 +472,10 @@ def test_infer_spec_rules_per_module() -> None:
         for part in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
             assert spec[f"lstm.{part}{suffix}"] == Units(4)
         assert spec[f"lstm.weight_hr{suffix}"] == Units(1, axis=1)
-    assert {k: v for k, v in spec.items() if k.startswith("gru.")} == {"gru.weight_ih_l0": Units(3), "gru.weight_hh_l0": Units(3)}
+    assert {k: v for k, v in spec.items() if k.startswith("gru.")} == {
+        "gru.weight_ih_l0": Units(3),
+        "gru.weight_hh_l0": Units(3),
+    }
     assert spec["rnn.weight_hh_l0"] == spec["rnn.bias_ih_l0"] == Units(1)
     assert spec["cell.weight_ih"] == spec["cell.bias_hh"] == Units(4)
     params = dict(model.named_parameters())
@@ -504,7 +529,9 @@ def test_units_geometry_equals_the_derived_one(rule: Units) -> None:
 
 
 @settings(deadline=None, derandomize=True, database=None, max_examples=40)
-@given(gates=st.integers(1, 4), hidden=st.integers(1, 5), cols=st.integers(1, 4), per_gate=st.booleans(), data=st.data())
+@given(
+    gates=st.integers(1, 4), hidden=st.integers(1, 5), cols=st.integers(1, 4), per_gate=st.booleans(), data=st.data()
+)
 def test_units_conserve_and_match_the_layout(gates: int, hidden: int, cols: int, per_gate: bool, data) -> None:
     seed = data.draw(st.integers(0, 2**16))
     x = torch.rand(gates * hidden, cols, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))

@@ -244,6 +244,9 @@ class ProbeMode(TorchFunctionMode):
         self.calls: dict[int, list[Call]] = {}
         self.inputs: list[Tensor | None] = [None] * len(slots)
         self.steps: list[list[Tensor]] = [[] for _ in slots]  # the inputs of repeated slots, in call order
+        # a repeated slot's probe split once into its uses (one unbind, whose backward is one stack;
+        # indexing the probe per use would materialise a full-size gradient per use)
+        self.parts: dict[int, tuple[Tensor, ...]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
@@ -279,7 +282,9 @@ class ProbeMode(TorchFunctionMode):
                 "calls changed between two forwards of samples of one shape"
             )
         self.steps[slot].append(a)
-        return out + self.probes[slot][use]
+        if slot not in self.parts:
+            self.parts[slot] = self.probes[slot].unbind(0)
+        return out + self.parts[slot][use]
 
     def recorded(self, like: Tensor) -> tuple[Tensor, ...]:
         """The recorded inputs (stacked over the uses of a repeated slot), empty like ``like`` if not called."""

@@ -92,7 +92,9 @@ def _direction(
     w_ih, w_hh = weights[0], weights[1]
     b_ih, b_hh = (weights[2], weights[3]) if bias else (None, None)
     w_hr = weights[-1] if len(weights) in (3, 5) else None
-    pre = F.linear(x, w_ih, b_ih)  # all steps' input projections: one call, so W_ih can be factorised
+    # all steps' input projections: one call, so W_ih can be factorised; unbound once (indexing per
+    # step would make the backward build a full-size gradient per step)
+    pre = F.linear(x, w_ih, b_ih).unbind(0)
     outputs: list[Tensor] = [h] * x.shape[0]
     for t in reversed(range(x.shape[0])) if reverse else range(x.shape[0]):
         h, c = _step(kind, pre[t], h, c, w_hh, b_hh, w_hr)
