@@ -20,22 +20,30 @@ Per-head importance of a masked LM, in a few lines (``batch`` holds ``input_ids`
 
 from .._spec.families import hf_rules as hf_rules
 from ._losses import HFInputs as HFInputs
+from ._losses import HFLoss as HFLoss
 from ._losses import causal_lm as causal_lm
 from ._losses import masked_lm as masked_lm
 from ._losses import sequence_classification as sequence_classification
+from ._losses import token_classification as token_classification
 from ._masks import AttentionLayout as AttentionLayout
 from ._masks import attention_layout as attention_layout
 from ._masks import attention_mask as attention_mask
 from ._masks import position_ids as position_ids
+from ._seq2seq import Seq2SeqInputs as Seq2SeqInputs
+from ._seq2seq import seq2seq_lm as seq2seq_lm
 
 __all__ = [
     "AttentionLayout",
     "HFInputs",
+    "HFLoss",
     "attention_layout",
     "attention_mask",
     "causal_lm",
     "hf_rules",
     "masked_lm",
     "position_ids",
+    "seq2seq_lm",
+    "Seq2SeqInputs",
     "sequence_classification",
+    "token_classification",
 ]

@@ -1,4 +1,4 @@
-"""Per-sample attention masks and position ids for Hugging Face models under ``torch.func.vmap``.
+"""Per-sample attention masks, position ids and the attention layout of Hugging Face models.
 
 A 2-D padding mask cannot go to a Hugging Face model inside ``vmap``: the model builds its
 attention mask from it with data-dependent Python control flow (``if padding_mask.all(): ...``)
@@ -22,14 +22,17 @@ the Fisher are unchanged — and finite.
 Models whose layers mix full and sliding-window attention (``config.layer_types``) get a dict
 ``{"full_attention": ..., "sliding_attention": ...}``, which those models also accept as is.
 
-Position ids are counted over the real tokens only — the convention of ``transformers``'
-``generate`` (``_prepare_position_ids_for_generation``)::
+The losses front-align every sample first (:mod:`~fisherfunc.hf._align`), so a padding query
+that allows no key only occurs when a caller builds masks for left padding directly.
+
+An encoder's self-attention and a decoder's cross-attention need no mask per query:
+:func:`key_mask` gives ``[1, 1, 1, S]`` (``allowed[k] = m_k``), which broadcasts over queries.
+
+Position ids, for the families that build them from the 2-D mask (OPT, BioGPT; see
+:mod:`~fisherfunc.hf._conventions`), are counted over the real tokens only — what those models
+compute, and the convention of ``transformers``' ``generate``::
 
     position_ids_t = (Σ_{t' ≤ t} m_t') − 1 for a real token, 0 for padding
-
-so a left-padded sequence is embedded exactly like the same sequence unpadded (with right padding
-this equals ``arange(T)`` on the real tokens). A batch that carries its own ``position_ids``
-keeps them.
 
 >>> import torch
 >>> position_ids(torch.tensor([[0, 0, 1, 1, 1]]))
@@ -44,9 +47,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._spec.families import attention_families
+from ._checks import ProbeError, observed_causality
+from ._conventions import causality
+from ._view import loss_view
 
-__all__ = ["AttentionLayout", "attention_layout", "attention_mask", "position_ids"]
+__all__ = ["AttentionLayout", "attention_layout", "attention_mask", "key_mask", "implementation", "position_ids"]
 
 _IMPLEMENTATIONS = ("sdpa", "eager")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -61,69 +66,91 @@ class AttentionLayout:
         implementation: ``"sdpa"`` (boolean mask) or ``"eager"`` (additive float mask).
         sliding_window: ``W``: a token attends only to the ``W`` latest positions (``None``: all).
         mixed: whether layers mix full and sliding-window attention (then the mask is a dict).
+        source: what decided ``causal`` (a config entry confirmed on the live model, or the override).
     """
 
     causal: bool
     implementation: str
     sliding_window: int | None = None
     mixed: bool = False
+    source: str = ""
 
 
-def attention_layout(model: nn.Module, *, causal: bool | None = None) -> AttentionLayout:
-    """Read a Hugging Face model's attention layout from its config and attention modules.
-
-    Args:
-        model: a ``transformers`` model (``model.config`` is read).
-        causal: override whether attention is causal; ``None`` decides by family: BERT-like
-            models attend both ways unless ``config.is_decoder``; GPT-2- and Llama-like models are
-            causal unless ``config.is_causal`` is ``False``.
+def implementation(model: nn.Module) -> str:
+    """The attention implementation of a (possibly wrapped) ``transformers`` model: ``"sdpa"`` or ``"eager"``.
 
     Raises:
-        ValueError: for a model without a ``transformers`` config, an attention implementation
-            other than ``sdpa``/``eager``, an encoder-decoder, or a family whose causality is unknown.
+        ValueError: for a model that is not a ``transformers`` model, or another implementation.
     """
-    config = getattr(model, "config", None)
-    implementation = getattr(config, "_attn_implementation", None)
-    if config is None or not hasattr(config, "_attn_implementation"):
+    inner = loss_view(model).inner
+    found = getattr(inner.config, "_attn_implementation", None)
+    if found not in _IMPLEMENTATIONS:
         raise ValueError(
-            f"{type(model).__name__} is not a Hugging Face transformers model (it has no config with an "
-            "attention implementation); use the builders in fisherfunc.losses instead"
-        )
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(
-            f"{type(model).__name__} uses attn_implementation={implementation!r}; per-sample Fisher runs under "
+            f"{type(inner).__name__} uses attn_implementation={found!r}; per-sample Fisher runs under "
             "torch.func.vmap, which needs 'sdpa' or 'eager': load the model with attn_implementation='sdpa' (or "
             "call model.set_attn_implementation('sdpa'))"
         )
+    return str(found)
+
+
+def _causality(model: nn.Module) -> tuple[bool, str]:
+    """Causality from the config (:func:`~fisherfunc.hf._conventions.causality`), checked on the live model."""
+    decided = causality(model)
+    observed = observed_causality(model)
+    seen = "causally" if observed else "both ways"
+    if decided.causal is None:
+        return observed, f"{decided.source}; observed on the live model: it attends {seen}"
+    if decided.causal != observed:
+        said = "causally" if decided.causal else "both ways"
+        change = "does not change" if observed else "changes"
+        raise ProbeError(
+            f"{type(model).__name__}'s config says it attends {said} ({decided.source}), but its output at the first "
+            f"position {change} when the later tokens change; pass causal=True (decoder) or causal=False (encoder) "
+            "to say which"
+        )
+    return decided.causal, f"{decided.source}; confirmed on the live model"
+
+
+def attention_layout(model: nn.Module, *, causal: bool | None = None) -> AttentionLayout:
+    """Read a Hugging Face model's attention layout from its config, checked on the live model.
+
+    Args:
+        model: a ``transformers`` model (``model.config`` is read), possibly wrapped (PEFT,
+            ``torch.compile``, ``DataParallel``; see :mod:`~fisherfunc.hf._view`).
+        causal: override whether attention is causal (not checked); ``None`` reads it from the
+            config (:mod:`~fisherfunc.hf._conventions`) and confirms it on the live model: its output
+            at the first position must not change with later tokens exactly when it is causal.
+
+    Raises:
+        ValueError: for a model without a ``transformers`` config, an attention implementation
+            other than ``sdpa``/``eager``, or an encoder-decoder (see :func:`~fisherfunc.hf.seq2seq_lm`);
+            :class:`~fisherfunc.hf._checks.ProbeError` (a ``ValueError``) when the config and the live model
+            disagree.
+    """
+    inner = loss_view(model).inner
+    config = inner.config
+    found = implementation(inner)
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(
-            f"{type(model).__name__} is an encoder-decoder model; fisherfunc.hf supports encoder-only and "
-            "decoder-only models. Write a per-sample loss for it (see fisherfunc.losses.custom)"
+            f"{type(inner).__name__} is an encoder-decoder model: use fisherfunc.hf.seq2seq_lm for its decoder's "
+            "labels (causal_lm, masked_lm and the classifiers are for encoder-only and decoder-only models)"
         )
-    families = attention_families(model)
     if causal is None:
-        if families == {"bert"}:
-            causal = bool(getattr(config, "is_decoder", False))
-        elif families and families <= {"gpt2", "llama"}:
-            causal = getattr(config, "is_causal", True) is not False
-        else:
-            found = ", ".join(sorted(families)) or "no BERT-, GPT-2- or Llama-like attention"
-            raise ValueError(
-                f"cannot tell whether {type(model).__name__} attends causally (found {found}); pass causal=True "
-                "(decoder) or causal=False (encoder)"
-            )
+        causal, source = _causality(inner)
+    else:
+        source = f"causal={causal} given"
     layer_types = tuple(getattr(config, "layer_types", None) or ())
     unknown = sorted(set(layer_types) - set(_LAYER_TYPES))
     if unknown:
         raise ValueError(
-            f"{type(model).__name__} has attention layer types {unknown}; fisherfunc.hf builds masks for "
+            f"{type(inner).__name__} has attention layer types {unknown}; fisherfunc.hf builds masks for "
             f"{list(_LAYER_TYPES)} only"
         )
     window = getattr(config, "sliding_window", None) if causal else None
     mixed = "sliding_attention" in layer_types
     if layer_types and not mixed:
         window = None  # every layer attends fully; a configured window is unused
-    return AttentionLayout(causal=causal, implementation=implementation, sliding_window=window, mixed=mixed)
+    return AttentionLayout(causal=causal, implementation=found, sliding_window=window, mixed=mixed, source=source)
 
 
 def position_ids(mask: Tensor) -> Tensor:
@@ -158,6 +185,23 @@ def _encode(allowed: Tensor, implementation: str, dtype: torch.dtype) -> Tensor:
     if implementation == "eager":  # additive: 0 where allowed, the dtype's most negative value elsewhere
         return torch.where(allowed, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)
     return allowed
+
+
+def key_mask(mask: Tensor, implementation: str, dtype: torch.dtype) -> Tensor:
+    """A 4-D mask of the keys only, ``[B, 1, 1, S]``: every query may attend to every real key.
+
+    For bidirectional attention whose queries need no mask of their own: an encoder's self-attention
+    after front alignment (padding queries attend to the real keys; their outputs reach nothing), and
+    a decoder's cross-attention to the encoder's tokens.
+
+    Args:
+        mask: ``[B, S]`` padding mask of the keys (nonzero = real token).
+        implementation: ``"sdpa"`` (bool) or ``"eager"`` (additive).
+        dtype: the compute dtype (of an eager model's additive mask).
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"the padding mask of one sample must have shape [1, S], got {tuple(mask.shape)}")
+    return _encode((mask != 0)[:, None, None, :], implementation, dtype)
 
 
 def attention_mask(mask: Tensor, layout: AttentionLayout, dtype: torch.dtype) -> Any:
