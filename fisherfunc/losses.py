@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._engine.batches import BatchError, entry
+from ._engine.experts import check_jitter, dense_experts, verified_experts
 from ._model_check import check_model
 from .dropout import DropoutMode, check_dropout
 from .dropout import scope as dropout_scope
@@ -140,7 +141,9 @@ class ModelLoss:
             kwargs = {}
         if self.prepare is not None:
             kwargs = self.prepare(kwargs, dtype or torch.get_default_dtype())
-        with dropout_scope(self.dropout):  # scoped here, inside the per-sample function; the model is untouched
+        # Scoped here, inside the per-sample function: dropout as asked, and fused experts (mixtures of
+        # experts) in their verified dense form, which vmap can run; the model is left as it was.
+        with dropout_scope(self.dropout), dense_experts(self.model):
             out = functional_call(self.model, ({**params}, buffers), args, kwargs)
         if self.output is None:
             pred = _default_output(out)
@@ -168,6 +171,8 @@ class ModelLoss:
         """Checks made before any heavy work: model mode, the dropout option and the batch's entries."""
         check_model(self.model)
         check_dropout(self.dropout, self.model)
+        check_jitter(self.model, self.dropout)
+        verified_experts(self.model)  # a fused-experts layout that fails its self-test is refused by name here
         if not isinstance(batch, (tuple, list, Mapping)):
             raise BatchError(
                 f"a batch for a fisherfunc.losses loss is a tuple or a mapping of tensors whose entries "

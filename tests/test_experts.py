@@ -506,15 +506,9 @@ def test_phimoe_dense_routing_is_refused() -> None:
             ff.fisher(loss, dict(model.named_parameters()), padded_batch("right"), spec=moe_spec(model, False))
 
 
-# --- pending: the losses enter dense_experts themselves -------------------------------------------
+# --- the losses enter dense_experts themselves ----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="pending: ModelLoss.forward does not yet enter dense_experts(self.model) (docs/experts.md, Status); "
-    "when it does, this passes and the marker must go",
-)
 def test_a_model_loss_runs_its_models_experts_dense_by_itself() -> None:
     model = build("mixtral").eval()
     loss = ff.losses.causal_lm(model, inputs="input_ids", output="logits")
