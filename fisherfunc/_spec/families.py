@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
@@ -149,7 +149,9 @@ def _warn_unverified(model: nn.Module, unverified: dict[str, tuple[str, str]]) -
         )
 
 
-def _verified(model: nn.Module, *, warn: bool) -> tuple[list[AttentionBlock], dict[str, Rule | SpecError]]:
+def _verified(
+    model: nn.Module, *, warn: bool, overridden: Callable[[str], bool] | None = None
+) -> tuple[list[AttentionBlock], dict[str, Rule | SpecError]]:
     """The blocks whose layouts passed, and ``{parameter: rule or error}`` of every block."""
     blocks, unreadable = _blocks(model)
     placed: dict[str, Rule | SpecError] = dict(unreadable)
@@ -163,18 +165,28 @@ def _verified(model: nn.Module, *, warn: bool) -> tuple[list[AttentionBlock], di
             placed.update({param: verdict.error for param in block.rules})
         elif verdict.unverified is not None:
             cls = type(model.get_submodule(block.module)).__name__
-            unverified[block.module] = (cls, f"its layout could not be tested ({verdict.unverified})")
+            unverified[block.module] = (cls, f"the layout could not be tested ({verdict.unverified})")
         else:
             placed.update(block.rules)
             trusted.append(block)
     if warn:
         for name, module in _unknown(model, [b.module for b in blocks]):
-            unverified[name] = (type(module).__name__, "no family in fisherfunc's layout table describes it")
+            unverified[name] = (type(module).__name__, "no family in fisherfunc's layout table describes this class")
+        if overridden is not None:  # modules whose parameters all have the user's rules need no advice
+            unverified = {
+                name: why
+                for name, why in unverified.items()
+                if not all(
+                    overridden(f"{name}.{p}" if name else p) for p, _ in model.get_submodule(name).named_parameters()
+                )
+            }
         _warn_unverified(model, unverified)
     return trusted, placed
 
 
-def placements(model: nn.Module, *, warn: bool = True) -> dict[str, Rule | SpecError]:
+def placements(
+    model: nn.Module, *, warn: bool = True, overridden: Callable[[str], bool] | None = None
+) -> dict[str, Rule | SpecError]:
     """Like :func:`hf_rules`, but a module whose heads cannot be placed maps its parameters to the error.
 
     :func:`fisherfunc.infer_spec` raises such an error only for parameters that ``overrides`` leave
@@ -183,12 +195,14 @@ def placements(model: nn.Module, *, warn: bool = True) -> dict[str, Rule | SpecE
     Args:
         model: any module; only submodules whose class comes from ``transformers`` are read.
         warn: warn (:class:`HeadLayoutWarning`) for attention modules left with per-channel rules.
+        overridden: whether a parameter (dotted name) has a rule from the user's ``overrides``; an
+            attention module all of whose parameters do is not warned about.
     """
     found: dict[str, Rule | SpecError] = {}
     for name, module in model.named_modules():
         for local, rule in _local_rules(module).items():
             found[f"{name}.{local}" if name else local] = rule
-    _, heads = _verified(model, warn=warn)
+    _, heads = _verified(model, warn=warn, overridden=overridden)
     found.update(heads)
     out: dict[str, Rule | SpecError] = {}
     for path, placed in found.items():

@@ -133,7 +133,10 @@ def infer_spec(model: nn.Module, *, overrides: Mapping[str, Rule] | None = None)
             param = _parameter(module, local)
             if param is not None:
                 table.setdefault(id(param), module_rule)
-    for path, hf_rule in hf_placements(model).items():  # Hugging Face heads, Conv1D, norms win
+    def overridden(name: str) -> bool:  # attention the user declared needs no warning
+        return any(fnmatch.fnmatchcase(name, p) for p in overrides)
+
+    for path, hf_rule in hf_placements(model, overridden=overridden).items():  # HF heads, Conv1D, norms win
         table[id(model.get_parameter(path))] = hf_rule
     table.update({id(model.get_parameter(path)): rule for path, rule in expert_placements(model).items()})  # MoE
 

@@ -90,40 +90,43 @@ def _special_ids(config: Any) -> set[int]:
 def sample_inputs(root: nn.Module, length: int = SAMPLE_LENGTH) -> dict[str, Tensor] | str:
     """A one-sample input for a ``transformers`` model, or why there is none.
 
-    ``input_ids`` ``[1, length]`` of distinct ordinary tokens (no padding, no special ids); Whisper-like
-    models (``input_features``) get ``[1, num_mel_bins, 2 · max_source_positions]`` standard normal
-    features; encoder–decoders also get the ids as ``decoder_input_ids``, and decoders with
-    cross-attention (``config.add_cross_attention``) standard normal ``encoder_hidden_states``.
+    By the model's ``main_input_name``: ``input_ids`` ``[1, length]`` of distinct ordinary tokens (no
+    padding, no special ids); Whisper-like ``input_features`` ``[1, num_mel_bins, 2 ·
+    max_source_positions]`` and vision ``pixel_values`` ``[1, num_channels, image_size, image_size]``
+    of standard normal noise. Encoder–decoders also get the ids as ``decoder_input_ids``, decoders
+    with cross-attention (``config.add_cross_attention``) noise as ``encoder_hidden_states``.
     """
     config = getattr(root, "config", None)
     first = next(iter(root.parameters()), None)
     if config is None or first is None:
         return f"{type(root).__name__} has no config or no parameters"
+    floating = next((p for p in root.parameters() if p.is_floating_point()), first)
+
+    def noise(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(first.device, floating.dtype)
+
     vocab = getattr(config, "vocab_size", None)
-    if not isinstance(vocab, int):
-        return f"{type(root).__name__}'s config has no vocab_size"
     specials = _special_ids(config)
-    ordinary = [i for i in range(vocab) if i not in specials][-length:]
-    if len(ordinary) < length:
-        return f"{type(root).__name__}'s vocabulary has fewer than {length} ordinary tokens"
-    ids = torch.tensor([ordinary], device=first.device)
+    ordinary = [i for i in range(vocab) if i not in specials][-length:] if isinstance(vocab, int) else []
+    ids = torch.tensor([ordinary], device=first.device) if len(ordinary) == length else None
     main = getattr(root, "main_input_name", "input_ids")
     inputs: dict[str, Tensor] = {}
-    if main == "input_ids":
+    if main == "input_ids" and ids is not None:
         inputs["input_ids"] = ids
     elif main == "input_features" and hasattr(config, "num_mel_bins") and hasattr(config, "max_source_positions"):
-        floating = next((p for p in root.parameters() if p.is_floating_point()), first)
-        frames = 2 * config.max_source_positions  # Whisper's two convolutions, the second of stride 2
-        noise = torch.randn(1, config.num_mel_bins, frames, generator=torch.Generator().manual_seed(0))
-        inputs["input_features"] = noise.to(first.device, floating.dtype)
+        # Whisper: its two convolutions, the second of stride 2, take 2 · max_source_positions frames
+        inputs["input_features"] = noise(1, config.num_mel_bins, 2 * config.max_source_positions)
+    elif main == "pixel_values" and hasattr(config, "image_size") and hasattr(config, "num_channels"):
+        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+        inputs["pixel_values"] = noise(1, config.num_channels, size, size)
     else:
         return f"{type(root).__name__} takes {main!r}, for which fisherfunc has no sample input"
     if getattr(config, "is_encoder_decoder", False):
+        if ids is None:
+            return f"{type(root).__name__}'s config has no vocabulary of {length} ordinary tokens for its decoder"
         inputs["decoder_input_ids"] = ids
     elif getattr(config, "add_cross_attention", False) and isinstance(getattr(config, "hidden_size", None), int):
-        floating = next((p for p in root.parameters() if p.is_floating_point()), first)
-        states = torch.randn(1, length, config.hidden_size, generator=torch.Generator().manual_seed(1))
-        inputs["encoder_hidden_states"] = states.to(first.device, floating.dtype)  # a decoder's cross-attention
+        inputs["encoder_hidden_states"] = noise(1, length, config.hidden_size)  # a decoder's cross-attention
     return inputs
 
 
