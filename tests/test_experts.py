@@ -10,8 +10,8 @@ layouts stated in ``docs/experts.md``::
     gate_up_proj [E, 2I, H]:  F[e, c] = Σ_h g²[e, c, h]      down_proj [E, H, I]:  F[e, c] = Σ_i g²[e, c, i]
     one number per expert:    F[e]    = Σ g²[e]              router weight [E, H]:  F[e]    = Σ_h g²[e, h]
 
-The library computes the same numbers through ``fisherfunc.hf.causal_lm``, within
-``dense_experts(model)`` (the experts in their dense, verified form), on right- and left-padded
+The library computes the same numbers through ``fisherfunc.hf.causal_lm(model)`` as a user calls
+it (no ``causal=``; the loss runs the experts in their dense, verified form itself), on right- and left-padded
 batches, on both paths of the engine: ``"direct"`` (``vmap(grad)`` of every parameter) and
 ``"auto"``, where the router's ``F.linear`` weight is factorised by output probes and the 3-D expert
 tensors — never a probe site — are differentiated directly. Agreement: ≤ 1e-10 relative
@@ -34,7 +34,7 @@ from fisherfunc._engine.experts import check_jitter, dense_experts
 from fisherfunc._engine.group_sums import find_sites
 from fisherfunc._engine.numerics import prepare
 from fisherfunc._spec.expert_layout import SELF_TEST_TOL, dense_forward, expert_layout
-from fisherfunc._spec.experts import ExpertChannels, placements
+from fisherfunc._spec.experts import placements
 from fisherfunc._spec.resolve import resolve_spec
 
 transformers = pytest.importorskip("transformers", reason="fisherfunc[hf] (transformers) is not installed")
@@ -217,8 +217,8 @@ def test_infer_spec_places_expert_channels_and_router_rows(family: str) -> None:
     spec = infer(model)
     for layer in range(2):
         mlp = f"model.layers.{layer}.mlp"
-        assert spec[f"{mlp}.experts.gate_up_proj"] == ExpertChannels(1)
-        assert spec[f"{mlp}.experts.down_proj"] == ExpertChannels(1)
+        assert spec[f"{mlp}.experts.gate_up_proj"] == ff.ExpertChannels(1)
+        assert spec[f"{mlp}.experts.down_proj"] == ff.ExpertChannels(1)
         router = "router" if family == "phimoe" else "gate"
         assert spec[f"{mlp}.{router}.weight"] == ff.Channel(0)
         assert router_module(model, layer).weight.shape == (E, H)
@@ -294,15 +294,14 @@ def test_expert_channels_and_router_equal_a_naive_loop(family: str, side: str) -
     expected, tokens = reference_groups(model, batch, experts_whole=False)
     spec = moe_spec(model, experts_whole=False)
     params = dict(model.named_parameters())
-    with dense_experts(model):
-        loss = ff.hf.causal_lm(model, causal=True)
-        runs = {
-            path: (
-                ff.per_sample_fisher(loss, params, batch, spec=spec, path=path),
-                ff.fisher(loss, params, batch, spec=spec, path=path),
-            )
-            for path in PATHS
-        }
+    loss = ff.hf.causal_lm(model)  # it runs the experts densely itself
+    runs = {
+        path: (
+            ff.per_sample_fisher(loss, params, batch, spec=spec, path=path),
+            ff.fisher(loss, params, batch, spec=spec, path=path),
+        )
+        for path in PATHS
+    }
     for path, (got, one_shot) in runs.items():
         assert torch.equal(got.tokens.double(), tokens)
         for name, ref in expected.items():
@@ -319,9 +318,8 @@ def test_one_number_per_expert_equals_a_naive_loop(family: str) -> None:
     batch = padded_batch("left", seed=4)
     expected, tokens = reference_groups(model, batch, experts_whole=True)
     spec = moe_spec(model, experts_whole=True)
-    with dense_experts(model):
-        loss = ff.hf.causal_lm(model, causal=True)
-        runs = {path: ff.fisher(loss, dict(model.named_parameters()), batch, spec=spec, path=path) for path in PATHS}
+    loss = ff.hf.causal_lm(model)  # it runs the experts densely itself
+    runs = {path: ff.fisher(loss, dict(model.named_parameters()), batch, spec=spec, path=path) for path in PATHS}
     for path, got in runs.items():
         for name, ref in expected.items():
             assert got[name].shape == (E,)
@@ -335,9 +333,8 @@ def test_paths_router_is_factorised_experts_are_direct() -> None:
     params = dict(model.named_parameters())
     resolved = resolve_spec(infer(model), params)
     sample = {k: v[0] for k, v in padded_batch("right").items()}
-    with dense_experts(model):
-        loss = ff.hf.causal_lm(model, causal=True)
-        sites = {resolved.names[s.leaf] for s in find_sites(loss, prepare(params), resolved, sample)}
+    loss = ff.hf.causal_lm(model)  # it runs the experts densely itself
+    sites = {resolved.names[s.leaf] for s in find_sites(loss, prepare(params), resolved, sample)}
     assert "model.layers.0.mlp.gate.weight" in sites
     assert not any(".experts." in name for name in sites)
 
@@ -345,9 +342,8 @@ def test_paths_router_is_factorised_experts_are_direct() -> None:
 def test_padding_does_not_change_the_fisher() -> None:
     model = build("qwen2_moe")
     params = dict(model.named_parameters())
-    with dense_experts(model):
-        loss = ff.hf.causal_lm(model, causal=True)
-        right, left = (ff.fisher(loss, params, padded_batch(side), spec=moe_spec(model, False)) for side in SIDES)
+    loss = ff.hf.causal_lm(model)  # it runs the experts densely itself
+    right, left = (ff.fisher(loss, params, padded_batch(side), spec=moe_spec(model, False)) for side in SIDES)
     for name in moe_names(model):
         assert rel_err(left[name], right[name]) <= TOL, name
 
@@ -364,7 +360,7 @@ def test_padding_does_not_change_the_fisher() -> None:
 def test_expert_channels_geometry(shape: list[int], axis_choice: int, seed: int) -> None:
     """Sums by hand, conservation, membership stated = derived, per expert = ``Channel(0)``; square sums on 2-D."""
     axis = 1 + axis_choice % (len(shape) - 1)
-    rule = ExpertChannels(axis)
+    rule = ff.ExpertChannels(axis)
     x = torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     groups = rule.reduce(x)
     assert groups.shape == rule.group_shape(torch.Size(shape)) == (shape[0], shape[axis])
@@ -385,11 +381,11 @@ def test_expert_channels_geometry(shape: list[int], axis_choice: int, seed: int)
 
 def test_expert_channels_refuse_shapes_they_do_not_fit() -> None:
     with pytest.raises(ff.SpecError, match="'w'.*axis 0 is the expert"):
-        ExpertChannels(0).group_shape(torch.Size([4, 3, 2]), "w")
+        ff.ExpertChannels(0).group_shape(torch.Size([4, 3, 2]), "w")
     with pytest.raises(ff.SpecError, match="'b'.*2\\+ axes"):
-        ExpertChannels(1).group_shape(torch.Size([4]), "b")
+        ff.ExpertChannels(1).group_shape(torch.Size([4]), "b")
     with pytest.raises(ff.SpecError, match="'w'"):
-        ExpertChannels(3).group_shape(torch.Size([4, 3, 2]), "w")
+        ff.ExpertChannels(3).group_shape(torch.Size([4, 3, 2]), "w")
 
 
 def test_expert_channels_keys_and_fisher_on_a_plain_module() -> None:
@@ -407,13 +403,13 @@ def test_expert_channels_keys_and_fisher_on_a_plain_module() -> None:
     x = torch.randn(6, 5, dtype=torch.float64)
     y = torch.randn(6, 4, dtype=torch.float64)
     loss = ff.losses.regression(bank, inputs=0, targets=1)
-    got = ff.fisher(loss, dict(bank.named_parameters()), (x, y), spec={"w": ExpertChannels(1)})
+    got = ff.fisher(loss, dict(bank.named_parameters()), (x, y), spec={"w": ff.ExpertChannels(1)})
     total = torch.zeros(3, 4, dtype=torch.float64)
     for b in range(6):
         (g,) = torch.autograd.grad(((bank(x[b : b + 1]) - y[b : b + 1]) ** 2).sum() / 2, [bank.w])
         total += per_expert_channel(g.square())
     assert rel_err(got["w"], total / 6) <= TOL
-    assert list(ff.to_keyed(got, spec={"w": ExpertChannels(1)}, task="t")) == ["t|w|expert_channel"]
+    assert list(ff.to_keyed(got, spec={"w": ff.ExpertChannels(1)}, task="t")) == ["t|w|expert_channel"]
 
 
 # --- refusals -------------------------------------------------------------------------------------
@@ -444,7 +440,7 @@ def test_a_permuted_expert_layout_is_refused_by_name() -> None:
     # an override covers the spec, but the experts still cannot run per sample
     spec = infer(model, **{f"{bad}.*": ff.Whole()})
     assert spec[f"{bad}.down_proj"] == ff.Whole()
-    assert placements(build("mixtral"))["model.layers.0.mlp.experts.down_proj"] == ExpertChannels(1)
+    assert placements(build("mixtral"))["model.layers.0.mlp.experts.down_proj"] == ff.ExpertChannels(1)
 
 
 def test_a_router_whose_rows_are_not_the_experts_is_refused() -> None:

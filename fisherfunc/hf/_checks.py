@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
+from .._engine.experts import dense_experts
 from .._engine.numerics import scope
 from ..dropout import evaluation
 
@@ -100,7 +101,7 @@ def observed_causality(model: nn.Module) -> bool:
     a = torch.tensor([first + rest[: PROBE_LENGTH - 1]], device=device)
     b = torch.tensor([first + rest[PROBE_LENGTH - 1 :]], device=device)
     try:
-        with _quiet():
+        with _quiet(), dense_experts(model):  # fused experts in their verified dense form, as the loss runs them
             ha = _hidden(backbone(input_ids=a, attention_mask=torch.ones_like(a)))[0, 0]
             hb = _hidden(backbone(input_ids=b, attention_mask=torch.ones_like(b)))[0, 0]
     except Exception as err:  # noqa: BLE001 - any failure of the user's model is reported with its name

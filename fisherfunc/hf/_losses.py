@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._engine.batches import entry
+from .._engine.experts import dense_experts
 from ..dropout import DropoutMode, check_dropout
 from ..losses import ModelLoss
 from ._align import align_entries
@@ -232,11 +233,17 @@ def _probe(loss: HFLoss, setup: _Setup, *, tokens: bool) -> None:
         eval_loss.forward,
         params,
         batch,
-        lambda: call(**reference).logits[0],
+        lambda: _dense_call(call, reference),
         n if tokens else None,
         "same" if loss.dropout == "train" else "error",
         hint,
     )
+
+
+def _dense_call(call: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    """``call(**inputs).logits[0]`` with fused experts in their dense form, as the loss's forward runs them."""
+    with dense_experts(call):
+        return call(**inputs).logits[0]
 
 
 def _pairs(mask: Tensor) -> Tensor:
