@@ -43,7 +43,10 @@ from ._estimate import PerSampleFisher as PerSampleFisher
 from ._estimate import accumulate as accumulate
 from ._estimate import fisher as fisher
 from ._estimate import per_sample_fisher as per_sample_fisher
+from ._spec.experts import ExpertChannels as ExpertChannels
+from ._spec.families import HeadLayoutWarning as HeadLayoutWarning
 from ._spec.infer import infer_spec as infer_spec
+from ._spec.recurrent import Units as Units
 from ._spec.rules import Buckets as Buckets
 from ._spec.rules import Channel as Channel
 from ._spec.rules import Elementwise as Elementwise
@@ -79,10 +82,12 @@ __all__ = [
     "Elementwise",
     "Empirical",
     "Exact",
+    "ExpertChannels",
     "FisherKind",
     "FisherState",
     "FisherStep",
     "HeadImportance",
+    "HeadLayoutWarning",
     "Heads",
     "NonFiniteError",
     "PerSampleFisher",
@@ -91,6 +96,7 @@ __all__ = [
     "Skip",
     "SpecError",
     "StateFileError",
+    "Units",
     "Whole",
     "accumulate",
     "clear",

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 import fisherfunc as ff
 from fisherfunc._spec import layouts, verify
-from fisherfunc._spec.families import HeadLayoutWarning, attention_blocks, placements
+from fisherfunc._spec.families import attention_blocks, placements
 
 transformers = pytest.importorskip("transformers", reason="fisherfunc[hf] (transformers) is not installed")
 
@@ -154,7 +154,8 @@ LLAMA_LIKE = {"hidden_size": E, "num_hidden_layers": 2, "num_attention_heads": H
 ENCODER = {"hidden_size": E, "num_hidden_layers": 2, "num_attention_heads": H, "intermediate_size": 24,
            "max_position_embeddings": 40}  # fmt: skip
 SEQ2SEQ = {"d_model": E, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": H,
-           "decoder_attention_heads": H, "encoder_ffn_dim": 24, "decoder_ffn_dim": 24, "max_position_embeddings": 32}  # fmt: skip
+           "decoder_attention_heads": H, "encoder_ffn_dim": 24, "decoder_ffn_dim": 24,
+           "max_position_embeddings": 32}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +227,8 @@ FAMILIES = [
                                                       Proj("dense", 1, one("o"), True))}),
     Family("gpt_bigcode_mq", _decoder("GPTBigCodeConfig", "GPTBigCodeForCausalLM", n_embd=E, n_layer=2, n_head=H,
                                       n_positions=32, multi_query=True), "causal",
-           {r"transformer\.h\.\d+\.attn": (Proj("c_attn", 0, blocked("qkv", [H, 1, 1])), Proj("c_proj", 1, one("o"), True))},
+           {r"transformer\.h\.\d+\.attn": (Proj("c_attn", 0, blocked("qkv", [H, 1, 1])),
+                                              Proj("c_proj", 1, one("o"), True))},
            kv=1),
     Family("gpt_bigcode_mha", _decoder("GPTBigCodeConfig", "GPTBigCodeForCausalLM", n_embd=E, n_layer=2, n_head=H,
                                        n_positions=32, multi_query=False), "causal",
@@ -304,7 +306,7 @@ def _samples(family: Family) -> list[dict[str, Tensor]]:
 
 
 def _padded(family: Family, samples: list[dict[str, Tensor]], side: str) -> dict[str, Tensor]:
-    """The samples as one batch, inputs padded on ``side``; an encoder–decoder's labels padded with -100 on the right."""
+    """The samples as one batch, inputs padded on ``side``; an encoder–decoder's labels -100-padded on the right."""
     if family.loss == "seq2seq":
         labels = torch.full((len(samples), T), -100)
         for b, sample in enumerate(samples):
@@ -582,7 +584,7 @@ def test_the_self_test_refuses_swapped_roles(family: Family) -> None:
 def test_an_unknown_attention_family_keeps_channels_and_says_how_to_declare_heads() -> None:
     config = transformers.CTRLConfig(vocab_size=V, n_embd=E, n_layer=2, n_head=H, dff=24, n_positions=32)
     model = transformers.CTRLLMHeadModel(config).double().eval()  # attention: Wq, Wk, Wv, dense
-    with pytest.warns(HeadLayoutWarning, match=r"2 attention module\(s\) of class MultiHeadAttention "
+    with pytest.warns(ff.HeadLayoutWarning, match=r"2 attention module\(s\) of class MultiHeadAttention "
                       r"\('transformer\.h\.0\.multi_head_attention'.*no family.*overrides=\{'transformer\.h\.\*\."
                       r"multi_head_attention\.Wq\.weight': fisherfunc\.Heads"):  # fmt: skip
         spec = ff.infer_spec(model)
@@ -592,7 +594,7 @@ def test_an_unknown_attention_family_keeps_channels_and_says_how_to_declare_head
         warnings.simplefilter("error")  # declared in full: no advice
         assert ff.infer_spec(model, overrides=declared)["transformer.h.0.multi_head_attention.Wk.bias"] == ff.Heads(H)
         placements(model, overridden=lambda name: any(fnmatch.fnmatchcase(name, p) for p in declared))
-    with pytest.warns(HeadLayoutWarning):  # declared in part: still advised
+    with pytest.warns(ff.HeadLayoutWarning):  # declared in part: still advised
         ff.infer_spec(model, overrides={"*.Wq.weight": ff.Heads(H)})
 
 
@@ -611,7 +613,7 @@ def test_a_vision_model_is_tested_on_noise_images() -> None:
 def test_a_layout_that_cannot_be_tested_is_not_trusted() -> None:
     verify.clear_cache()  # (a kept verdict for the class and shapes would be trusted: that is the design)
     layer = _model(FAMILIES[IDS.index("llama")], "eager").model.layers[0]  # no model around it to run
-    with pytest.warns(HeadLayoutWarning, match=r"LlamaAttention \('self_attn'\).*could not be tested.*overrides="):
+    with pytest.warns(ff.HeadLayoutWarning, match=r"LlamaAttention \('self_attn'\).*could not be tested.*overrides="):
         spec = ff.infer_spec(layer)
     assert spec["self_attn.q_proj.weight"] == ff.Channel(0) and spec["self_attn.k_proj.weight"] == ff.Channel(0)
     assert attention_blocks(layer) == []

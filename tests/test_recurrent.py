@@ -24,7 +24,6 @@ import fisherfunc as ff
 from fisherfunc._engine.group_sums import find_sites
 from fisherfunc._engine.numerics import prepare
 from fisherfunc._engine.recurrent import Recurrent
-from fisherfunc._spec.recurrent import Units
 from fisherfunc._spec.resolve import resolve_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +32,6 @@ TOL = 1e-10
 GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
 FEATURES, HIDDEN, CLASSES = 3, 4, 3
 PATHS = ("auto", "direct")
-
 
 # --- the reference: a naive loop, and group sums written from torch's layout ----------------------
 
@@ -58,7 +56,7 @@ def hand_groups(model: nn.Module, name: str, g2: Tensor, rule: ff.Rule) -> Tenso
     if isinstance(rule, ff.Elementwise):
         return g2
     owner = model.get_submodule(name.rpartition(".")[0])
-    if isinstance(rule, Units):
+    if isinstance(rule, ff.Units):
         gates = GATES[type(owner).__name__.removesuffix("Cell")]
         return (
             column_sums(g2) if name.rpartition(".")[2].startswith("weight_hr") else unit_sums(g2, gates, rule.per_gate)
@@ -190,7 +188,7 @@ LSTM_PROJ = [(2, True, False, True, 2, True), (1, False, True, False, 2, False)]
 def test_units_and_diagonal_equal_the_naive_loop(kind: str, config: tuple) -> None:
     model, loss, batch, sample_loss = classifier_case(kind, *config)
     spec = ff.infer_spec(model)
-    assert all(isinstance(spec[n], Units) for n in spec if n.startswith("rnn."))
+    assert all(isinstance(spec[n], ff.Units) for n in spec if n.startswith("rnn."))
     assert_fisher_matches(loss, model, batch, sample_loss, spec, 3)
     diagonal = {n: ff.Elementwise() for n in spec}
     assert_fisher_matches(loss, model, batch, sample_loss, diagonal, 3)
@@ -217,7 +215,7 @@ def test_any_configuration_matches_per_gate(
         kind, layers, bidirectional, batch_first, bias, proj, state, batch=batch, length=length, seed=seed
     )
     per_gate = {
-        n: (Units(GATES[kind], per_gate=True) if n.startswith("rnn.") and "weight_hr" not in n else r)
+        n: (ff.Units(GATES[kind], per_gate=True) if n.startswith("rnn.") and "weight_hr" not in n else r)
         for n, r in ff.infer_spec(model).items()
     }
     assert_fisher_matches(loss, model, data, sample_loss, per_gate, batch)
@@ -231,7 +229,7 @@ def test_gate_breakdown_sums_to_the_unit_values() -> None:
         loss,
         params,
         batch,
-        spec={n: Units(4, per_gate=True) if n.startswith("rnn.") else r for n, r in ff.infer_spec(model).items()},
+        spec={n: ff.Units(4, per_gate=True) if n.startswith("rnn.") else r for n, r in ff.infer_spec(model).items()},
     )
     for name in (n for n in params if n.startswith("rnn.")):
         assert gates[name].shape == (4, HIDDEN)
@@ -277,7 +275,7 @@ def test_user_model_with_padding_equals_unpadded_samples() -> None:
     loss = ff.losses.classification(model, inputs=(0, 1), targets=2)
     spec = ff.infer_spec(model)
     assert spec["embed.weight"] == ff.Rows() and spec["head.weight"] == ff.Channel(0)
-    assert spec["lstm.weight_hh_l1"] == Units(4) and spec["lstm.bias_ih_l0"] == Units(4)
+    assert spec["lstm.weight_hh_l1"] == ff.Units(4) and spec["lstm.bias_ih_l0"] == ff.Units(4)
 
     def unpadded(m: nn.Module, b: int) -> tuple[Tensor, int]:  # the sample alone, its padding cut off
         n = lengths[b]
@@ -339,11 +337,41 @@ def test_cells_in_a_user_loop(kind: str) -> None:
     x, y = torch.randn(3, 4, FEATURES, dtype=torch.float64), torch.tensor([0, 1, 2])
     loss = ff.losses.classification(model)
     spec = ff.infer_spec(model)
-    assert spec["cell.weight_ih"] == spec["cell.weight_hh"] == Units(GATES[kind])
+    assert spec["cell.weight_ih"] == spec["cell.weight_hh"] == ff.Units(GATES[kind])
 
     def sample_loss(m: nn.Module, b: int) -> tuple[Tensor, int]:
         return F.cross_entropy(m(x[b : b + 1]), y[b : b + 1], reduction="sum"), 1
 
+    assert_fisher_matches(loss, model, (x, y), sample_loss, spec, 3)
+
+
+class LearnedStart(nn.Module):
+    """A bidirectional 2-layer GRU on one unbatched sequence ``[T, F]``, from a learned initial state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(FEATURES, HIDDEN, num_layers=2, bidirectional=True)
+        self.h0 = nn.Parameter(torch.randn(4, HIDDEN))
+        self.head = nn.Linear(2 * HIDDEN, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, _ = self.gru(x, self.h0)
+        return self.head(y[-1])
+
+
+def test_unbatched_input_and_learned_state_in_a_plain_callable() -> None:
+    torch.manual_seed(8)
+    model = LearnedStart().double()
+    x, y = torch.randn(3, 5, FEATURES, dtype=torch.float64), torch.tensor([2, 0, 1])
+
+    def loss(params, sample):  # any (params, sample) -> (loss_sum, tokens) callable
+        logits = torch.func.functional_call(model, params, (sample[0],))
+        return F.cross_entropy(logits[None], sample[1][None], reduction="sum"), torch.ones(())
+
+    def sample_loss(m: nn.Module, b: int) -> tuple[Tensor, int]:
+        return F.cross_entropy(m(x[b])[None], y[b : b + 1], reduction="sum"), 1
+
+    spec = ff.infer_spec(model, overrides={"h0": ff.Elementwise()})
     assert_fisher_matches(loss, model, (x, y), sample_loss, spec, 3)
 
 
@@ -470,14 +498,14 @@ def test_infer_spec_rules_per_module() -> None:
     spec = ff.infer_spec(model)
     for suffix in ("_l0", "_l0_reverse", "_l1", "_l1_reverse"):
         for part in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            assert spec[f"lstm.{part}{suffix}"] == Units(4)
-        assert spec[f"lstm.weight_hr{suffix}"] == Units(1, axis=1)
+            assert spec[f"lstm.{part}{suffix}"] == ff.Units(4)
+        assert spec[f"lstm.weight_hr{suffix}"] == ff.Units(1, axis=1)
     assert {k: v for k, v in spec.items() if k.startswith("gru.")} == {
-        "gru.weight_ih_l0": Units(3),
-        "gru.weight_hh_l0": Units(3),
+        "gru.weight_ih_l0": ff.Units(3),
+        "gru.weight_hh_l0": ff.Units(3),
     }
-    assert spec["rnn.weight_hh_l0"] == spec["rnn.bias_ih_l0"] == Units(1)
-    assert spec["cell.weight_ih"] == spec["cell.bias_hh"] == Units(4)
+    assert spec["rnn.weight_hh_l0"] == spec["rnn.bias_ih_l0"] == ff.Units(1)
+    assert spec["cell.weight_ih"] == spec["cell.bias_hh"] == ff.Units(4)
     params = dict(model.named_parameters())
     for name, rule in spec.items():
         assert rule.group_shape(params[name].shape, name) == (model[name.partition(".")[0]].hidden_size,)
@@ -512,11 +540,17 @@ def test_packed_sequences_are_refused_with_a_clear_error() -> None:
             ff.fisher(loss, params, batch, path=path)
 
 
-UNIT_RULES = [Units(4), Units(4, per_gate=True), Units(3), Units(1, axis=1), Units(2, axis=1, per_gate=True)]
+UNIT_RULES = [
+    ff.Units(4),
+    ff.Units(4, per_gate=True),
+    ff.Units(3),
+    ff.Units(1, axis=1),
+    ff.Units(2, axis=1, per_gate=True),
+]
 
 
 @pytest.mark.parametrize("rule", UNIT_RULES, ids=repr)
-def test_units_geometry_equals_the_derived_one(rule: Units) -> None:
+def test_units_geometry_equals_the_derived_one(rule: ff.Units) -> None:
     shape = torch.Size([12, 6]) if rule.axis == 0 else torch.Size([5, 8])
     assert torch.equal(rule.membership(shape), ff.Rule.membership(rule, shape))
     sums = rule.square_sums(shape)
@@ -535,7 +569,7 @@ def test_units_geometry_equals_the_derived_one(rule: Units) -> None:
 def test_units_conserve_and_match_the_layout(gates: int, hidden: int, cols: int, per_gate: bool, data) -> None:
     seed = data.draw(st.integers(0, 2**16))
     x = torch.rand(gates * hidden, cols, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    rule = Units(gates, per_gate=per_gate)
+    rule = ff.Units(gates, per_gate=per_gate)
     got = rule.reduce(x)
     assert got.shape == rule.group_shape(x.shape)
     assert torch.allclose(got.sum(), x.sum(), rtol=1e-13, atol=0)
@@ -544,6 +578,6 @@ def test_units_conserve_and_match_the_layout(gates: int, hidden: int, cols: int,
 
 def test_units_refuse_shapes_they_do_not_divide() -> None:
     with pytest.raises(ff.SpecError, match=r"parameter 'w'.*4 gate\(s\) do not divide size 10"):
-        Units(4).group_shape(torch.Size([10, 3]), "w")
+        ff.Units(4).group_shape(torch.Size([10, 3]), "w")
     with pytest.raises(ff.SpecError, match="has no axis 2"):
-        Units(1, axis=2).group_shape(torch.Size([4]), "b")
+        ff.Units(1, axis=2).group_shape(torch.Size([4]), "b")

@@ -133,6 +133,7 @@ def infer_spec(model: nn.Module, *, overrides: Mapping[str, Rule] | None = None)
             param = _parameter(module, local)
             if param is not None:
                 table.setdefault(id(param), module_rule)
+
     def overridden(name: str) -> bool:  # attention the user declared needs no warning
         return any(fnmatch.fnmatchcase(name, p) for p in overrides)
 
