@@ -420,6 +420,32 @@ def test_seq2seq_lm_with_a_decoder_mask_aligns_the_labels() -> None:
     check(model, loss, batch, seq2seq_reference)
 
 
+def test_seq2seq_lm_with_input_features_is_exact() -> None:
+    # Whisper-like: the encoder reads features [mel bins, frames], no padding; the decoder inputs are
+    # made the standard way (Whisper has no prepare_decoder_input_ids_from_labels).
+    config = transformers.WhisperConfig(
+        vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8, max_source_positions=8,
+        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        suppress_tokens=None, begin_suppress_tokens=None, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.WhisperForConditionalGeneration(config).double().eval()  # LayerDrop: see below
+    batch = {
+        "input_features": torch.randn(3, 8, 16, dtype=torch.float64),
+        "labels": seq2seq_batch(model, "right")["labels"],
+    }
+
+    def reference(model: nn.Module, sample: dict[str, Tensor]) -> tuple[Tensor, int]:
+        labels = sample["labels"][:, sample["labels"][0] != -100]
+        return model(input_features=sample["input_features"], labels=labels).loss * labels.shape[1], labels.shape[1]
+
+    loss = ff.hf.seq2seq_lm(model, inputs=("input_features",))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]  # not the sinusoidal positions
+    samples = [{k: v[b : b + 1] for k, v in batch.items()} for b in range(3)]
+    assert_matches(library(loss, model, batch), naive_loop(model, samples, reference, trainable))
+
+
 def test_layerdrop_in_training_mode() -> None:
     # Training-mode OPT: exact where transformers draws LayerDrop's number only when layerdrop > 0;
     # refused when the loss is built, with what to do, where it draws one in every forward (5.0).
