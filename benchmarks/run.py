@@ -11,6 +11,13 @@ allocated), again as a ratio to a forward+backward's.
     python benchmarks/run.py                           # CPU workloads, markdown on stdout
     python benchmarks/run.py --workloads mlp --repeats 5 --memory
     python benchmarks/run.py --device cuda --workloads gpu-encoder
+    python benchmarks/run.py --workloads llm llm-bf16 --repeats 5 --memory   # Llama-shaped LMs (llm.py)
+    python benchmarks/run.py --device cuda --workloads llm-1b --memory        # ~1B parameters, bf16
+
+The language-model workloads (``llm``, ``llm-bf16``, ``llm-1b``; see ``llm.py``) run their own
+methods: per step, one-shot, one-sample chunks and (bf16) the ``precision="model"`` policy, each
+a ratio to a forward+backward of the same batch (one-sample chunks' memory: of the longest sample
+alone), checked against a naive float64 loop over the unpadded samples.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from torch import nn
 import fisherfunc as ff
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llm  # noqa: E402
 from peers import PEERS  # noqa: E402
 
 
@@ -53,6 +61,7 @@ class Workload:
     loss: Any
     batch_loss: Callable[[nn.Module, Any], torch.Tensor]
     per_sample_losses: Callable[[nn.Module, Any], torch.Tensor]
+    shape: llm.LlamaShape | None = None  # a language-model workload: llm.py's methods and checks
 
 
 class TinyLM(nn.Module):
@@ -169,6 +178,14 @@ def workloads(device: torch.device) -> dict[str, Callable[[], Workload]]:
         name = "HF GPT-2 2 layers d=256, 4 heads, V=2000, T=128 right-padded, B=8"
         return _gpt2(name, model, ids.masked_fill(mask == 0, 0), mask)
 
+    def language_model(key: str) -> Callable[[], Workload]:
+        def make() -> Workload:
+            shape = llm.SHAPES[key]
+            model, batch = llm.build(shape, device)
+            return Workload(shape.name(), model, batch, None, llm.summed_loss, _no_per_sample, shape)
+
+        return make
+
     return {
         "mlp": mlp,
         "cnn": cnn,
@@ -176,7 +193,12 @@ def workloads(device: torch.device) -> dict[str, Callable[[], Workload]]:
         "encoder": encoder,
         "gpt2": gpt2,
         "gpu-encoder": gpu_encoder,
+        **{key: language_model(key) for key in llm.SHAPES},
     }
+
+
+def _no_per_sample(model: nn.Module, batch: Any) -> torch.Tensor:
+    raise NotImplementedError("the language-model workloads run no peers")
 
 
 # --- methods ---------------------------------------------------------------------------------------
@@ -197,7 +219,21 @@ def _forward_backward(w: Workload) -> None:
     w.batch_loss(w.model, w.batch).backward()
 
 
-def methods(w: Workload) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
+def methods(
+    w: Workload, max_memory: str | None = None
+) -> tuple[dict[str, Callable[[], Any]], dict[str, str], dict[str, str]]:
+    """Callables to time, the methods that could not run (and why), and each method's memory baseline.
+
+    Times are ratios to the forward+backward; peak memory to the baseline method (the
+    forward+backward, or for the language models' one-sample chunks a one-sample forward+backward).
+    """
+    if w.shape is not None:
+        return llm.methods(w.model, w.batch, w.shape, max_memory=max_memory)
+    fns, failed = _general_methods(w)
+    return fns, failed, {m: "forward+backward" for m in fns}
+
+
+def _general_methods(w: Workload) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
     """Callables to time (fisherfunc's and each peer that sets up) and the peers that could not."""
     params = {k: v.detach() for k, v in w.model.named_parameters()}
     spec = ff.infer_spec(w.model)
@@ -254,7 +290,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def memory_probe(workload: str, method: str, device: torch.device) -> None:
+def memory_probe(workload: str, method: str, device: torch.device, max_memory: str | None = None) -> None:
     """Print the peak memory increase (bytes) of one method over its set-up model and batch.
 
     Runs in a fresh process: set up, warm up once, then reset the peak counter and run again.
@@ -264,7 +300,7 @@ def memory_probe(workload: str, method: str, device: torch.device) -> None:
     """
     torch.manual_seed(0)
     w = workloads(device)[workload]()
-    fns, _ = methods(w)
+    fns, _, _ = methods(w, max_memory)
     fn = fns[method]
     fn()
     if device.type == "cuda":
@@ -287,26 +323,35 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="*", default=["mlp", "cnn", "transformer", "encoder"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess per method)")
+    parser.add_argument(
+        "--max-memory", default=None, help='language models: also run ff.fisher with this budget, e.g. "1GiB"'
+    )
     parser.add_argument("--probe", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.probe:
-        memory_probe(args.probe[0], args.probe[1], device)
+        memory_probe(args.probe[0], args.probe[1], device, args.max_memory)
         return
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"{datetime.date.today()}, torch {torch.__version__}, {name}, {torch.get_num_threads()} CPU threads\n")
-    print("| workload | method | median ms | × fwd+bwd | peak mem × fwd+bwd | check vs naive loop |")
-    print("|---|---|---|---|---|---|")
+    print("| workload | method | median ms | × fwd+bwd | peak mem +MiB | peak mem × baseline | check vs naive loop |")
+    print("|---|---|---|---|---|---|---|")
     for key in args.workloads:
         torch.manual_seed(0)
         w = workloads(device)[key]()
-        fns, failed = methods(w)
-        reference = _naive(w)
-        spec = ff.infer_spec(w.model)
-        verdicts = {m: check(m, fn, reference, spec) for m, fn in fns.items() if m != "forward+backward"}
+        fns, failed, baselines = methods(w, args.max_memory)
+        if w.shape is not None:
+            verdicts = llm.verdicts(w.model, w.batch, w.shape, fns)
+        else:
+            reference = _naive(w)
+            spec = ff.infer_spec(w.model)
+            verdicts = {m: check(m, fn, reference, spec) for m, fn in fns.items() if m != "forward+backward"}
         timed = {m: fn for m, fn in fns.items() if not verdicts.get(m, "").startswith("fails")}
         times: dict[str, list[float]] = {m: [] for m in timed}
         for fn in timed.values():  # warm-up
@@ -322,18 +367,24 @@ def main() -> None:
         if args.memory:
             for m in timed:
                 cmd = [sys.executable, __file__, "--device", args.device, "--probe", key, m]
+                cmd += ["--threads", str(torch.get_num_threads())]
+                cmd += ["--max-memory", args.max_memory] if args.max_memory else []
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 memory[m] = json.loads(res.stdout.strip().splitlines()[-1])["peak_increase"]
         base = statistics.median(times["forward+backward"])
         for m in fns:
             if m not in times:
-                print(f"| {w.name} | {m} | — | — | — | {verdicts[m]} |")
+                print(f"| {w.name} | {m} | — | — | — | — | {verdicts[m]} |")
                 continue
             med = statistics.median(times[m])
-            mem = f"{memory[m] / max(memory['forward+backward'], 1):.2f}×" if memory else "—"
-            print(f"| {w.name} | {m} | {med * 1e3:.1f} | {med / base:.2f}× | {mem} | {verdicts.get(m, 'baseline')} |")
+            mib = f"{memory[m] / 2**20:.0f}" if memory else "—"
+            mem = f"{memory[m] / max(memory[baselines[m]], 1):.2f}×" if memory else "—"
+            if memory and baselines[m] != "forward+backward":
+                mem += f" ({baselines[m].removeprefix('forward+backward, ')})"
+            verdict = verdicts.get(m, "baseline" if baselines[m] == m else "—")
+            print(f"| {w.name} | {m} | {med * 1e3:.1f} | {med / base:.2f}× | {mib} | {mem} | {verdict} |", flush=True)
         for m, why in failed.items():
-            print(f"| {w.name} | {m} | — | — | — | not run: {why} |")
+            print(f"| {w.name} | {m} | — | — | — | — | not run: {why} |", flush=True)
 
 
 if __name__ == "__main__":
