@@ -25,6 +25,11 @@ stacked, and the square of the whole sum is formed. Everything else — weights 
 (a tied embedding is also the output layer), norms, biases — takes the direct path in the same
 ``grad`` call.
 
+Squares and sums are float32 or wider whatever the dtype the per-sample gradients and recorded
+inputs come in (DESIGN §5): a bfloat16/float16 forward and backward hands its factors and gradients
+to :func:`widen` before anything is squared or multiplied, so every product of two low-precision
+values is exact in float32 and the group sums are float32.
+
 Callers that only need the batch's sums (``fisher``, ``accumulate``, the step) get the sums form,
 which contracts some sites at chunk level: with one vector per sample,
 ``Σ_b (u_b ⊗ v_b)² = (u²)ᵀ(v²)`` — one matrix product per chunk, not ``c`` per-sample
@@ -50,7 +55,7 @@ from .numerics import Prepared
 from .probes import discover
 from .vectorise import PerSampleLoss, vectorise
 
-__all__ = ["GradientPath", "Site", "find_sites", "group_chunk_fns", "GroupSums"]
+__all__ = ["GradientPath", "Site", "find_sites", "group_chunk_fns", "GroupSums", "widen"]
 
 #: ``"auto"``: output probes for the weights that qualify, direct gradients elsewhere (exact either
 #: way); ``"direct"``: ``vmap(grad)`` of every parameter.
@@ -106,6 +111,15 @@ def find_sites(loss: PerSampleLoss, prepared: Prepared, spec: ResolvedSpec, samp
 # --- square sums from factors ---------------------------------------------------------------------
 
 
+def widen(x: Tensor) -> Tensor:
+    """``x`` in float32 if it is a floating tensor narrower than that (bfloat16, float16), else ``x``.
+
+    Squares and sums are float32 or wider: the product of two bfloat16 (8-bit significand) or
+    float16 (11-bit) values is exact in float32 (24-bit), so only the sums round, in float32.
+    """
+    return x.float() if x.is_floating_point() and torch.finfo(x.dtype).bits < 32 else x
+
+
 def _square_sums(u: Tensor, v: Tensor, sums: SquareSums) -> Tensor:
     """Sums of ``G ⊙ G`` for ``G = uᵀ v`` (``u [T, n0]``, ``v [T, n1]``), as rows, columns or full."""
     t, n0, n1 = u.shape[0], u.shape[1], v.shape[1]
@@ -125,19 +139,19 @@ def _square_sums(u: Tensor, v: Tensor, sums: SquareSums) -> Tensor:
 
 
 def _factors(site: Site, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-    """``u [T, n0]``, ``v [T, n1]`` with ``G = uᵀ v`` in the weight's layout.
+    """``u [T, n0]``, ``v [T, n1]`` with ``G = uᵀ v`` in the weight's layout, float32 or wider.
 
     The layouts: linear ``[out, in]`` (``u = d``, ``v = a``), addmm ``[in, out]`` (``u = a``, ``v = d``).
     """
-    a = a.reshape(-1, a.shape[-1])
-    d = d.reshape(a.shape[0], -1)
+    a = widen(a).reshape(-1, a.shape[-1])
+    d = widen(d).reshape(a.shape[0], -1)
     return (d, a) if site.op == "linear" else (a, d)
 
 
 def _embedding_d(site: Site, ids: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-    """Flat ids ``[T]`` and output gradients ``[T, D]``, zero at the padding row's tokens."""
+    """Flat ids ``[T]`` and output gradients ``[T, D]`` (float32 or wider), zero at the padding row's tokens."""
     ids = ids.reshape(-1)
-    d = d.reshape(ids.shape[0], -1)
+    d = widen(d).reshape(ids.shape[0], -1)
     if site.padding_idx is not None:  # the padding row gets no gradient
         d = d * (ids != site.padding_idx).unsqueeze(1).to(d.dtype)
     return ids, d
@@ -238,7 +252,7 @@ def group_chunk_fns(
         def reduce(g_direct: tuple[Tensor, ...], d: tuple[Tensor, ...], inputs: tuple[Tensor, ...]) -> tuple[Any, ...]:
             out: list[Any] = [None] * len(spec.active)
             for i, g in zip(direct, g_direct):
-                out[position[i]] = rules[i].reduce(g.square())  # s = rule.reduce(g ⊙ g), inside vmap
+                out[position[i]] = rules[i].reduce(widen(g).square())  # s = rule.reduce(g ⊙ g), inside vmap
             for k, site in enumerate(sites):
                 rows = spec.shapes[site.leaf][0]
                 if site.leaf in chunk_level:

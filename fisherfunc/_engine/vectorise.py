@@ -71,6 +71,7 @@ def vectorise(
         ``(samples, noise)`` with ``labels``.
     """
     dtype = prepared.dtype
+    counts = torch.promote_types(dtype, torch.float32)  # token counts: exact integers past bfloat16's 256
     direct = tuple(direct)
     slots = {id(prepared.leaves[i]): k for k, i in enumerate(probed)}
     zeros = tuple(torch.zeros(shape, dtype=dtype, device=prepared.device) for shape in probe_shapes)
@@ -95,7 +96,7 @@ def vectorise(
         if not isinstance(value, Tensor) or value.ndim != 0:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"the per-sample loss must return a scalar loss_sum, got {shape}")
-        return value, (torch.as_tensor(tokens, dtype=dtype), inputs)
+        return value, (torch.as_tensor(tokens, dtype=counts), inputs)
 
     def per_sample(sample: Any) -> Output:
         (g, d), (tokens, inputs) = grad(sample_loss, argnums=(0, 1), has_aux=True)(direct_values, zeros, sample)

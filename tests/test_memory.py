@@ -1,0 +1,142 @@
+"""Memory and low-precision arithmetic of the engine's reductions.
+
+**Squares and sums are float32 whatever the gradients' dtype** (DESIGN §5). A model run in
+bfloat16 hands the engine bfloat16 per-sample gradients (direct path) and bfloat16 probe factors
+``a``, ``d`` (factorised path); the group sums must be float32 and equal the float32 (here
+float64) reduction of those same gradients. The test model is built so that its bfloat16 forward
+and backward are *exact*: weights and inputs in ``{-1, 0, 1}``, widths and lengths small enough
+that every partial sum is an integer of magnitude ≤ 256 (bfloat16 holds those exactly). Then the
+engine's bfloat16 gradients equal the float64 ones entry by entry, and the only place rounding can
+enter is the squaring and summing — which, done in bfloat16, would round squares such as
+``35² = 1225`` (11 significant bits) and every sum past 256. The float64 reference is a naive
+per-sample ``torch.autograd`` loop with per-group sums written here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import fisherfunc as ff
+from fisherfunc._engine.group_sums import GroupSums
+from fisherfunc._engine.numerics import prepare
+from fisherfunc._spec.resolve import resolve_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB, DIM, HIDDEN, OUT = 13, 8, 8, 6
+
+
+def integer_params(seed: int) -> dict[str, Tensor]:
+    """Weights in ``{-1, 0, 1}`` (float64): embedding ``[13, 8]``, ``w1 [8, 8]`` + ``b1``, ``w2 [6, 8]``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ternary(*shape: int) -> Tensor:
+        return torch.randint(-1, 2, shape, generator=g).double()
+
+    return {"emb": ternary(VOCAB, DIM), "w1": ternary(HIDDEN, DIM), "b1": ternary(HIDDEN), "w2": ternary(OUT, HIDDEN)}
+
+
+def integer_loss(params: dict[str, Tensor], sample: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``L = Σ_t y_t · (W2 relu(W1 e_t + b1))`` with ``e_t = emb[id_t]``: gradients are integers."""
+    ids, y = sample["ids"], sample["y"]
+    e = F.embedding(ids, params["emb"])  # [T, DIM]
+    h = F.linear(e, params["w1"], params["b1"]).relu()  # [T, HIDDEN]
+    out = F.linear(h, params["w2"])  # [T, OUT]
+    return (out * y).sum(), torch.tensor(float(ids.shape[0]))
+
+
+SPEC = {"emb": ff.Rows(), "w1": ff.Channel(1), "b1": ff.Elementwise(), "w2": ff.Heads(3, axis=0)}
+
+
+def reference_groups(name: str, g: Tensor) -> Tensor:
+    """Per-group sums of ``g ⊙ g`` written from each rule's layout (float64)."""
+    s = g.square()
+    if name == "emb":  # Rows: one value per token id
+        return s.sum(1)
+    if name == "w1":  # Channel(1): one value per input column
+        return s.sum(0)
+    if name == "b1":  # Elementwise
+        return s
+    return s.sum(1).reshape(3, OUT // 3).sum(1)  # Heads(3, axis=0): rows [h·2, h·2 + 2)
+
+
+def reference(
+    params: dict[str, Tensor], batch: dict[str, Tensor], dtype: torch.dtype = torch.float64
+) -> dict[str, Tensor]:
+    """``Σ_b`` of the per-group squared per-sample gradients, by a naive float64 autograd loop.
+
+    The gradients are float64; ``dtype`` is the dtype they are squared and summed in.
+    """
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    total = {k: torch.zeros((), dtype=dtype) for k in params}
+    for b in range(batch["ids"].shape[0]):
+        value, _ = integer_loss(leaves, {k: v[b] for k, v in batch.items()})
+        grads = torch.autograd.grad(value, list(leaves.values()))
+        for (name, _), g in zip(leaves.items(), grads):
+            total[name] = total[name] + reference_groups(name, g.to(dtype))
+    return total
+
+
+def assert_exact_in_bfloat16(params: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
+    """Every partial sum of the forward and backward is an integer of magnitude ≤ 256.
+
+    A partial sum of ``Σ_k x_k y_k`` is bounded by ``Σ_k |x_k| |y_k|``: the same computation on
+    absolute values (``relu`` of a non-negative value is the identity, and its derivative is at
+    most 1) bounds every activation and gradient the real one forms.
+    """
+    absolute = {k: v.abs().requires_grad_(True) for k, v in params.items()}
+    for b in range(batch["ids"].shape[0]):
+        sample = {"ids": batch["ids"][b], "y": batch["y"][b].abs()}
+        e = F.embedding(sample["ids"], absolute["emb"])
+        h = F.linear(e, absolute["w1"], absolute["b1"])
+        value, _ = integer_loss(absolute, sample)
+        bounds = [F.linear(h, absolute["w2"]), *torch.autograd.grad(value, list(absolute.values()))]
+        assert max(float(x.detach().max()) for x in bounds) <= 256, "the test model left exact bfloat16"
+
+
+def integer_batch(seed: int, batch: int, length: int) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=g)
+    if length > 1:
+        ids[:, -1] = ids[:, 0]  # a repeated id inside each sequence
+    return {"ids": ids, "y": torch.randint(-3, 4, (batch, length, OUT), generator=g).double()}
+
+
+def engine_sums(params: dict[str, Tensor], batch: dict[str, Tensor], path: str, dtype: torch.dtype) -> dict[str, Any]:
+    """The engine's chunk sums with every leaf (and input) in ``dtype``: gradients arrive in ``dtype``."""
+    resolved = resolve_spec(SPEC, params)
+    prepared = prepare(params)
+    low = dataclasses.replace(prepared, leaves=tuple(x.to(dtype) for x in prepared.leaves), dtype=dtype)
+    fns = GroupSums(integer_loss, low, resolved, path)(batch)  # type: ignore[arg-type]
+    sums, tokens = fns.sums(batch)
+    per_sample, _ = fns.per_sample(batch)
+    names = [resolved.names[i] for i in resolved.active]
+    return {"sums": dict(zip(names, sums)), "per_sample": dict(zip(names, per_sample)), "tokens": tokens}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["auto", "direct"])
+@pytest.mark.parametrize("length", [1, 2, 4])  # one vector (chunk-level product), Gram form, direct form
+def test_low_precision_gradients_square_and_sum_in_float32(dtype: torch.dtype, path: str, length: int) -> None:
+    params = integer_params(seed=length)
+    batch = integer_batch(seed=10 + length, batch=16, length=length)
+    assert_exact_in_bfloat16(params, batch)
+    expected = reference(params, batch)
+    got = engine_sums(params, batch, path, dtype)
+    assert got["tokens"].dtype == torch.float32
+    assert torch.equal(got["tokens"], torch.full((16,), float(length)))
+    low = reference(params, batch, dtype)  # the same gradients squared and summed in the low dtype
+    assert any(not torch.equal(low[k].double(), v) for k, v in expected.items()), "the test could not fail"
+    for name, want in expected.items():
+        for form in ("sums", "per_sample"):
+            value = got[form][name]
+            assert value.dtype == torch.float32, (form, name, value.dtype)
+            summed = value if form == "sums" else value.sum(0)
+            # integers below 2**24: exact in float32, so equal, not close
+            assert torch.equal(summed.double(), want), (form, name, (summed.double() - want).abs().max())
