@@ -327,9 +327,24 @@ def _padded(family: Family, samples: list[dict[str, Tensor]], side: str) -> dict
         batch["attention_mask"][b, span] = 1
         if "labels" in batch:
             batch["labels"][b, span] = s["labels"]
-    if not family.padded:  # every key allowed: an additive 4-D mask of zeros
-        batch["mask4d"] = torch.zeros(len(samples), 1, T, T, dtype=torch.float64)
     return batch
+
+
+def _all_keys(model: nn.Module, size: int) -> Tensor:
+    """A mask allowing every key, ``[size, ...]``, in the form the live model takes.
+
+    transformers 5.24's ConvBERT passes an additive 4-D mask through (zeros: nothing masked); 5.0's
+    builds its own with ``get_extended_attention_mask``, which takes 2-D or 3-D 0/1 masks only
+    (ones ``[T, T]`` per sample; a 2-D one would need data-dependent control flow under vmap).
+    """
+    additive = torch.zeros(1, 1, T, T, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.arange(3, 3 + T)[None], attention_mask=additive)
+    except ValueError as err:
+        assert "attention_mask" in str(err), err
+        return torch.ones(size, T, T, dtype=torch.float64)
+    return additive.expand(size, 1, T, T)
 
 
 def _token_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -339,8 +354,8 @@ def _token_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor
 
 
 def _loss(family: Family, model: nn.Module) -> Any:
-    if not family.padded:  # fisherfunc.hf refuses a model whose padded outputs differ: the generic loss, 4-D mask
-        inputs = {"input_ids": "input_ids", "attention_mask": "mask4d"}
+    if not family.padded:  # fisherfunc.hf refuses a model whose padded outputs differ: the generic loss, no padding
+        inputs = {"input_ids": "input_ids", "attention_mask": "all_keys"}
         return ff.losses.custom(model, _token_cross_entropy, inputs=inputs, targets="labels",
                                 output=lambda out: out.logits)  # fmt: skip
     if family.loss == "causal":
@@ -476,6 +491,8 @@ def test_per_head_fisher_equals_the_naive_loop_over_unpadded_samples(family: Fam
         spec = ff.infer_spec(model)
         naive = _naive(family, model, samples)
         batch = _padded(family, samples, side)
+        if not family.padded:
+            batch["all_keys"] = _all_keys(model, len(samples))
         fisher = ff.fisher(_loss(family, model), dict(model.named_parameters()), batch, spec=spec, path=path)
         by_hand = _by_hand(family, model, naive)
         assert by_hand and all(isinstance(spec[n], ff.Heads) for n in by_hand), family.name

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import inspect
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -342,6 +343,27 @@ def test_a_family_that_builds_positions_from_the_2d_mask_is_refused_unless_the_t
     model.config.model_type = "mystery"
     with pytest.raises(ValueError, match=r"fisherfunc\.hf cannot run OPTForCausalLM one sample at a time"):
         ff.hf.causal_lm(model)
+
+
+def test_convbert_whose_convolution_reads_padding_is_refused_with_the_reason() -> None:
+    # ConvBERT's span convolution mixes neighbouring tokens' embeddings, padding included (no mask reaches it),
+    # so no mask or position makes a padded sample's outputs the unpadded one's: masked_lm refuses it when built.
+    # transformers 5.24 runs the padded probe and finds the difference; 5.0 builds ConvBERT's mask with
+    # get_extended_attention_mask, which refuses the per-sample 4-D mask first. (tests/test_families.py shows
+    # its per-head Fisher exact on unpadded batches through fisherfunc.losses.custom.)
+    config = transformers.ConvBertConfig(vocab_size=VOCAB, hidden_size=16, embedding_size=16, num_hidden_layers=2,
+                                         num_attention_heads=4, head_ratio=2, intermediate_size=32,
+                                         max_position_embeddings=40, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.ConvBertForMaskedLM(config).double()
+    with pytest.raises(ValueError, match=r"ConvBertForMaskedLM") as err:
+        ff.hf.masked_lm(model)
+    message = str(err.value)
+    padded_probe = re.search(r"padded on the right differ .*largest relative difference", message)
+    mask_shape = re.search(r"get_extended_attention_mask, which takes 2-D or 3-D masks only.*3-D mask", message)
+    assert padded_probe or mask_shape, message
+    legacy = "get_extended_attention_mask" in inspect.getsource(type(model.convbert).forward)
+    assert bool(mask_shape) == legacy, (transformers.__version__, message)  # the reason of the version at hand
 
 
 # --- wrappers ---------------------------------------------------------------------------------------------

@@ -26,8 +26,14 @@ are placed (:mod:`~fisherfunc._spec.verify`). The rules, ``Linear`` weights stor
 | every family                 | output projection weight (columns)  | ``Heads(H, axis=1)``               | [H]       |
 | any ``Conv1D``               | weight [in, out] / bias             | ``Channel(1)`` / ``Channel(0)``    |           |
 | ConvBERT ``SeparableConv1D`` | bias [out, 1]                       | ``Channel(0)``                     |           |
+| masked-LM head (RoBERTa-like)| its own bias [V] next to ``decoder``| ``Channel(0)``                     | [V]       |
 | any norm (class ``…Norm``)   | 1-D weight / bias                   | ``Channel(0)``                     |           |
 
+A masked-LM head's own vocabulary bias (``RobertaLMHead.bias``, CamemBERT's, XLM-R's: ``[V]``, ``V``
+the ``decoder``'s outputs) is normally the decoder's bias under another name, placed by the
+``Linear`` rule; transformers 5.0's ``CamembertForMaskedLM`` leaves the two untied (and the decoder
+untied from the embeddings), so its ``lm_head.bias`` is a parameter of its own that the forward
+never uses: ``Channel(0)`` (one value per vocabulary entry, exactly 0 there) places it either way.
 Output-projection biases keep the torch.nn ``Channel(0)``; T5's ``relative_attention_bias`` keeps
 ``Rows()`` (see the table's docs). Only modules whose class comes from ``transformers`` are read,
 so a user's own ``Conv1D`` or ``q_proj`` keeps the torch.nn rules. Nothing here imports
@@ -98,6 +104,8 @@ def _local_rules(module: nn.Module) -> dict[str, Rule]:
         return {"weight": Channel(axis=1), "bias": Channel(0)}
     if is_hf_module(module) and type(module).__name__ == "SeparableConv1D":  # its own bias [out, 1]
         return {"bias": Channel(0)}
+    if _vocabulary_bias(module):  # a masked-LM head's bias [V], tied to its decoder's or (5.0's CamemBERT) not
+        return {"bias": Channel(0)}
     if is_hf_module(module) and type(module).__name__.endswith("Norm"):
         return {
             local: Channel(0)
@@ -105,6 +113,17 @@ def _local_rules(module: nn.Module) -> dict[str, Rule]:
             if isinstance(getattr(module, local, None), nn.Parameter) and getattr(module, local).ndim == 1
         }
     return {}
+
+
+def _vocabulary_bias(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``transformers`` LM head with a bias ``[V]`` beside its ``decoder`` ``Linear(…, V)``."""
+    bias, decoder = getattr(module, "bias", None), getattr(module, "decoder", None)
+    return (
+        is_hf_module(module)
+        and isinstance(bias, nn.Parameter)
+        and isinstance(decoder, nn.Linear)
+        and tuple(bias.shape) == (decoder.out_features,)
+    )
 
 
 def _looks_like_attention(module: nn.Module) -> bool:

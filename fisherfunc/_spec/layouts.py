@@ -21,7 +21,7 @@ storage order) and how fused parts are arranged (:class:`~fisherfunc.Heads`' ``l
 | falcon      | ``FalconAttention``, new architecture    | query_key_value qkv interleaved ``[KV, H/KV + 2, d]``   |
 | falcon      | ``FalconAttention``, multi_query         | query_key_value qkv ``[Q: H·d │ K: d │ V: d]``          |
 | falcon      | ``FalconAttention``, neither             | query_key_value qkv interleaved ``[H, 3, d]``; dense o  |
-| codegen     | ``CodeGenAttention``                     | qkv_proj qvk in mp_num shards ``[S, Q │ V │ K]``        |
+| codegen     | ``CodeGenAttention``                     | qkv_proj qvk in S shards ``[S, Q │ V │ K]`` (S: mp_num) |
 | phi3        | qkv_proj, o_proj                         | qkv_proj qkv ``[Q: H·d │ K: KV·d │ V: KV·d]``; o_proj o |
 | llama       | q_proj, k_proj, v_proj, o_proj           | q (H heads), k, v (KV heads); o                         |
 | phi         | q_proj, k_proj, v_proj, dense            | q (H heads), k, v (KV heads); o                         |
@@ -29,7 +29,11 @@ storage order) and how fused parts are arranged (:class:`~fisherfunc.Heads`' ``l
 | distilbert  | q_lin, k_lin, v_lin, out_lin             | q, k, v; o                                              |
 | t5          | q, k, v, o                               | q, k, v; o                                              |
 
-Falcon's and CodeGen's output projection (``dense``, ``out_proj``) is o. ``o-`` is ConvBERT's
+Falcon's and CodeGen's output projection (``dense``, ``out_proj``) is o. CodeGen's shard count
+``S`` is its module's ``mp_num`` (transformers 5.24 stores it); transformers 5.0's
+``CodeGenAttention`` has no such attribute and hard-codes ``mp_num = 4`` in its forward (the same
+``[S, Q │ V │ K]`` layout, head ``h`` in shard ``h // (H / S)``), so the row falls back to 4 there —
+a claim the self-test checks like any other. ``o-`` is ConvBERT's
 output projection, whose input is ``[attention heads │ convolution spans]``: one part per head, one
 part that is no head's. The models each row covers are in :data:`FAMILIES` (``Family.models``).
 
@@ -95,13 +99,15 @@ class Projection:
         roles: its fused parts in storage order, one letter each (:data:`Role`): ``"q"``, ``"o"``,
             ``"qkv"``, ``"kv"``, ``"qvk"`` (CodeGen), ``"o-"`` (ConvBERT's output: heads, then spans).
         layout: how fused parts are arranged (:class:`~fisherfunc.Heads`).
-        shards: the attention module's attribute holding a shard count (CodeGen's ``mp_num``).
+        shards: ``(attribute, default)``: the attention module's attribute holding a shard count
+            (CodeGen's ``mp_num``), and the count its forward uses when the module has no such
+            attribute (transformers 5.0's CodeGen hard-codes 4). ``None``: one shard.
     """
 
     path: str
     roles: str
     layout: Layout = "blocked"
-    shards: str | None = None
+    shards: tuple[str, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +131,7 @@ class Family:
     heads_from: str = ""
 
 
-def _p(path: str, roles: str, layout: Layout = "blocked", shards: str | None = None) -> Projection:
+def _p(path: str, roles: str, layout: Layout = "blocked", shards: tuple[str, int] | None = None) -> Projection:
     return Projection(path, roles, layout, shards)
 
 
@@ -151,7 +157,7 @@ FAMILIES: tuple[Family, ...] = (
            classes=("FalconAttention",), when=(("new_decoder_architecture", False), ("multi_query", True))),
     Family("falcon", "Falcon, multi-head", (_p("query_key_value", "qkv", "interleaved"), _p("dense", "o")),
            classes=("FalconAttention",), when=(("new_decoder_architecture", False), ("multi_query", False))),
-    Family("codegen", "CodeGen", (_p("qkv_proj", "qvk", shards="mp_num"), _p("out_proj", "o")),
+    Family("codegen", "CodeGen", (_p("qkv_proj", "qvk", shards=("mp_num", 4)), _p("out_proj", "o")),
            classes=("CodeGenAttention",)),
     Family("phi3", "Phi-3", (_p("qkv_proj", "qkv"), _p("o_proj", "o"))),
     Family("llama", "Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma-2, Starcoder2", (_p("q_proj", "q"),
@@ -315,7 +321,7 @@ def build_block(model: nn.Module, family: Family, name: str, module: nn.Module, 
         axis = (0 if conv1d else 1) if output else (1 if conv1d else 0)
         weight = _join(_join(name, proj.path), "weight")
         size = cast(nn.Parameter, layer.weight).shape[axis]
-        shards = int(getattr(module, proj.shards, 1)) if proj.shards else 1
+        shards = int(getattr(module, proj.shards[0], proj.shards[1])) if proj.shards else 1
         rule = Heads(
             counts[0],
             axis=axis,

@@ -146,12 +146,19 @@ def check_padding(
                 got = vmap(lambda sample: forward(params, sample), randomness=randomness)(padded)
     except Exception as err:  # noqa: BLE001 - reported with the model's name and what to do
         text = f"{type(err).__name__}: {err}"
-        advice = (
-            "; in training mode it draws random numbers in its forward (e.g. LayerDrop in older transformers): "
-            "call model.eval(), or pass dropout='train'"
-            if "random" in str(err)
-            else ""
-        )
+        advice = ""
+        if "random" in str(err):
+            advice = (
+                "; in training mode it draws random numbers in its forward (e.g. LayerDrop in older transformers): "
+                "call model.eval(), or pass dropout='train'"
+            )
+        elif isinstance(err, ValueError) and "Wrong shape for input_ids" in str(err):  # get_extended_attention_mask
+            advice = (
+                f"; this version of transformers builds {name}'s attention mask with get_extended_attention_mask, "
+                "which takes 2-D or 3-D masks only, not the per-sample 4-D mask fisherfunc.hf passes (transformers "
+                "5.0 does so for ConvBERT, RoFormer, MPNet, BigBird and other encoders): write the loss with "
+                "fisherfunc.losses.custom and a 3-D mask [B, T, T] (1: attend), or use a newer transformers"
+            )
         raise ProbeError(
             f"fisherfunc.hf cannot run {name} one sample at a time under torch.func.vmap ({text}){advice}"
         ) from err
