@@ -64,7 +64,8 @@ def test_python_dash_m_help_and_a_bad_kind_in_a_subprocess(tmp_path: Path) -> No
         [sys.executable, "-m", "fisherfunc", "--help"], capture_output=True, text=True, timeout=60
     )
     assert help_run.returncode == 0
-    for option in ("--model", "--text", "--entry", "--task", "--kind", "--decay", "--batch-size", "--max-batches"):
+    options = ("--model", "--text", "--entry", "--task", "--kind", "--decay", "--batch-size", "--max-batches")
+    for option in (*options, "--dtype", "--chunk-size", "--max-memory"):
         assert option in help_run.stdout
     assert "--device" in help_run.stdout and "--out" in help_run.stdout and "--seed" in help_run.stdout
     bad = subprocess.run(
@@ -232,6 +233,10 @@ def test_error_paths_are_one_line_with_exit_code_2(tmp_path: Path, capsys, monke
     assert "--device" in err
     err = one_line_error(capsys, ["--max-batches", "0", "--out", out])
     assert "--max-batches" in err
+    err = one_line_error(capsys, ["--chunk-size", "0", "--out", out])
+    assert "--chunk-size" in err and "'0'" in err
+    err = one_line_error(capsys, ["--dtype", "float8", "--out", out])
+    assert "--dtype" in err and "float8" in err
     assert not (tmp_path / "out" / "fisher.safetensors").exists()
 
 
@@ -248,13 +253,86 @@ def test_missing_matplotlib_names_the_extra(tmp_path: Path, capsys, monkeypatch)
     assert "matplotlib" in err and "fisherfunc[plot]" in err
 
 
-def test_tqdm_free_progress_bar(capsys, monkeypatch) -> None:
+def test_tqdm_free_progress_line_counts_to_the_total(capsys, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "tqdm", None)
+    from fisherfunc.cli._progress import Progress
+
+    progress = Progress(10, "tokens", "work")
+    progress.advance(4)
+    assert "4/10 tokens" in capsys.readouterr().err
+    progress.advance(6)
+    progress.close()
+    err = capsys.readouterr().err
+    assert err.startswith("\rwork: [" + "#" * 30 + "] 10/10 tokens (") and err.endswith("/s)\n")
+
+
+def test_progress_in_tokens_ends_at_the_states_token_count(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A right-padded Hugging Face job: the line counts next-token targets, as the state does."""
+    pytest.importorskip("transformers")
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    folder = tiny_checkpoint(tmp_path / "tiny-llama", "llama")
+    text = tmp_path / "text.txt"
+    text.write_text("Paris is the capital of France.\nA short line.\nFisher information measures curvature.\n")
+    out = tmp_path / "o"
+    argv = ["--model", str(folder), "--text", str(text), "--out", str(out), "--batch-size", "2", "--no-plots"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    state = ff.load(out / "fisher.safetensors", task="tiny-llama")
+    assert state.step == 2 and state.tokens > state.samples  # tokens, not samples or batches
+    total = f"{state.tokens:g}/{state.tokens:g} tokens"
+    assert total in captured.err.splitlines()[-1], captured.err
+    assert f"{state.tokens:g} tokens, model in float32" in captured.out
+
+
+def test_a_loss_that_cannot_count_tokens_is_shown_in_batches(tmp_path: Path, capsys, monkeypatch) -> None:
+    (tmp_path / "ff_cli_entry_plain.py").write_text(PLAIN_ENTRY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert cli.main(["--entry", "ff_cli_entry_plain:make", "--out", "res", "--no-plots"]) == 0
+    assert "4/4 batches" in capsys.readouterr().err.splitlines()[-1]
+
+
+PLAIN_ENTRY = """
+import torch
+from torch.func import functional_call
+
+
+def make():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+
+    def loss(params, sample):  # a bare per-sample loss: no count_tokens
+        x, y = sample
+        logits = functional_call(model, params, (x[None],))
+        return torch.nn.functional.cross_entropy(logits, y[None], reduction="sum"), torch.ones(())
+
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    return model, loss, [(x[i : i + 10], y[i : i + 10]) for i in range(0, 40, 10)]
+"""
+
+
+def test_chunk_size_reaches_the_engine_and_changes_no_value(tmp_path: Path, capsys, monkeypatch) -> None:
     from fisherfunc.cli import _command
 
-    assert list(_command._progress([1, 2, 3], "work")) == [1, 2, 3]
-    err = capsys.readouterr().err
-    assert err.endswith("3/3\n") and "work" in err
+    seen: list[dict] = []
+
+    def spy(*args, **kwargs):  # the real make_fisher_step, with its keyword arguments recorded
+        seen.append(kwargs)
+        return ff.make_fisher_step(*args, **kwargs)
+
+    (tmp_path / "ff_cli_entry_chunks.py").write_text(ENTRY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(_command, "make_fisher_step", spy)
+    common = ["--entry", "ff_cli_entry_chunks:make", "--decay", "0", "--no-plots", "--task", "toy"]
+    assert cli.main([*common, "--out", "whole"]) == 0
+    assert cli.main([*common, "--out", "chunks", "--chunk-size", "3"]) == 0
+    capsys.readouterr()
+    assert [kw["chunk_size"] for kw in seen] == [None, 3]
+    assert all("precision" not in kw and "max_memory" not in kw for kw in seen)
+    whole = ff.estimate(ff.load(tmp_path / "whole" / "fisher.safetensors", task="toy"))
+    chunks = ff.estimate(ff.load(tmp_path / "chunks" / "fisher.safetensors", task="toy"))
+    for name in whole:
+        torch.testing.assert_close(chunks[name], whole[name], rtol=1e-6, atol=0)
 
 
 def test_help_returns_zero(capsys) -> None:

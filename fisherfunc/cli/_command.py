@@ -3,6 +3,7 @@
     fisherfunc                                   # built-in default: digits MLP, per-channel Fisher
     fisherfunc --model ./gpt2 --text corpus.txt  # a local Hugging Face causal LM, per-head Fisher
     fisherfunc --entry mypkg.jobs:make_job       # anything else: returns (model, loss, batches)
+    fisherfunc --model ./llama --text corpus.txt --dtype bfloat16 --max-memory 20GiB   # at scale
 
 Each run folds the batches into a :class:`~fisherfunc.FisherState` with
 :func:`~fisherfunc.make_fisher_step` (progress on stderr), prints the most and least important
@@ -19,7 +20,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -36,11 +37,16 @@ from .._state.state import FisherState
 from .._state.step import make_fisher_step
 from ..heads import HeadImportance, head_importance
 from ._hf import JobError, hf_job
+from ._progress import Progress, total_tokens
 from ._report import heads_table, write_heads_csv
 
 __all__ = ["main", "UsageError", "parse_args", "rank_groups"]
 
 STATE_FILE = "fisher.safetensors"
+
+#: ``--dtype`` values: the dtype the model is loaded in (float32: the exact float32 policy; the others:
+#: forward and backward in that dtype, ``precision="model"``).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class UsageError(Exception):
@@ -101,6 +107,26 @@ def _parser() -> argparse.ArgumentParser:
         "--seed); auto: masked when the checkpoint's architecture is a ...ForMaskedLM (default: auto)",
     )
     opts.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    opts.add_argument(
+        "--dtype",
+        default=None,
+        choices=list(DTYPES),
+        help="the dtype the model is loaded in (default: float32 for --model, an --entry model's own); float32 "
+        "computes in float32 (exact); bfloat16/float16 run forward and backward in that dtype, with squares, sums "
+        'and state in float32 (precision="model")',
+    )
+    opts.add_argument(
+        "--chunk-size",
+        type=_positive,
+        default=None,
+        help="samples per vectorised chunk (default: a whole batch, or what --max-memory allows)",
+    )
+    opts.add_argument(
+        "--max-memory",
+        metavar="BYTES",
+        default=None,
+        help="peak memory budget of each step, e.g. 8GiB or 500MB: picks the chunk size (see docs/scale.md)",
+    )
     opts.add_argument("--seed", type=int, default=0, help="seed for training, shuffling and mc labels (default: 0)")
     output = p.add_argument_group("output")
     output.add_argument("--out", default="fisherfunc-out", help="output folder (default: ./fisherfunc-out)")
@@ -192,22 +218,6 @@ def _entry_job(args: argparse.Namespace) -> tuple[Any, Any, list[Any], str, str]
 # --- collection and reporting -----------------------------------------------------------------------
 
 
-def _progress(items: list[Any], description: str) -> Iterator[Any]:
-    """Iterate with a progress bar on stderr: tqdm if installed, else a plain counter."""
-    try:
-        from tqdm import tqdm  # type: ignore[import-untyped]
-    except ImportError:
-        tqdm = None
-    if tqdm is not None:
-        yield from tqdm(items, desc=description, unit="batch", file=sys.stderr)
-        return
-    total = len(items)
-    for i, item in enumerate(items, 1):
-        yield item
-        bar = "#" * (30 * i // total)
-        print(f"\r{description}: [{bar:<30}] {i}/{total}", end="" if i < total else "\n", file=sys.stderr, flush=True)
-
-
 def _to_device(batch: Any, device: torch.device) -> Any:
     return optree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
 
@@ -261,9 +271,33 @@ def _plots(state: FisherState, job: tuple[Any, ...], params: Any, spec: Any, arg
     return written
 
 
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``chunk_size``, ``max_memory`` and ``precision`` for the engine, as the command line sets them."""
+    options: dict[str, Any] = {"chunk_size": args.chunk_size}
+    if args.max_memory is not None:
+        options["max_memory"] = args.max_memory
+    if args.dtype not in (None, "float32"):
+        options["precision"] = "model"
+    return options
+
+
+def _options_text(args: argparse.Namespace) -> str:
+    """The options a configuration error may come from, as typed (for the one-line error)."""
+    words = [f"--kind {args.kind}"] + [f"--dtype {args.dtype}"] * (args.dtype is not None)
+    words += [f"--chunk-size {args.chunk_size}"] * (args.chunk_size is not None)
+    words += [f"--max-memory {args.max_memory}"] * (args.max_memory is not None)
+    return ", ".join(words)
+
+
 def _kind(args: argparse.Namespace) -> FisherKind:
     """The ``--kind`` as a kind value (``mc`` draws from ``--seed``)."""
     return MC(seed=args.seed) if args.kind == MC.name else as_kind(args.kind)
+
+
+def _dtype_of(params: Any) -> str:
+    """The first floating parameter's dtype, as ``--dtype`` spells it."""
+    floating = [t for t in optree.tree_leaves(params) if t.is_floating_point()]
+    return str(floating[0].dtype).removeprefix("torch.") if floating else "no floating parameters"
 
 
 def params_device(params: Any) -> torch.device:
@@ -301,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     task = args.task or default_task
     if SEPARATOR in task:
         raise UsageError(f"--task {task!r} must not contain {SEPARATOR!r}")
-    model.to(device)
+    model.to(device=device, dtype=DTYPES[args.dtype] if args.dtype else None)
     batches = batches[: args.max_batches] if args.max_batches else batches
     if not batches:
         raise UsageError("the job has no batches")
@@ -311,14 +345,19 @@ def run(args: argparse.Namespace) -> int:
     except SpecError as err:
         raise UsageError(f"cannot group this model's parameters: {str(err).splitlines()[0]}") from None
     try:
-        fisher_step = make_fisher_step(loss, spec=spec, decay=args.decay, kind=_kind(args))
+        fisher_step = make_fisher_step(loss, spec=spec, decay=args.decay, kind=_kind(args), **_engine_options(args))
     except (ValueError, TypeError) as err:
-        raise UsageError(f"--kind {args.kind}: {err}") from None
+        raise UsageError(f"{_options_text(args)}: {err}") from None
     print(description)
     state = fisher_step.init(params)
     collect_start = time.perf_counter()
-    for batch in _progress(batches, f"Fisher ({args.kind})"):
-        state = fisher_step(params, _to_device(batch, device), state)
+    tokens = total_tokens(loss, batches)
+    progress = Progress(tokens or len(batches), "batches" if tokens is None else "tokens", f"Fisher ({args.kind})")
+    for batch in batches:
+        new = fisher_step(params, _to_device(batch, device), state)
+        progress.advance(1 if tokens is None else new.tokens - state.tokens)
+        state = new
+    progress.close()
     seconds = time.perf_counter() - collect_start
 
     heads = _heads(state, model)
@@ -326,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
     written = [path]
     summary = (
         f"\n{args.kind} Fisher per token, bias-corrected EMA (decay {args.decay}) over {state.step} batches, "
-        f"{state.samples} samples, {state.tokens:g} tokens; "
+        f"{state.samples} samples, {state.tokens:g} tokens, model in {_dtype_of(params)}; "
     )
     if heads is not None:
         grouped = heads.kv_heads != heads.heads

@@ -15,6 +15,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .._state.keys import SEPARATOR
 
 __all__ = ["hf_job", "JobError"]
@@ -63,7 +65,10 @@ def hf_job(args: argparse.Namespace) -> tuple[Any, Any, list[Any], str, str]:
         masked = _masked(config, args.objective)
         what = "a masked LM" if masked else "a causal LM"
         auto = transformers.AutoModelForMaskedLM if masked else transformers.AutoModelForCausalLM
-        model = auto.from_pretrained(folder, config=config, local_files_only=True, attn_implementation="sdpa")
+        dtype = getattr(torch, getattr(args, "dtype", None) or "float32")
+        model = auto.from_pretrained(
+            folder, config=config, local_files_only=True, attn_implementation="sdpa", dtype=dtype
+        )
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
