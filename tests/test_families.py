@@ -2,7 +2,7 @@
 
 For each family, a tiny random model from a config (float64, 2 layers, 4 query heads; 2 key-value
 heads where the family has grouped- or multi-query attention; ``head_dim`` 6 ≠ hidden / heads for
-Gemma and Qwen3):
+Gemma and Qwen3; CodeGen also with 8 heads, two per shard of its fused projection):
 
 - ``ff.fisher`` with ``ff.infer_spec(model)`` and the library's Hugging Face loss, on a batch of
   sequences of different lengths padded on the right or the left (eager and sdpa attention where
@@ -93,9 +93,12 @@ def falcon_groups(h: int = H, kv: int = KV) -> Parser:
     return parse
 
 
-def codegen(mp: int = 4) -> Parser:
-    """CodeGen: ``view(…, mp, 3·E/mp)`` split into query, value, key; each part's shards concatenated."""
-    return lambda v: [(r, _heads(v.reshape(mp, 3, -1)[:, i].reshape(-1), H)) for i, r in enumerate("qvk")]
+def codegen(h: int = H, mp: int = 4) -> Parser:
+    """CodeGen: ``view(…, mp, 3·E/mp)`` split into query, value, key; each part's shards concatenated.
+
+    ``mp = 4`` is the module's ``mp_num`` in transformers 5.24, a constant in 5.0's forward.
+    """
+    return lambda v: [(r, _heads(v.reshape(mp, 3, -1)[:, i].reshape(-1), h)) for i, r in enumerate("qvk")]
 
 
 def convbert_output(n: int) -> Parser:
@@ -206,6 +209,10 @@ FAMILIES = [
                                n_positions=32, n_ctx=32), "causal",
            {r"transformer\.h\.\d+\.attn": (Proj("qkv_proj", 0, codegen()), Proj("out_proj", 1, one("o"), True))},
            ),
+    Family("codegen_2_per_shard", _decoder("CodeGenConfig", "CodeGenForCausalLM", n_embd=E, n_layer=2, n_head=2 * H,
+                                           rotary_dim=2, n_positions=32, n_ctx=32), "causal",
+           {r"transformer\.h\.\d+\.attn": (Proj("qkv_proj", 0, codegen(2 * H)),
+                                               Proj("out_proj", 1, one("o", 2 * H), True))}),
     Family("gpt_neox", _decoder("GPTNeoXConfig", "GPTNeoXForCausalLM", hidden_size=E, num_hidden_layers=2,
                                 num_attention_heads=H, intermediate_size=24, max_position_embeddings=32), "causal",
            {r"gpt_neox\.layers\.\d+\.attention": (Proj("query_key_value", 0, per_head()),
@@ -655,6 +662,28 @@ def test_convbert_output_columns_are_attention_heads_then_convolution_spans() ->
     assert [(p.param.rsplit(".", 2)[-2], p.role, p.start, p.stop) for p in block.parts if p.role == "o"] == [
         ("dense", "o", 0, h)
     ]  # the spans (groups h .. 2h - 1) belong to no head
+
+
+def test_a_masked_lm_heads_own_vocabulary_bias_is_one_value_per_entry() -> None:
+    # RoBERTa-like heads hold bias [V] beside decoder = Linear(d, V): normally the decoder's bias under a second
+    # name; transformers 5.0 builds CamemBERT's untied, unused by the forward. Channel(0) places it either way.
+    for name in ("roberta", "camembert"):
+        family = FAMILIES[IDS.index(name)]
+        model = _model(family, "eager")
+        head = model.get_submodule("lm_head")
+        assert ff.infer_spec(model)["lm_head.bias"] == ff.Channel(0)
+        ids = torch.arange(3, 3 + T)[None]
+        with torch.no_grad():
+            before = model(input_ids=ids).logits
+            head.bias.add_(1.0)
+            after = model(input_ids=ids).logits
+        used = head.bias is getattr(head.decoder, "bias", None)
+        assert torch.allclose(after - before, torch.ones_like(before) if used else torch.zeros_like(before)), name
+        if not used:  # its Fisher is exactly 0
+            samples = _samples(family)
+            fisher = ff.fisher(_loss(family, model), dict(model.named_parameters()), _padded(family, samples, "right"),
+                               spec=ff.infer_spec(model))  # fmt: skip
+            assert torch.equal(fisher["lm_head.bias"], torch.zeros(V, dtype=torch.float64))
 
 
 # --- the fused layouts' geometry ------------------------------------------------------------------

@@ -45,8 +45,11 @@ outputs at every real position.
 
 A family not listed builds its positions from its first slot or from its ids, like the first rows;
 the losses' live padding check (:mod:`~fisherfunc.hf._checks`) refuses a model for which that is
-not so. Positions a batch brings itself (``inputs=(..., "position_ids")``) are passed as they are,
-aligned with the tokens.
+not so. It also refuses ConvBERT, whose span convolution reads the padding tokens' embeddings (no
+mask reaches it), and, on transformers 5.0, the encoders whose backbone builds its mask with
+``get_extended_attention_mask`` (ConvBERT, RoFormer, MPNet, BigBird, ...), which takes 2-D or 3-D
+masks only: the message says which. Positions a batch brings itself (``inputs=(...,
+"position_ids")``) are passed as they are, aligned with the tokens.
 """
 
 from __future__ import annotations
