@@ -9,6 +9,10 @@ and each chunk's reduced values are summed immediately, so memory is ``chunk × 
 gradients plus the group sums; the result does not depend on how the data is split into batches or
 chunks.
 
+``precision`` chooses the dtype of the forward and backward (``"float32"``, or the model's own
+``"model"``; squares and sums are float32 either way, see :mod:`~fisherfunc._engine.numerics`);
+``max_memory`` a budget that picks the chunk size (:mod:`~fisherfunc._engine.budget`).
+
 ``kind`` chooses the targets of the squared gradients: the dataset's labels (``Empirical()``),
 labels sampled from the model (``MC(samples=k, seed=s)``) or the expectation over its classes
 (``Exact()``); see :mod:`fisherfunc._engine.kinds`.
@@ -26,10 +30,11 @@ from torch import Tensor
 
 from ._engine import loop
 from ._engine.batches import Batch, BatchError, as_tree, batch_size
+from ._engine.budget import Budget, parse_bytes
 from ._engine.group_sums import GradientPath, GroupSums, Site
 from ._engine.kinds import FisherKind, as_kind, label_sets
 from ._engine.nonfinite import NonFiniteError, NonFinitePolicy, NonFiniteWarning, check_nonfinite, check_per_sample
-from ._engine.numerics import prepare, scope
+from ._engine.numerics import Precision, Prepared, check_precision, prepare, scope
 from ._engine.vectorise import PerSampleLoss
 from ._spec.resolve import Params, ResolvedSpec, Spec, resolve_spec
 from ._spec.rules import SpecError
@@ -43,6 +48,7 @@ __all__ = [
     "resolve_for",
     "check_options",
     "precheck",
+    "make_budget",
     "batch_accumulator",
 ]
 
@@ -92,12 +98,22 @@ def resolve_for(loss: PerSampleLoss, params: Params, spec: Spec | None) -> Resol
     return resolve_spec(spec, params)
 
 
-def check_options(*, chunk_size: int | None = None, path: str = "auto", nonfinite: str = "raise") -> None:
+def check_options(
+    *,
+    chunk_size: int | None = None,
+    path: str = "auto",
+    nonfinite: str = "raise",
+    precision: str = "float32",
+    max_memory: int | str | None = None,
+) -> None:
     """Validate the options every estimate takes, before any work.
 
     Raises:
         ValueError: naming the option and the value at fault.
     """
+    check_precision(precision)
+    if max_memory is not None:
+        parse_bytes(max_memory)
     valid = chunk_size is None or (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1)
     if not valid:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -119,6 +135,27 @@ def precheck(loss: PerSampleLoss, batch: Batch) -> int:
     return size
 
 
+def prepare_for(loss: PerSampleLoss, params: Params, resolved: ResolvedSpec, precision: Precision) -> Prepared:
+    """The prepared params of a call: differentiated leaves chosen by the spec, the loss's model completing a subset."""
+    return prepare(params, differentiated=resolved.active, precision=precision, model=getattr(loss, "model", None))
+
+
+def make_budget(
+    max_memory: int | str | None, prepared: Prepared, chunk_size: int | None, plans: dict | None = None
+) -> Budget | None:
+    """The call's memory budget (``None`` without ``max_memory``), refusing one the call's own copies exceed.
+
+    ``plans`` is a :class:`~fisherfunc.FisherStep`'s memo of chunk plans per sample shape.
+    """
+    if max_memory is None:
+        return None
+    budget = Budget(parse_bytes(max_memory), held=prepared.copied_bytes, cap=chunk_size)
+    if plans is not None:
+        budget.plans = plans
+    budget.check_held()
+    return budget
+
+
 def batch_accumulator(
     loss: PerSampleLoss,
     params: Params,
@@ -129,20 +166,25 @@ def batch_accumulator(
     path: GradientPath,
     kind: FisherKind | str,
     nonfinite: NonFinitePolicy,
+    precision: Precision = "float32",
+    max_memory: int | str | None = None,
     generator: torch.Generator | None = None,
     discovered: dict[tuple, tuple[Site, ...]] | None = None,
+    plans: dict | None = None,
 ) -> Accumulator:
     """:func:`accumulate`, drawing ``"mc"`` labels from ``generator`` and keeping sites in ``discovered``.
 
     ``generator`` (default: ``kind.draws()``) is how a step draws from ``(seed, step)``;
-    ``discovered`` is a :class:`~fisherfunc.FisherStep`'s memo of probe sites.
+    ``discovered`` and ``plans`` are a :class:`~fisherfunc.FisherStep`'s memos of probe sites and
+    of the budget's chunk plans.
     """
-    check_options(chunk_size=chunk_size, path=path, nonfinite=nonfinite)
+    check_options(chunk_size=chunk_size, path=path, nonfinite=nonfinite, precision=precision, max_memory=max_memory)
     kind = as_kind(kind)
     labels = label_sets(loss, kind)
     draws = generator if generator is not None else kind.draws()
     resolved = resolve_for(loss, params, spec)
-    prepared = prepare(params, differentiated=resolved.active)
+    prepared = prepare_for(loss, params, resolved, precision)
+    budget = make_budget(max_memory, prepared, chunk_size, plans)
     engine = GroupSums(loss, prepared, resolved, path, labels, discovered)
     names = [resolved.names[i] for i in resolved.active]
 
@@ -150,14 +192,15 @@ def batch_accumulator(
         size = precheck(loss, batch)
         fns = engine(batch)
         source = batch if labels is None else (batch, labels.draw(batch, draws))
-        with scope(prepared.device_types):  # chunk-level contractions and sums: no outer autocast either
-            sums, tokens = loop.batch_sums(fns, source, size, chunk_size, names)
+        with scope(prepared):  # chunk-level contractions and sums: no outer autocast either (under "float32")
+            sums, tokens = loop.batch_sums(fns, source, size, chunk_size, names, budget=budget, device=prepared.device)
         return sums, tokens, size
 
     totals = loop.fold(batches, compute, nonfinite=nonfinite)
     sums = totals.sums
     if sums is None:  # every batch skipped: the empty accumulator (zeros), which merges as nothing
-        sums = [torch.zeros(resolved.groups_of(i), dtype=prepared.dtype, device=prepared.leaves[i].device)
+        wide = torch.promote_types(prepared.dtype, torch.float32)
+        sums = [torch.zeros(resolved.groups_of(i), dtype=wide, device=prepared.leaves[i].device)
                 for i in resolved.active]  # fmt: skip
     return Accumulator(resolved.unflatten_groups(sums), totals.tokens, totals.samples, totals.skipped, kind.name)
 
@@ -172,6 +215,8 @@ def accumulate(
     path: GradientPath = "auto",
     kind: FisherKind | str = "empirical",
     nonfinite: NonFinitePolicy = "raise",
+    precision: Precision = "float32",
+    max_memory: int | str | None = None,
 ) -> Accumulator:
     """Exact sums over one batch or an iterable of batches (see :class:`Accumulator`).
 
@@ -180,7 +225,16 @@ def accumulate(
     ``Accumulator.skipped``, and if every batch is skipped the sums are zeros (0 tokens).
     """
     return batch_accumulator(
-        loss, params, batches, spec=spec, chunk_size=chunk_size, path=path, kind=kind, nonfinite=nonfinite
+        loss,
+        params,
+        batches,
+        spec=spec,
+        chunk_size=chunk_size,
+        path=path,
+        kind=kind,
+        nonfinite=nonfinite,
+        precision=precision,
+        max_memory=max_memory,
     )
 
 
@@ -194,6 +248,8 @@ def fisher(
     path: GradientPath = "auto",
     kind: FisherKind | str = "empirical",
     nonfinite: NonFinitePolicy = "raise",
+    precision: Precision = "float32",
+    max_memory: int | str | None = None,
 ) -> Any:
     """Token-normalised group Fisher of one batch or of an iterable of batches.
 
@@ -218,6 +274,17 @@ def fisher(
             :class:`~fisherfunc.NonFiniteError` naming parameters and samples (``"raise"``), or
             left out with a ``NonFiniteWarning`` (``"skip"``; use :func:`accumulate` to get the
             count instead).
+        precision: ``"float32"`` (forward and backward in float32, float64 if a differentiated
+            parameter is float64, autocast off: exact arithmetic, at the cost of a float32 copy of
+            every parameter of a low-precision model) or ``"model"`` (forward and backward in the
+            model's own dtype, e.g. bfloat16, under the caller's autocast if any, no parameter
+            copied; only squares, sums and the result in float32; float16 is refused). See
+            docs/precision.md for the measured error of ``"model"``.
+        max_memory: a budget in bytes (an int, or a string such as ``"8GiB"`` or ``"500MB"``) for
+            what the call allocates beyond the model and the batch: two trial chunks (one sample,
+            then two) measure the memory per sample and the chunk size is chosen to stay within it
+            (``chunk_size`` is then an upper bound). A budget below one sample's need raises a
+            ``BudgetError`` naming both.
 
     Returns:
         Group tree with the params' structure; leaf shapes are the rules' group shapes, ``None``
@@ -230,7 +297,18 @@ def fisher(
     >>> F["weight"].shape   # one value per output channel
     torch.Size([3])
     """
-    acc = accumulate(loss, params, batches, spec=spec, chunk_size=chunk_size, path=path, kind=kind, nonfinite=nonfinite)
+    acc = accumulate(
+        loss,
+        params,
+        batches,
+        spec=spec,
+        chunk_size=chunk_size,
+        path=path,
+        kind=kind,
+        nonfinite=nonfinite,
+        precision=precision,
+        max_memory=max_memory,
+    )
     if acc.skipped and not acc.samples:
         raise NonFiniteError.all_skipped(acc.skipped)
     if acc.skipped:
@@ -247,6 +325,8 @@ def per_sample_fisher(
     chunk_size: int | None = None,
     path: GradientPath = "auto",
     kind: FisherKind | str = "empirical",
+    precision: Precision = "float32",
+    max_memory: int | str | None = None,
 ) -> PerSampleFisher:
     """Group Fisher of each sample of one batch: ``rule.reduce(g_b ⊙ g_b)`` and ``n_b``.
 
@@ -261,6 +341,9 @@ def per_sample_fisher(
         chunk_size: samples per vectorised chunk (``None``: the whole batch).
         path: ``"auto"`` (probes where possible) or ``"direct"``; see :func:`fisher`.
         kind: ``Empirical()``, ``MC(samples=k, seed=s)`` or ``Exact()``; see :func:`fisher`.
+        precision: ``"float32"`` or ``"model"``; see :func:`fisher`.
+        max_memory: a budget that picks the chunk size; see :func:`fisher` (the ``B × groups``
+            output is held outside it).
 
     Returns:
         :class:`PerSampleFisher` with ``groups`` leaves ``[B, *group_shape]`` and ``tokens [B]``.
@@ -268,17 +351,18 @@ def per_sample_fisher(
     Raises:
         NonFiniteError: NaN/Inf per-sample values, naming the parameters and samples.
     """
-    check_options(chunk_size=chunk_size, path=path)
+    check_options(chunk_size=chunk_size, path=path, precision=precision, max_memory=max_memory)
     kind = as_kind(kind)
     labels = label_sets(loss, kind)
     resolved = resolve_for(loss, params, spec)
-    prepared = prepare(params, differentiated=resolved.active)
+    prepared = prepare_for(loss, params, resolved, precision)
+    budget = make_budget(max_memory, prepared, chunk_size)
     batch = as_tree(batch)
     size = precheck(loss, batch)
     per_sample = GroupSums(loss, prepared, resolved, path, labels)(batch).per_sample
     source = batch if labels is None else (batch, labels.draw(batch, kind.draws()))
-    with scope(prepared.device_types):
-        parts = [per_sample(chunk) for _, _, chunk in loop.stream(source, size, chunk_size)]
+    with scope(prepared):
+        parts = list(loop.planned(per_sample, source, size, chunk_size, budget, prepared.device))
     groups = [torch.cat([p[0][i] for p in parts]) for i in range(len(resolved.active))]
     tokens = torch.cat([p[1] for p in parts])
     check_per_sample([resolved.names[i] for i in resolved.active], groups, tokens)  # NaN/Inf: NonFiniteError

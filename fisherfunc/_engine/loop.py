@@ -8,6 +8,9 @@ would concatenate them instead)::
 
     S = Σ_chunks Σ_{b ∈ chunk} s_b        N = Σ_b n_b
 
+With a memory budget (:mod:`~fisherfunc._engine.budget`) the first chunks of a batch of a new
+sample shape are one sample, then two, measured; the rest are cut to the planned size.
+
 Finiteness is screened on each chunk's sums (:class:`~fisherfunc._engine.nonfinite.FiniteCheck`):
 a NaN or Inf per-sample value makes its chunk's sum non-finite, and only then is the chunk
 recomputed sample by sample to name the samples. Over an iterable of batches (:func:`fold`) a
@@ -19,16 +22,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import optree
 import torch
 from torch import Tensor
 
-from .batches import Batch, BatchError, iter_batches, take
+from .batches import Batch, BatchError, iter_batches, sample_key, take
+from .budget import Budget, measure
 from .nonfinite import FiniteCheck, NonFiniteError, NonFinitePolicy
 
-__all__ = ["ChunkFn", "ChunkFns", "summed", "one_by_one", "stream", "batch_sums", "Totals", "fold"]
+__all__ = ["ChunkFn", "ChunkFns", "summed", "one_by_one", "stream", "planned", "batch_sums", "Totals", "fold"]
+
+T = TypeVar("T")
 
 #: ``chunk -> (values, tokens [c])``: a tuple of tensors and the chunk's per-sample token counts.
 ChunkFn = Callable[[Any], tuple[tuple[Tensor, ...], Tensor]]
@@ -77,8 +83,57 @@ def stream(source: Any, size: int, chunk_size: int | None) -> Iterator[tuple[int
         yield start, stop, take(source, start, stop)
 
 
+def planned(
+    run: Callable[[Any], T],
+    source: Any,
+    size: int,
+    chunk_size: int | None,
+    budget: Budget | None,
+    device: torch.device,
+) -> Iterator[T]:
+    """``run(chunk)`` over consecutive chunks of ``source``: ``chunk_size`` samples, or as a budget plans.
+
+    With a budget and a sample shape it has no plan for, the first chunks are one sample, then two,
+    each measured (:func:`~fisherfunc._engine.budget.measure`); the plan made from them cuts the rest.
+
+    Raises:
+        BudgetError: one sample does not fit the budget (after that sample, before any other).
+    """
+    if budget is None:
+        for _, _, chunk in stream(source, size, chunk_size):
+            yield run(chunk)
+        return
+    key = sample_key(source)
+    start = 0
+    if key not in budget.plans:
+        trials: list[tuple[int, int]] = []
+        for n in (1, 2):
+            if start >= size:
+                break
+            stop = min(start + n, size)
+            out, peak = measure(lambda: run(take(source, start, stop)), device)  # noqa: B023
+            trials.append((stop - start, peak))
+            if n == 1:
+                budget.plan(trials)  # one sample that does not fit raises here
+            yield out
+            start = stop
+        if len(trials) < 2 or trials[1][0] < 2:  # too few samples to measure the slope: plan per next batch
+            return
+        budget.plans[key] = budget.plan(trials)
+    step = budget.plans[key]
+    for begin in range(start, size, step):
+        yield run(take(source, begin, min(begin + step, size)))
+
+
 def batch_sums(
-    fns: ChunkFns, source: Any, size: int, chunk_size: int | None, names: Sequence[str]
+    fns: ChunkFns,
+    source: Any,
+    size: int,
+    chunk_size: int | None,
+    names: Sequence[str],
+    *,
+    budget: Budget | None = None,
+    device: torch.device | None = None,
 ) -> tuple[list[Tensor], float]:
     """The exact sums of one batch, screened for NaN/Inf.
 
@@ -88,6 +143,8 @@ def batch_sums(
         size: the batch size ``B``.
         chunk_size: samples per chunk (``None``: the whole batch at once).
         names: a name for each value (parameters, or K-FAC factors), for the error messages.
+        budget: a memory budget that plans the chunks (``chunk_size`` is then its cap), or ``None``.
+        device: where the chunks run (for the budget's measurements; default CPU).
 
     Returns:
         ``(sums, tokens)``: the batch's sum of each value, and ``Σ_b n_b``.
@@ -95,12 +152,12 @@ def batch_sums(
     Raises:
         NonFiniteError: a non-finite per-sample value (naming values and samples) or sum.
         BatchError: the batch has no tokens.
+        BudgetError: one sample does not fit ``budget``.
     """
     finite = FiniteCheck(names, rerun=lambda start, stop: fns.per_sample(take(source, start, stop)))
     sums: list[Tensor] | None = None
     tokens: Tensor | None = None
-    for _, _, chunk in stream(source, size, chunk_size):
-        part, n = fns.sums(chunk)
+    for part, n in planned(fns.sums, source, size, chunk_size, budget, device or torch.device("cpu")):
         finite.add(part, n)  # a NaN/Inf per-sample value makes its chunk's sum non-finite
         if sums is None:  # the chunk's tensors are fresh: later chunks are added in place
             sums, tokens = list(part), n.sum()

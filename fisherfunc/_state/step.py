@@ -6,6 +6,11 @@
 
 Each call computes the token-normalised Fisher of the batch, ``F̂_t = Σ_b s_b / Σ_b n_b``, and
 folds it into the EMA ``m_t = β m_{t−1} + (1 − β) F̂_t`` (:mod:`~fisherfunc._state.ema`).
+
+``precision`` is how a step computes, not what it estimates: a state records no precision, and a
+state made under ``"float32"`` may be continued under ``"model"`` (or the reverse) — the steps then
+differ only by the low-precision forward's rounding (docs/precision.md measures it). The budget's
+chunk plans (``max_memory``) are kept across steps, per sample shape, like the probe sites.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from .._engine.batches import Batch, BatchError
 from .._engine.group_sums import GradientPath, Site
 from .._engine.kinds import Empirical, FisherKind, as_kind, label_sets
 from .._engine.nonfinite import NonFiniteError, NonFinitePolicy
+from .._engine.numerics import Precision
 from .._engine.vectorise import PerSampleLoss
 from .._estimate import Accumulator, batch_accumulator, check_options, resolve_for
 from .._naming import few
@@ -70,6 +76,8 @@ class FisherStep:
             :class:`~fisherfunc.Exact`). An ``MC`` with a seed draws step ``t``'s labels from
             ``(seed, t)``, so a step is a pure function of ``(params, batch, state)``.
         nonfinite: ``"raise"`` or ``"skip"`` a batch with NaN/Inf per-sample values.
+        precision: ``"float32"`` or ``"model"`` (see :func:`~fisherfunc.fisher`).
+        max_memory: a memory budget that picks the chunk size (bytes, or e.g. ``"8GiB"``), or ``None``.
     """
 
     loss: PerSampleLoss
@@ -79,11 +87,15 @@ class FisherStep:
     path: GradientPath = "auto"
     kind: FisherKind = Empirical()
     nonfinite: NonFinitePolicy = "raise"
+    precision: Precision = "float32"
+    max_memory: int | str | None = None
     # probe sites discovered by earlier calls, by sample shapes, spec and modes (a memo: the
     # step's results do not depend on it; see fisherfunc._engine.group_sums.GroupSums)
     _discovered: dict[tuple, tuple[Site, ...]] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    # the budget's chunk size per sample shape (a memo; see fisherfunc._engine.budget)
+    _plans: dict[Any, int] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def init(
         self, params: Any, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
@@ -150,8 +162,11 @@ class FisherStep:
             path=self.path,
             kind=self.kind,
             nonfinite="raise",
+            precision=self.precision,
+            max_memory=self.max_memory,
             generator=self.kind.draws(step=state.step, stream=stream),
             discovered=self._discovered,
+            plans=self._plans,
         )
 
     def update(self, state: FisherState, acc: Accumulator) -> FisherState:
@@ -175,6 +190,8 @@ def make_fisher_step(
     path: GradientPath = "auto",
     kind: FisherKind | str = "empirical",
     nonfinite: NonFinitePolicy = "raise",
+    precision: Precision = "float32",
+    max_memory: int | str | None = None,
 ) -> FisherStep:
     """Bind configuration into a pure ``fisher_step(params, batch, state) -> state``.
 
@@ -197,6 +214,11 @@ def make_fisher_step(
             :class:`~fisherfunc.NonFiniteError` naming the parameters and samples (``"raise"``, the
             default) or skipped and counted in ``state.skipped`` (``"skip"``); either way the state
             is not otherwise changed.
+        precision: ``"float32"`` (the default: forward and backward in float32) or ``"model"``
+            (in the model's own dtype, no parameter copied; float32 squares, sums and state). Not
+            recorded in the state: a state may be continued under the other policy.
+        max_memory: a budget (bytes, or a string such as ``"8GiB"``) from which the chunk size
+            is planned per sample shape, once, and kept across steps; ``chunk_size`` is its cap.
 
     Returns:
         A :class:`FisherStep`: call it, and use ``.init(params)`` for the first state.
@@ -211,9 +233,17 @@ def make_fisher_step(
     (1, 4)
     """
     decay = check_decay(decay)
-    check_options(chunk_size=chunk_size, path=path, nonfinite=nonfinite)
+    check_options(chunk_size=chunk_size, path=path, nonfinite=nonfinite, precision=precision, max_memory=max_memory)
     kind = as_kind(kind)
     label_sets(loss, kind)  # a kind the loss cannot compute is refused now, not at the first step
     return FisherStep(
-        loss=loss, spec=spec, decay=decay, chunk_size=chunk_size, path=path, kind=kind, nonfinite=nonfinite
+        loss=loss,
+        spec=spec,
+        decay=decay,
+        chunk_size=chunk_size,
+        path=path,
+        kind=kind,
+        nonfinite=nonfinite,
+        precision=precision,
+        max_memory=max_memory,
     )
