@@ -23,6 +23,7 @@ alone), checked against a naive float64 loop over the unpadded samples.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import platform
@@ -290,13 +291,25 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def _release_freed_pages() -> None:
+    """Return the pages glibc's allocator keeps after ``free`` to the system (``malloc_trim(0)``).
+
+    Without it the warm-up's freed activations stay resident, the measured run reuses them, and
+    ``VmHWM − VmRSS`` reads less than the run allocates (a fraction of it at language-model sizes).
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the coarser reading
+        pass
+
+
 def memory_probe(workload: str, method: str, device: torch.device, max_memory: str | None = None) -> None:
     """Print the peak memory increase (bytes) of one method over its set-up model and batch.
 
     Runs in a fresh process: set up, warm up once, then reset the peak counter and run again.
     CUDA: ``max_memory_allocated`` over ``memory_allocated`` before the run. CPU (Linux): the
     resident-set high-water mark ``VmHWM``, reset by writing 5 to ``/proc/self/clear_refs``,
-    over ``VmRSS`` before the run.
+    over ``VmRSS`` before the run, after the allocator returned the warm-up's freed pages.
     """
     torch.manual_seed(0)
     w = workloads(device)[workload]()
@@ -311,6 +324,7 @@ def memory_probe(workload: str, method: str, device: torch.device, max_memory: s
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
+        _release_freed_pages()
         Path("/proc/self/clear_refs").write_text("5")
         base = _status_kib("VmRSS")
         fn()
