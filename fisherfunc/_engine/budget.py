@@ -14,7 +14,8 @@ work: their sums are the batch's first three samples' sums. Then::
     fixed      = max(peak(1) − per_sample, 0) + held
     chunk      = min(⌊(budget − fixed) / per_sample⌋, chunk_size, B)
 
-where ``held`` is what the call keeps outside the chunks (the float32 copies of the parameters).
+where ``held`` is what the call keeps outside the chunks (the float32 copies of the parameters,
+and the running sums: one chunk's output).
 Peaks are the :class:`~fisherfunc._engine.memory.LiveBytes` count on CPU and
 ``torch.cuda.max_memory_allocated`` above the memory allocated before the chunk on CUDA. A plan is
 made once per sample shape (a batch of longer sequences is measured again); a
@@ -124,12 +125,15 @@ class Budget:
         held: bytes the call holds outside the chunks (the parameters' float32 copies).
         cap: ``chunk_size``, an upper bound on the planned chunk (``None``: none).
         plans: the planned chunk size per sample shape (see :func:`~fisherfunc._engine.batches.sample_key`).
+        kept: bytes of one chunk's output, which the running sums hold while later chunks run
+            (set by the first trial).
     """
 
     limit: int
     held: int = 0
     cap: int | None = None
     plans: dict[Any, int] = dataclasses.field(default_factory=dict)
+    kept: int = 0
 
     def check_held(self) -> None:
         """Raise before any model call if what the call holds already exceeds the budget."""
@@ -158,6 +162,6 @@ class Budget:
         per_sample = trials[1][1] - one if len(trials) > 1 else one
         if per_sample <= 0:
             per_sample = one
-        fixed = max(one - per_sample, 0) + self.held
+        fixed = max(one - per_sample, 0) + self.held + self.kept
         chunk = max((self.limit - fixed) // max(per_sample, 1), 1)
         return int(chunk if self.cap is None else min(chunk, self.cap))

@@ -112,6 +112,9 @@ def planned(
                 break
             stop = min(start + n, size)
             out, peak = measure(lambda: run(take(source, start, stop)), device)  # noqa: B023
+            if n == 1:  # the running sums, held while later chunks run
+                leaves: list[Any] = optree.tree_leaves(out)  # type: ignore[arg-type]
+                budget.kept = sum(x.nbytes for x in leaves if isinstance(x, Tensor))
             trials.append((stop - start, peak))
             if n == 1:
                 budget.plan(trials)  # one sample that does not fit raises here

@@ -97,6 +97,14 @@ class FisherStep:
     # the budget's chunk size per sample shape (a memo; see fisherfunc._engine.budget)
     _plans: dict[Any, int] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
+    @property
+    def chunk_plans(self) -> dict[Any, int]:
+        """The chunk size ``max_memory`` planned for each sample shape seen so far (a copy; empty without a budget).
+
+        Keys are the samples' ``((shape, dtype), ...)`` per batch entry, batch dimension removed.
+        """
+        return dict(self._plans)
+
     def init(
         self, params: Any, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> FisherState:
