@@ -39,6 +39,7 @@ which contracts some sites at chunk level: with one vector per sample,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -226,6 +227,27 @@ def _contract(site: Site, rows: int, parts: tuple[Tensor, Tensor]) -> Tensor:
     return v2.t() @ u2.sum(1)
 
 
+def reduces_in_backward(site: Site) -> bool:
+    """Whether a site's square sums are formed inside the backward (:class:`~fisherfunc._engine.probes.ReducingProbe`).
+
+    A once-used ``F.linear``/``torch.addmm`` weight: ``s = square_sums(a, d)`` the moment its output
+    gradient ``d`` exists, so neither ``a [T, in]`` nor ``d [T, out]`` outlives the layer's backward.
+    Repeated weights (their ``G`` sums over uses) and embeddings keep their factors to the end.
+    """
+    return site.op != "embedding" and site.uses == 1
+
+
+def _sums_shape(site: Site, shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape of a 2-D weight's square sums: rows ``[n0]``, cols ``[n1]``, full ``[n0, n1]``."""
+    return {"rows": (shape[0],), "cols": (shape[1],), "full": (shape[0], shape[1])}[site.sums]
+
+
+def _reducer(site: Site, a: Tensor, d: Tensor) -> Tensor:
+    """One sample's square sums from a layer's input ``a`` and output gradient ``d`` (in the backward)."""
+    u, v = _factors(site, a, d)
+    return _square_sums(u, v, site.sums)
+
+
 # --- the chunk functions --------------------------------------------------------------------------
 
 
@@ -248,6 +270,8 @@ def group_chunk_fns(
     # rule.reduce of the square sums, prepared outside vmap
     to_groups = {s.leaf: rules[s.leaf].from_square_sums(spec.shapes[s.leaf], s.sums) for s in sites}
 
+    wide = torch.promote_types(prepared.dtype, torch.float32)
+
     def make_reduce(chunk_level: frozenset[int]) -> Callable[..., tuple[Any, ...]]:
         def reduce(g_direct: tuple[Tensor, ...], d: tuple[Tensor, ...], inputs: tuple[Tensor, ...]) -> tuple[Any, ...]:
             out: list[Any] = [None] * len(spec.active)
@@ -257,6 +281,8 @@ def group_chunk_fns(
                 rows = spec.shapes[site.leaf][0]
                 if site.leaf in chunk_level:
                     out[position[site.leaf]] = _site_parts(site, inputs[k], d[k])
+                elif reduces_in_backward(site):  # d[k] is the square sums already (ReducingProbe)
+                    out[position[site.leaf]] = to_groups[site.leaf](d[k])
                 else:
                     out[position[site.leaf]] = to_groups[site.leaf](_site_sums(site, rows, inputs[k], d[k]))
             return tuple(out)
@@ -264,13 +290,16 @@ def group_chunk_fns(
         return reduce
 
     def run(chunk_level: frozenset[int]) -> Callable[[Any], tuple[tuple[Any, ...], Tensor]]:
+        inside = [reduces_in_backward(s) and s.leaf not in chunk_level for s in sites]
         fn = vectorise(
             loss,
             prepared,
             direct=direct,
             probed=[s.leaf for s in sites],
-            probe_shapes=[s.out_shape for s in sites],
+            probe_shapes=[_sums_shape(s, spec.shapes[s.leaf]) if r else s.out_shape for s, r in zip(sites, inside)],
+            probe_dtypes=[wide if r else None for r in inside],
             repeats=[s.uses for s in sites],
+            reducers=[functools.partial(_reducer, s) if r else None for s, r in zip(sites, inside)],
             reduce=make_reduce(chunk_level),
             labels=labels,
         )

@@ -38,6 +38,19 @@ path. The recurrent kernels are run as such linear calls by :mod:`~fisherfunc._e
 entered below this mode. What to do with ``a`` and ``d`` is the caller's: the group path
 (:mod:`~fisherfunc._engine.group_sums`) sums squares of ``G = Σ_t d_t a_tᵀ`` into groups, K-FAC
 (:mod:`fisherfunc.kfac`) forms ``Σ a aᵀ`` and ``Σ d dᵀ``.
+
+**Reducing probes.** A caller that only needs a function ``s = f(a, d)`` of a once-used weight's
+factors (the group path's square sums) gives the slot a *reducer* ``f``. The call's output then
+passes through :class:`ReducingProbe` instead of having a probe added: an identity in the forward
+that keeps ``a`` for the backward, and whose backward, the moment ``d`` exists, returns ``d`` to the
+layer and ``f(a, d)`` as the gradient of a small probe of ``s``'s shape::
+
+    ∂L_b/∂p := f(a, d)        (p: zeros of s's shape; the layer's own gradient d flows on unchanged)
+
+So no site's ``[T, out]`` output gradient nor its ``[T, in]`` input outlives that layer's backward:
+``grad`` holds what a plain backward holds plus one site's reduction at a time, instead of every
+site's ``a`` and ``d`` until the end (what kept a transformer's Fisher at 2–3× a forward+backward's
+memory). The input ``a`` is the one the layer's own backward would keep for a weight gradient.
 """
 
 from __future__ import annotations
@@ -57,7 +70,10 @@ from torch.overrides import TorchFunctionMode
 from .numerics import Prepared, scope
 from .recurrent import Recurrent
 
-__all__ = ["Op", "Call", "Discovery", "ProbeMode", "discover", "arg", "transparent"]
+__all__ = ["Op", "Call", "Discovery", "ProbeMode", "ReducingProbe", "Reducer", "discover", "arg", "transparent"]
+
+#: ``(a, d) -> s``: a once-used weight's recorded input and output gradient to what its probe's gradient is.
+Reducer = Callable[[Tensor, Tensor], Tensor]
 
 Op = Literal["linear", "addmm", "embedding", "conv1d", "conv2d"]
 #: A convolution's ``(kernel, stride, padding, dilation)``, each a 2-tuple (conv1d as a conv2d over ``[1, L]``).
@@ -213,6 +229,32 @@ def _describe(op: Op, weight: Tensor, out: Tensor, args: tuple, kwargs: dict, le
     return Call(op, tuple(out.shape), bias=leaf_of.get(id(bias)), plain=plain, conv=geometry)
 
 
+class ReducingProbe(torch.autograd.Function):
+    """``y`` unchanged in the forward; in the backward ``d`` for ``y`` and ``reducer(a, d)`` for ``probe``.
+
+    ``forward(y [*, out], a [*, in], probe [s], reducer) -> y``; ``backward(d) -> (d, 0, reducer(a, d), -)``.
+    ``a`` gets no gradient through this path (the layer's own backward gives it one). Runs under
+    ``torch.func`` transforms (``generate_vmap_rule``): the reducer is vectorised with the rest.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(y: Tensor, a: Tensor, probe: Tensor, reducer: Reducer) -> Tensor:  # noqa: D102
+        return y.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:  # noqa: D102
+        _, a, _, reducer = inputs
+        ctx.save_for_backward(a)
+        ctx.reducer = reducer
+
+    @staticmethod
+    def backward(ctx: Any, d: Tensor) -> tuple[Tensor, None, Tensor, None]:  # noqa: D102
+        (a,) = ctx.saved_tensors
+        return d, None, ctx.reducer(a, d), None
+
+
 class ProbeMode(TorchFunctionMode):
     """Adds probes to, and records the inputs of, the calls that use the probed weights.
 
@@ -223,9 +265,12 @@ class ProbeMode(TorchFunctionMode):
         leaf_of: discovery: ``{id(tensor): leaf index}`` of every leaf of the params.
         repeats: how many calls use each slot's weight (default 1). A slot used ``k > 1`` times has a
             probe ``[k, *out_shape]``: its ``i``-th call adds ``probe[i]``, and its inputs are stacked.
+        reducers: per slot, ``None`` or a :data:`Reducer` for a once-used ``F.linear``/``torch.addmm``
+            weight: its call goes through :class:`ReducingProbe` (the slot's probe has the reducer's
+            output shape) and its input is not recorded.
 
     After a run, ``inputs[slot]`` holds the slot's input (an embedding's ids; ``[k, ...]`` for a
-    repeated slot), ``None`` if the weight was not called.
+    repeated slot), ``None`` if the weight was not called or the slot reduces in the backward.
     """
 
     def __init__(
@@ -234,9 +279,11 @@ class ProbeMode(TorchFunctionMode):
         probes: Sequence[Tensor] | None = None,
         leaf_of: Mapping[int, int] | None = None,
         repeats: Sequence[int] | None = None,
+        reducers: Sequence[Reducer | None] | None = None,
     ) -> None:
         super().__init__()
         self.slots = slots
+        self.reducers = tuple(reducers) if reducers is not None else (None,) * len(slots)
         self.probes = probes
         self.leaf_of = leaf_of or {}
         self.repeats = tuple(repeats) if repeats is not None else (1,) * len(slots)
@@ -272,6 +319,9 @@ class ProbeMode(TorchFunctionMode):
             self.inputs[slot] = a
             self.calls.setdefault(slot, []).append(_describe(op, weight, out, args, kwargs, self.leaf_of))
             return out
+        reducer = self.reducers[slot]
+        if reducer is not None:
+            return ReducingProbe.apply(out, a, self.probes[slot], reducer)
         if self.repeats[slot] == 1:
             self.inputs[slot] = a
             return out + self.probes[slot]
@@ -314,6 +364,6 @@ def discover(run: Callable[[], Any], prepared: Prepared, candidates: Sequence[in
     slots = {id(prepared.leaves[i]): k for k, i in enumerate(candidates)}
     leaf_of = {id(x): i for i, x in enumerate(prepared.leaves)}
     mode = ProbeMode(slots, leaf_of=leaf_of)
-    with torch.no_grad(), scope(prepared.device_types), mode, Recurrent():
+    with torch.no_grad(), scope(prepared), mode, Recurrent():
         run()
     return Discovery(uses=tuple(mode.uses), calls={candidates[k]: tuple(calls) for k, calls in mode.calls.items()})

@@ -1,6 +1,6 @@
 """The per-sample gradient computation: ``vmap`` over samples of ``grad`` of the per-sample loss.
 
-For one sample ``b`` with summed loss ``L_b`` and token count ``n_b``, one ``torch.func.grad`` call
+For one sample ``b`` with summed loss ``L_b`` and token count ``n_b``, one backward pass
 differentiates with respect to two kinds of inputs at once::
 
     direct leaves θ_i:        g_i = ∂L_b/∂θ_i                   (the direct path)
@@ -10,6 +10,15 @@ and a caller's ``reduce(g, d, a)`` turns them into what leaves the function — 
 ``g ⊙ g``, or ``(a, d)`` for K-FAC — *inside* ``vmap``, so the full per-sample gradients never
 exist outside it: at most ``chunk × |θ|`` per-sample gradient memory per chunk.
 
+Memory: the backward pass is ``torch.func.vjp``'s pullback of the cotangent 1, called under
+``torch.no_grad()`` with ``retain_graph=False`` — the gradient ``torch.func.grad`` computes, without
+its ``create_graph=True``. ``grad`` records the backward pass itself (for higher derivatives), so
+every intermediate of the backward stays alive until the gradients are returned — about a second
+set of activations; and a retained graph keeps every saved activation until the end. Here each
+saved tensor is freed once its node has run, as a plain ``.backward()`` frees it. Sites that
+reduce inside the backward (:class:`~fisherfunc._engine.probes.ReducingProbe`) then hold nothing
+beyond their own reduction.
+
 For the ``"mc"`` and ``"exact"`` Fisher kinds (:mod:`~fisherfunc._engine.kinds`) a chunk is
 ``(samples, noise)`` and the gradient is taken at every label set ``y_j`` of a sample, from one
 forward and one ``vjp``: ``Σ_j w_j reduce(g(y_j), d(y_j), a)`` leaves the function.
@@ -17,18 +26,19 @@ forward and one ``vjp``: ``Σ_j w_j reduce(g(y_j), d(y_j), a)`` leaves the funct
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import vjp, vmap
 
 from ..dropout import vmap_randomness
 from .batches import cast_floating
 from .kinds import LabelSets
 from .numerics import Prepared, scope
-from .probes import ProbeMode
+from .probes import ProbeMode, Reducer
 from .recurrent import Recurrent
 
 __all__ = ["PerSampleLoss", "Reduce", "Output", "vectorise"]
@@ -48,6 +58,8 @@ def vectorise(
     probed: Sequence[int] = (),
     probe_shapes: Sequence[tuple[int, ...]] = (),
     repeats: Sequence[int] | None = None,
+    reducers: Sequence[Reducer | None] | None = None,
+    probe_dtypes: Sequence[torch.dtype | None] | None = None,
     reduce: Reduce,
     labels: LabelSets | None = None,
     keep: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] | None = None,
@@ -62,6 +74,10 @@ def vectorise(
         probe_shapes: per-sample shape of each probe (a probed weight's output shape; ``[k, ...]``
             for a weight called ``k`` times, see ``repeats``).
         repeats: how many calls use each probed weight (default: 1 each).
+        reducers: per probed weight, ``None`` or a reducer ``(a, d) -> s`` run inside the backward
+            (:class:`~fisherfunc._engine.probes.ReducingProbe`): its probe has ``s``'s shape, its
+            "gradient" ``d`` in ``reduce`` is ``s`` and its recorded input is empty.
+        probe_dtypes: per probe, its dtype (``None``: the compute dtype).
         reduce: what leaves ``vmap`` per sample (per label set, weighted, for labelled kinds).
         labels: the label sets of the ``"mc"`` / ``"exact"`` kinds; ``None``: the data's labels.
         keep: also return ``keep(a)`` of the recorded inputs ``a`` of the probed calls (computed inside ``vmap``).
@@ -74,7 +90,10 @@ def vectorise(
     counts = torch.promote_types(dtype, torch.float32)  # token counts: exact integers past bfloat16's 256
     direct = tuple(direct)
     slots = {id(prepared.leaves[i]): k for k, i in enumerate(probed)}
-    zeros = tuple(torch.zeros(shape, dtype=dtype, device=prepared.device) for shape in probe_shapes)
+    dtypes = tuple(probe_dtypes) if probe_dtypes is not None else (None,) * len(probe_shapes)
+    zeros = tuple(
+        torch.zeros(shape, dtype=kind or dtype, device=prepared.device) for shape, kind in zip(probe_shapes, dtypes)
+    )
     direct_values = tuple(prepared.leaves[i] for i in direct)
     like = torch.zeros((), dtype=dtype, device=prepared.device)
     randomness = vmap_randomness(loss)
@@ -86,7 +105,7 @@ def vectorise(
         if not slots:
             with Recurrent(random=randomness == "different"):
                 return call(tree, sample), ()
-        mode = ProbeMode(slots, probes, repeats=repeats)
+        mode = ProbeMode(slots, probes, repeats=repeats, reducers=reducers)
         with mode, Recurrent(random=randomness == "different"):
             out = call(tree, sample)
         return out, mode.recorded(like)
@@ -99,7 +118,14 @@ def vectorise(
         return value, (torch.as_tensor(tokens, dtype=counts), inputs)
 
     def per_sample(sample: Any) -> Output:
-        (g, d), (tokens, inputs) = grad(sample_loss, argnums=(0, 1), has_aux=True)(direct_values, zeros, sample)
+        # grad(sample_loss) without grad's create_graph=True, which records the backward itself and so
+        # keeps every backward intermediate alive until the gradients are returned (a second set of
+        # activations); retain_graph=False frees each saved tensor once its node has run, as .backward() does
+        value, pullback, (tokens, inputs) = vjp(  # type: ignore[misc]  # has_aux=True: three values
+            functools.partial(sample_loss, sample=sample), direct_values, zeros, has_aux=True
+        )
+        with torch.no_grad():
+            g, d = pullback(torch.ones_like(value), retain_graph=False)
         return reduce(g, d, inputs), tokens, keep(inputs) if keep is not None else ()
 
     def per_sample_labelled(sample_noise: Any) -> Output:
@@ -118,7 +144,7 @@ def vectorise(
     batched = vmap(per_sample if labels is None else per_sample_labelled, randomness=randomness)
 
     def chunk_fn(chunk: Any) -> Output:
-        with scope(prepared.device_types):
+        with scope(prepared):
             return batched(cast_floating(chunk, dtype))
 
     return chunk_fn
