@@ -139,18 +139,22 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=2, help="llama: key-value heads")
     parser.add_argument("--vocab", type=int, default=1000, help="llama: vocabulary size")
     parser.add_argument("--tensors", action="store_true", help="print every tensor's row")
+    parser.add_argument("--device", default="cpu", help="where the models and the batch run (e.g. cuda)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model == "minilm":
         model, build, batch = minilm(args.batch)
     else:
         model, build, batch = llama(args.batch, args.d, args.layers, args.tokens, args.heads, args.kv_heads, args.vocab)
+    model = model.to(args.device)
+    batch = {k: v.to(args.device) for k, v in batch.items()}
     spec = ff.infer_spec(model)
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
 
     def run(m: torch.nn.Module, precision: str) -> dict[str, Tensor]:
         start = time.perf_counter()
         out = ff.fisher(build(m), dict(m.named_parameters()), batch, spec=spec, precision=precision)
+        out = {k: (None if v is None else v.cpu()) for k, v in out.items()}
         print(f"  {precision!r} on {next(m.parameters()).dtype}: {time.perf_counter() - start:.1f} s")
         return out
 
