@@ -257,3 +257,14 @@ def test_a_state_continues_under_the_other_policy() -> None:
     assert both.step == 2
     for name in twice.ema:
         torch.testing.assert_close(both.ema[name], twice.ema[name], rtol=1e-6, atol=0)
+
+
+def test_a_bfloat16_models_step_keeps_a_float32_state_close_to_one_shot() -> None:
+    model, batch = tiny_lm().to(torch.bfloat16), token_batch()
+    loss, params = ff.losses.token_classification(model), dict(model.named_parameters())
+    step = ff.make_fisher_step(loss, spec=ff.Channel(0), decay=0.0, precision="model")
+    state = step(params, batch, step.init(params))
+    once = ff.fisher(loss, params, batch, spec=ff.Channel(0), precision="model")
+    for name, value in ff.estimate(state).items():
+        assert state.ema[name].dtype == torch.float32 and value.dtype == torch.float32
+        torch.testing.assert_close(value, once[name], rtol=1e-6, atol=0)
