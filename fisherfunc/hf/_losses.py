@@ -7,8 +7,20 @@ inside the per-sample function,
 1. front-aligns the sample (:mod:`~fisherfunc.hf._align`): ids, mask, token types and labels are
    permuted so the real tokens come first, in order;
 2. passes the model what its family needs besides the ids (:mod:`~fisherfunc.hf._conventions`):
-   the 4-D mask the model would have built (:mod:`~fisherfunc.hf._masks`), ``position_ids`` for the
-   families that count them from the 2-D mask, nothing at all to the ALiBi families,
+   ``position_ids`` for the families that count them from the 2-D mask, and the least mask that
+   gives the unpadded sample's outputs at every real position (:mod:`~fisherfunc.hf._masks`):
+
+   | attention                       | mask passed                                  | memory            |
+   |---------------------------------|----------------------------------------------|-------------------|
+   | causal                          | one additive causal ``[1, 1, T, T]``, shared | ``T²`` per chunk  |
+   | both ways                       | the keys' ``[1, 1, 1, T]``                   | ``T`` per sample  |
+   | both ways, mixed sliding layers | the full ``[1, 1, T, T]``                    | ``T²`` per sample |
+
+   After alignment the padding follows the real tokens, so causal attention never lets a real
+   query see it (:func:`~fisherfunc.hf._masks.causal_mask`), and a bidirectional query needs only
+   the keys masked (a padding query's output reaches neither a real token nor the loss). A boolean
+   ``[T, T]`` mask per sample, which ``sdpa`` turns into a float copy in every layer, each kept for
+   the backward, cost ``layers × T²`` floats per sample (64 MiB for 4 layers at ``T = 2048``),
 
 so that ``L_b`` is the unpadded sample's whatever the padding side (left, right, none), and per-sample
 gradients can be taken under ``torch.func.vmap``. Causality is read from the config, never asked
@@ -39,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +64,7 @@ from ..losses import ModelLoss
 from ._align import align_entries
 from ._checks import PROBE_LENGTH, ProbeError, check_padding, observed_causality, probe_ids
 from ._conventions import causality, feeding
-from ._masks import AttentionLayout, attention_layout, attention_mask, position_ids
+from ._masks import AttentionLayout, attention_layout, attention_mask, causal_mask, key_mask, position_ids
 from ._view import LossView, loss_view
 
 __all__ = ["HFLoss", "HFInputs", "causal_lm", "masked_lm", "token_classification", "sequence_classification"]
@@ -75,6 +87,9 @@ class HFInputs:
         no_cache: whether to pass ``use_cache=False`` (nothing is generated).
         pass_mask: whether to pass the 4-D mask; ``False`` for the ALiBi families (causal), which
             then build their own causal mask and never see the padding after the real tokens.
+        form: which 4-D mask: ``"causal"`` (one additive mask shared by every sample, see
+            :func:`~fisherfunc.hf._masks.causal_mask`), ``"keys"`` (the keys' ``[1, 1, 1, T]``,
+            bidirectional attention) or ``"full"`` (``[1, 1, T, T]`` per sample).
     """
 
     layout: AttentionLayout
@@ -82,13 +97,18 @@ class HFInputs:
     positions: bool
     no_cache: bool
     pass_mask: bool = True
+    form: Literal["causal", "keys", "full"] = "full"
 
     def __call__(self, kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         """``{input_ids [1, T], attention_mask [1, T], ...}`` → the model's keyword arguments."""
         out = dict(kwargs)
         ids = kwargs["input_ids"]
         padding = kwargs[self.mask] if self.mask is not None else torch.ones_like(ids)
-        if self.pass_mask:
+        if self.pass_mask and self.form == "causal":
+            out["attention_mask"] = causal_mask(ids.shape[-1], self.layout, dtype, ids.device)
+        elif self.pass_mask and self.form == "keys":
+            out["attention_mask"] = key_mask(padding, self.layout.implementation, dtype)
+        elif self.pass_mask:
             out["attention_mask"] = attention_mask(padding, self.layout, dtype)
         else:
             out.pop("attention_mask", None)
@@ -146,6 +166,13 @@ class _Setup:
     prepare: HFInputs
 
 
+def _mask_form(layout: AttentionLayout) -> Literal["causal", "keys", "full"]:
+    """The least 4-D mask that gives a front-aligned sample's outputs at its real positions."""
+    if layout.causal:
+        return "causal"
+    return "full" if layout.mixed else "keys"
+
+
 def _setup(
     model: nn.Module, inputs: Sequence[str], causal: bool | None, dropout: DropoutMode, source: str | None = None
 ) -> _Setup:
@@ -181,6 +208,7 @@ def _setup(
         positions=rule.positions == "counted" and "position_ids" not in inputs and _accepts(inner, "position_ids"),
         no_cache="use_cache" in params,
         pass_mask=rule.mask == "4d",
+        form=_mask_form(layout),
     )
     return _Setup(view=view, keys={key: key for key in inputs}, mask=mask, prepare=prepare)
 
@@ -225,7 +253,7 @@ def _probe(loss: HFLoss, setup: _Setup, *, tokens: bool) -> None:
     layout = setup.prepare.layout
     hint = (
         f"it was fed as {'causal' if layout.causal else 'bidirectional'} ({layout.source}), "
-        f"{'with a 4-D mask' if setup.prepare.pass_mask else 'without a mask'}"
+        f"{f'with a 4-D mask ({setup.prepare.form})' if setup.prepare.pass_mask else 'without a mask'}"
         f"{', position_ids counted over its real tokens' if setup.prepare.positions else ', no position_ids'}"
     )
     check_padding(

@@ -51,7 +51,15 @@ from ._checks import ProbeError, observed_causality
 from ._conventions import causality
 from ._view import loss_view
 
-__all__ = ["AttentionLayout", "attention_layout", "attention_mask", "key_mask", "implementation", "position_ids"]
+__all__ = [
+    "AttentionLayout",
+    "attention_layout",
+    "attention_mask",
+    "causal_mask",
+    "key_mask",
+    "implementation",
+    "position_ids",
+]
 
 _IMPLEMENTATIONS = ("sdpa", "eager")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -202,6 +210,36 @@ def key_mask(mask: Tensor, implementation: str, dtype: torch.dtype) -> Tensor:
     if mask.ndim != 2:
         raise ValueError(f"the padding mask of one sample must have shape [1, S], got {tuple(mask.shape)}")
     return _encode((mask != 0)[:, None, None, :], implementation, dtype)
+
+
+def causal_mask(length: int, layout: AttentionLayout, dtype: torch.dtype, device: torch.device) -> Any:
+    """The causal (and sliding-window) mask of every front-aligned sample of ``length`` slots, additive.
+
+    After front alignment the padding follows the real tokens, so causal attention never lets a real
+    query see it: one mask, built from the positions alone, serves every sample. It is additive
+    (0 where allowed, ``finfo(dtype).min`` elsewhere) for ``sdpa`` too, which would otherwise
+    turn a boolean mask into a float copy in every layer (each kept for the backward); built from
+    no sample's values, it is shared by the samples of a chunk and by the layers::
+
+        allowed[q, k] = (k ≤ q)  ∧  (q − k < W, if a sliding window W applies)
+
+    Args:
+        length: ``T``.
+        layout: a causal :class:`AttentionLayout`.
+        dtype: the compute dtype.
+        device: where to build it.
+
+    Returns:
+        ``[1, 1, T, T]`` of ``dtype``; a dict of two for mixed layers.
+    """
+    ones = torch.ones(1, length, dtype=torch.long, device=device)
+
+    def build(window: int | None) -> Tensor:
+        return _encode(_allowed(ones, True, window), "eager", dtype)
+
+    if not layout.mixed:
+        return build(layout.sliding_window)
+    return {"full_attention": build(None), "sliding_attention": build(layout.sliding_window)}
 
 
 def attention_mask(mask: Tensor, layout: AttentionLayout, dtype: torch.dtype) -> Any:
