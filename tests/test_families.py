@@ -622,16 +622,63 @@ def test_an_unknown_attention_family_keeps_channels_and_says_how_to_declare_head
         ff.infer_spec(model, overrides={"*.Wq.weight": ff.Heads(H)})
 
 
-def test_a_vision_model_is_tested_on_noise_images() -> None:
+# ViT's attention, the test's reading of each version's code: (module pattern, projections)
+VIT = [
+    (r"vit\.encoder\.layer\.\d+\.attention", qkvo("attention.query", "attention.key", "attention.value",
+                                                       "output.dense")),  # transformers 5.0: ViTSelfAttention
+    (r"vit\.layers\.\d+\.attention", qkvo("q_proj", "k_proj", "v_proj", "o_proj")),  # 5.24: Llama-like names
+]  # fmt: skip
+
+
+def test_a_vision_models_per_head_fisher_equals_the_naive_loop_over_noise_images() -> None:
     config = transformers.ViTConfig(hidden_size=E, num_hidden_layers=2, num_attention_heads=H, intermediate_size=24,
-                                    image_size=8, patch_size=4)  # fmt: skip
-    model = transformers.ViTModel(config).double().eval()
-    if not hasattr(model.get_submodule("layers.0.attention") if hasattr(model, "layers") else None, "q_proj"):
-        pytest.skip(f"transformers {transformers.__version__}'s ViT attention has no q_proj (5.24's Llama-like one)")
-    spec = ff.infer_spec(model, overrides={"embeddings.cls_token": ff.Whole(), "embeddings.position_embeddings":
-                                           ff.Whole()})  # fmt: skip
-    assert [b.module for b in attention_blocks(model)] == [f"{p}.{i}.attention" for p in ["layers"] for i in (0, 1)]
-    assert spec["layers.0.attention.q_proj.weight"] == ff.Heads(H)
+                                    image_size=8, patch_size=4, num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config).double().eval()
+    names = [n for n, _ in model.named_modules()]
+    modules = [(n, projs) for pattern, projs in VIT for n in names if re.fullmatch(pattern, n)]
+    assert len(modules) == 2, names
+    spec = ff.infer_spec(model, overrides={"*.cls_token": ff.Whole(), "*.position_embeddings": ff.Whole()})
+    assert [b.module for b in attention_blocks(model)] == [n for n, _ in modules]  # its layout passed the self-test
+
+    g = torch.Generator().manual_seed(5)
+    batch = {
+        "pixel_values": torch.randn(3, 3, 8, 8, generator=g, dtype=torch.float64),
+        "labels": torch.tensor([0, 2, 1]),
+    }
+
+    def one_label(logits: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
+        return F.cross_entropy(logits.reshape(1, -1), label.reshape(1), reduction="sum"), torch.ones(())
+
+    loss = ff.losses.custom(model, one_label, inputs={"pixel_values": "pixel_values"}, targets="labels",
+                            output=lambda out: out.logits)  # fmt: skip
+    fisher = ff.fisher(loss, dict(model.named_parameters()), batch, spec=spec)
+    leaves = {n: p.detach().requires_grad_() for n, p in model.named_parameters()}
+    naive = {n: torch.zeros_like(p) for n, p in leaves.items()}
+    for b in range(3):  # one image at a time, torch.autograd
+        out = torch.func.functional_call(
+            model, leaves, args=(), kwargs={"pixel_values": batch["pixel_values"][b : b + 1]}
+        )
+        value = F.cross_entropy(out.logits, batch["labels"][b : b + 1], reduction="sum")
+        for name, grad in zip(leaves, torch.autograd.grad(value, list(leaves.values()))):
+            naive[name] += grad * grad / 3
+    floor = 1e-20 * max(float(v.abs().max()) for v in naive.values())  # key biases: exactly 0
+    for module, projs in modules:
+        for proj in projs:
+            for local in ("weight", "bias"):
+                name = f"{module}.{proj.path}.{local}"
+                if not (local == "bias" and proj.output):
+                    expected = _groups(_parts(naive[name], proj, local == "bias"))
+                    assert_close(fisher[name], expected, floor, f"ViT {name}")
+
+    verify.clear_cache()  # a forward that swaps query heads 0 and 1 is refused
+    module, projs = modules[0]
+    d = E // H
+    swap = torch.cat([torch.arange(d, 2 * d), torch.arange(d), torch.arange(2 * d, E)])
+    _wrap(model, f"{module}.{projs[0].path}", swap)
+    with pytest.raises(ff.SpecError, match=rf"'{re.escape(module)}'.*fails its self-test"):
+        ff.infer_spec(model, overrides={"*.cls_token": ff.Whole(), "*.position_embeddings": ff.Whole()})
+    verify.clear_cache()
 
 
 def test_a_layout_that_cannot_be_tested_is_not_trusted() -> None:

@@ -10,6 +10,7 @@ are placed (:mod:`~fisherfunc._spec.verify`). The rules, ``Linear`` weights stor
 | family                       | parameter                           | rule                               | groups    |
 |------------------------------|-------------------------------------|------------------------------------|-----------|
 | BERT-like                    | self.{query,key,value} weight, bias | ``Heads(H)``                       | [H]       |
+| ViT-like (transformers 5.0)  | attention.{query,key,value}         | ``Heads(H)``                       | [H]       |
 | ConvBERT                     | output.dense.weight [heads │ spans] | ``Heads(H, axis=1, parts=2)``      | [2, H]    |
 | GPT-2 (``Conv1D`` (in, out)) | c_attn weight / bias                | ``Heads(H, 1, parts=3)`` / axis 0  | [3, H]    |
 |                              | c_proj.weight                       | ``Heads(H, 0)``                    | [H]       |

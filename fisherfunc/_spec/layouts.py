@@ -12,6 +12,7 @@ storage order) and how fused parts are arranged (:class:`~fisherfunc.Heads`' ``l
 |-------------|------------------------------------------|---------------------------------------------------------|
 | convbert    | ``ConvBertAttention``                    | self.query q, self.key k, self.value v; output.dense o- |
 | bert        | self.{query,key,value}, output.dense     | q, k, v; o                                              |
+| vit         | attention.{query,key,value}, output.dense| q, k, v; o                                              |
 | gpt_bigcode | ``GPTBigCodeAttention``, multi_query     | c_attn qkv ``[Q: H·d │ K: d │ V: d]``; c_proj o         |
 | gpt_bigcode | ``GPTBigCodeAttention``, not multi_query | c_attn qkv interleaved ``[H, 3, d]``; c_proj o          |
 | gpt2        | q_attn, c_attn, c_proj (cross-attention) | q_attn q; c_attn kv ``[K │ V]``; c_proj o               |
@@ -141,6 +142,9 @@ FAMILIES: tuple[Family, ...] = (
            _p("output.dense", "o-")), classes=("ConvBertAttention",), heads_from="self"),
     Family("bert", "BERT, RoBERTa, XLM-R, ELECTRA, CamemBERT", (_p("self.query", "q"), _p("self.key", "k"),
            _p("self.value", "v"), _p("output.dense", "o")), heads_from="self"),
+    Family("vit", "ViT, DeiT, DINOv2, ViT-MAE, VideoMAE, YOLOS (as transformers 5.0 lays them out)",
+           (_p("attention.query", "q"), _p("attention.key", "k"), _p("attention.value", "v"), _p("output.dense", "o")),
+           heads_from="attention"),
     Family("gpt_bigcode", "GPT-BigCode (StarCoder), multi-query", (_p("c_attn", "qkv"), _p("c_proj", "o")),
            classes=("GPTBigCodeAttention",), when=(("multi_query", True), ("is_cross_attention", False))),
     Family("gpt_bigcode", "GPT-BigCode, multi-head", (_p("c_attn", "qkv", "interleaved"), _p("c_proj", "o")),
@@ -160,7 +164,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("codegen", "CodeGen", (_p("qkv_proj", "qvk", shards=("mp_num", 4)), _p("out_proj", "o")),
            classes=("CodeGenAttention",)),
     Family("phi3", "Phi-3", (_p("qkv_proj", "qkv"), _p("o_proj", "o"))),
-    Family("llama", "Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma-2, Starcoder2", (_p("q_proj", "q"),
+    Family("llama", "Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma-2, Starcoder2, ViT (5.24)", (_p("q_proj", "q"),
            _p("k_proj", "k"), _p("v_proj", "v"), _p("o_proj", "o"))),
     Family("phi", "Phi", (_p("q_proj", "q"), _p("k_proj", "k"), _p("v_proj", "v"), _p("dense", "o"))),
     Family("bart", "OPT, GPT-J, BART, mBART, Marian, Whisper", (_p("q_proj", "q"), _p("k_proj", "k"),
