@@ -237,6 +237,12 @@ def test_error_paths_are_one_line_with_exit_code_2(tmp_path: Path, capsys, monke
     assert "--chunk-size" in err and "'0'" in err
     err = one_line_error(capsys, ["--dtype", "float8", "--out", out])
     assert "--dtype" in err and "float8" in err
+    err = one_line_error(capsys, ["--dtype", "float16", "--out", out])
+    assert "--dtype float16 is refused" in err and "bfloat16" in err
+    err = one_line_error(capsys, ["--max-memory", "lots", "--out", out])
+    assert "--max-memory='lots' is not a size" in err
+    err = one_line_error(capsys, ["--max-memory", "0GiB", "--out", out])
+    assert "--max-memory must be positive" in err
     assert not (tmp_path / "out" / "fisher.safetensors").exists()
 
 
@@ -333,6 +339,62 @@ def test_chunk_size_reaches_the_engine_and_changes_no_value(tmp_path: Path, caps
     chunks = ff.estimate(ff.load(tmp_path / "chunks" / "fisher.safetensors", task="toy"))
     for name in whole:
         torch.testing.assert_close(chunks[name], whole[name], rtol=1e-6, atol=0)
+
+
+def test_bfloat16_checkpoint_runs_the_model_precision_policy(tmp_path: Path, capsys) -> None:
+    """``--dtype bfloat16`` loads the model in bfloat16 and folds ``ff.fisher(..., precision="model")``."""
+    transformers = pytest.importorskip("transformers")
+    folder = tiny_checkpoint(tmp_path / "tiny-llama", "llama")
+    text = tmp_path / "text.txt"
+    text.write_text("Paris is the capital of France.\nFisher information measures curvature.\n")
+    argv = ["--model", str(folder), "--text", str(text), "--batch-size", "2", "--decay", "0", "--no-plots"]
+    assert cli.main([*argv, "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    assert "model in bfloat16" in capsys.readouterr().out
+    assert cli.main([*argv, "--out", str(tmp_path / "f32")]) == 0
+    capsys.readouterr()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    batch = dict(tokenizer(text.read_text().splitlines(), padding=True, return_tensors="pt"))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    expected = ff.fisher(ff.hf.causal_lm(model), params, batch, spec=ff.infer_spec(model), precision="model")
+    got = ff.estimate(ff.load(tmp_path / "bf16" / "fisher.safetensors", task="tiny-llama"))
+    exact = ff.estimate(ff.load(tmp_path / "f32" / "fisher.safetensors", task="tiny-llama"))
+    for name, value in expected.items():
+        assert value.dtype == torch.float32 and got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name], value, rtol=1e-6, atol=0)
+    # bfloat16's rounding (weights and activations) against the float32 run of the float32 checkpoint
+    total = sum(float(v.sum()) for v in got.values())
+    assert total == pytest.approx(sum(float(v.sum()) for v in exact.values()), rel=0.1)
+
+
+def test_max_memory_picks_the_chunk_and_refuses_a_budget_one_sample_exceeds(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    from fisherfunc.cli import _command
+
+    seen: list[dict] = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return ff.make_fisher_step(*args, **kwargs)
+
+    (tmp_path / "ff_cli_entry_budget.py").write_text(ENTRY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(_command, "make_fisher_step", spy)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    common = ["--entry", "ff_cli_entry_budget:make", "--decay", "0", "--no-plots", "--task", "toy"]
+    assert cli.main([*common, "--out", "whole"]) == 0
+    assert cli.main([*common, "--out", "budget", "--max-memory", "64MiB"]) == 0
+    capsys.readouterr()
+    assert seen[1]["max_memory"] == "64MiB"
+    whole = ff.estimate(ff.load(tmp_path / "whole" / "fisher.safetensors", task="toy"))
+    budget = ff.estimate(ff.load(tmp_path / "budget" / "fisher.safetensors", task="toy"))
+    for name in whole:
+        torch.testing.assert_close(budget[name], whole[name], rtol=1e-6, atol=0)
+    assert cli.main([*common, "--out", "tiny", "--max-memory", "16B"]) == 2  # said once one sample is measured
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fisherfunc: error: --max-memory 16B: max_memory=16 B is below")
+    assert "one sample needs" in err and not (tmp_path / "tiny" / "fisher.safetensors").exists()
 
 
 def test_help_returns_zero(capsys) -> None:

@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 import optree
 import torch
 
+from .._engine.budget import BudgetError, parse_bytes
 from .._engine.kinds import KIND_NAMES, MC, FisherKind, as_kind
 from .._estimate import per_sample_fisher
 from .._spec.infer import infer_spec
@@ -156,6 +157,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise UsageError("use either --model or --entry, not both")
     if not 0.0 <= args.decay < 1.0:
         raise UsageError(f"--decay must be in [0, 1), got {args.decay}")
+    if args.max_memory is not None:
+        try:
+            parse_bytes(args.max_memory, "--max-memory")
+        except BudgetError as err:
+            raise UsageError(str(err)) from None
+    if args.dtype == "float16":  # the engine's precision="model" refuses float16 (fisherfunc._engine.numerics)
+        raise UsageError(
+            "--dtype float16 is refused: float16 gradients below 6e-8 flush to zero and their Fisher would be "
+            "silently lost; use --dtype bfloat16 (same memory, float32's range) or float32"
+        )
     return args
 
 
@@ -354,7 +365,10 @@ def run(args: argparse.Namespace) -> int:
     tokens = total_tokens(loss, batches)
     progress = Progress(tokens or len(batches), "batches" if tokens is None else "tokens", f"Fisher ({args.kind})")
     for batch in batches:
-        new = fisher_step(params, _to_device(batch, device), state)
+        try:
+            new = fisher_step(params, _to_device(batch, device), state)
+        except BudgetError as err:  # one sample does not fit the budget: said after measuring it
+            raise UsageError(f"--max-memory {args.max_memory}: {err}") from None
         progress.advance(1 if tokens is None else new.tokens - state.tokens)
         state = new
     progress.close()
