@@ -5,8 +5,10 @@ checked against the naive per-sample ``torch.autograd`` loop first (a peer that 
 silently skips parameters is reported); then methods are timed **interleaved** within each repeat
 (so machine drift hits all alike) and the median over repeats is reported as a ratio to the
 forward+backward median. With ``--memory``, each method also runs in a fresh subprocess that
-reports its peak memory increase over the set-up model and batch (CPU: peak RSS; CUDA: peak
-allocated), again as a ratio to a forward+backward's.
+reports its peak memory increase over the set-up model and batch, again as a ratio to a
+forward+backward's: the tensors' bytes at their peak (CUDA: peak allocated; CPU: the same count
+by fisherfunc's ``LiveBytes``) and, on CPU, the peak resident set (tensors plus the allocator's
+overhead and kernels' scratch).
 
     python benchmarks/run.py                           # CPU workloads, markdown on stdout
     python benchmarks/run.py --workloads mlp --repeats 5 --memory
@@ -304,12 +306,15 @@ def _release_freed_pages() -> None:
 
 
 def memory_probe(workload: str, method: str, device: torch.device, max_memory: str | None = None) -> None:
-    """Print the peak memory increase (bytes) of one method over its set-up model and batch.
+    """Print the peak memory increases (bytes) of one method over its set-up model and batch.
 
     Runs in a fresh process: set up, warm up once, then reset the peak counter and run again.
-    CUDA: ``max_memory_allocated`` over ``memory_allocated`` before the run. CPU (Linux): the
-    resident-set high-water mark ``VmHWM``, reset by writing 5 to ``/proc/self/clear_refs``,
-    over ``VmRSS`` before the run, after the allocator returned the warm-up's freed pages.
+    ``peak_tensors``: the bytes of tensors allocated by the run, at their peak — CUDA:
+    ``max_memory_allocated`` over ``memory_allocated`` before the run; CPU: fisherfunc's
+    ``LiveBytes`` count (the same quantity: storages allocated and not yet freed; one more run).
+    ``peak_increase``: CPU (Linux) only, the resident-set high-water mark ``VmHWM``, reset by
+    writing 5 to ``/proc/self/clear_refs``, over ``VmRSS`` before the run, after the allocator
+    returned the warm-up's freed pages: tensors plus the allocator's overhead and kernels' scratch.
     """
     torch.manual_seed(0)
     w = workloads(device)[workload]()
@@ -322,14 +327,19 @@ def memory_probe(workload: str, method: str, device: torch.device, max_memory: s
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(device) - base
+        peak = tensors = torch.cuda.max_memory_allocated(device) - base
     else:
         _release_freed_pages()
         Path("/proc/self/clear_refs").write_text("5")
         base = _status_kib("VmRSS")
         fn()
         peak = (_status_kib("VmHWM") - base) * 1024
-    print(json.dumps({"peak_increase": peak}))
+        from fisherfunc._engine.memory import LiveBytes
+
+        with LiveBytes() as live:
+            fn()
+        tensors = live.peak
+    print(json.dumps({"peak_increase": peak, "peak_tensors": tensors}))
 
 
 def main() -> None:
@@ -354,8 +364,11 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"{datetime.date.today()}, torch {torch.__version__}, {name}, {torch.get_num_threads()} CPU threads\n")
-    print("| workload | method | median ms | × fwd+bwd | peak mem +MiB | peak mem × baseline | check vs naive loop |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| workload | method | median ms | × fwd+bwd | peak tensors +MiB | × baseline | peak RSS +MiB | × baseline "
+        "| check vs naive loop |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for key in args.workloads:
         torch.manual_seed(0)
         w = workloads(device)[key]()
@@ -377,28 +390,34 @@ def main() -> None:
                 fn()
                 sync()
                 times[m].append(time.perf_counter() - t0)
-        memory: dict[str, float] = {}
+        memory: dict[str, dict[str, float]] = {}
         if args.memory:
             for m in timed:
                 cmd = [sys.executable, __file__, "--device", args.device, "--probe", key, m]
                 cmd += ["--threads", str(torch.get_num_threads())]
                 cmd += ["--max-memory", args.max_memory] if args.max_memory else []
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                memory[m] = json.loads(res.stdout.strip().splitlines()[-1])["peak_increase"]
+                memory[m] = json.loads(res.stdout.strip().splitlines()[-1])
         base = statistics.median(times["forward+backward"])
         for m in fns:
             if m not in times:
-                print(f"| {w.name} | {m} | — | — | — | — | {verdicts[m]} |")
+                print(f"| {w.name} | {m} | — | — | — | — | — | — | {verdicts[m]} |")
                 continue
             med = statistics.median(times[m])
-            mib = f"{memory[m] / 2**20:.0f}" if memory else "—"
-            mem = f"{memory[m] / max(memory[baselines[m]], 1):.2f}×" if memory else "—"
-            if memory and baselines[m] != "forward+backward":
-                mem += f" ({baselines[m].removeprefix('forward+backward, ')})"
+            cells = []
+            for field in ("peak_tensors", "peak_increase"):
+                if not memory:
+                    cells += ["—", "—"]
+                    continue
+                ratio = f"{memory[m][field] / max(memory[baselines[m]][field], 1):.2f}×"
+                if baselines[m] != "forward+backward":
+                    ratio += f" ({baselines[m].removeprefix('forward+backward, ')})"
+                cells += [f"{memory[m][field] / 2**20:.0f}", ratio]
             verdict = verdicts.get(m, "baseline" if baselines[m] == m else "—")
-            print(f"| {w.name} | {m} | {med * 1e3:.1f} | {med / base:.2f}× | {mib} | {mem} | {verdict} |", flush=True)
+            row = [w.name, m, f"{med * 1e3:.1f}", f"{med / base:.2f}×", *cells, verdict]
+            print("| " + " | ".join(row) + " |", flush=True)
         for m, why in failed.items():
-            print(f"| {w.name} | {m} | — | — | — | — | not run: {why} |", flush=True)
+            print(f"| {w.name} | {m} | — | — | — | — | — | — | not run: {why} |", flush=True)
 
 
 if __name__ == "__main__":
