@@ -12,9 +12,11 @@ resident-set high-water mark (``VmHWM``) and runs once:
 
 ``--compute float32`` (the default, for CPUs): fisherfunc's float32 policy on the bfloat16 weights,
 against a float32 forward+backward. ``--compute model`` (GPUs): ``precision="model"``, against a
-bfloat16 forward+backward. The table gives seconds, peak memory above the loaded model (CPU: VmHWM
-minus the resident set after building; CUDA: ``max_memory_allocated`` minus the allocated bytes) and
-both as ratios to the forward+backward::
+bfloat16 forward+backward. The table gives seconds and peak memory above the loaded model, each also
+as a ratio to the forward+backward's: the tensors' bytes at their peak (CPU: fisherfunc's
+``LiveBytes`` count of storages allocated and not yet freed; CUDA: ``max_memory_allocated`` minus
+the allocated bytes) and, on CPU, the resident set (``VmHWM`` minus the resident set after building:
+tensors plus the allocator's overhead and kernels' scratch)::
 
     python examples/llm_1b.py                                   # CPU, ~1B, several GB and minutes
     python examples/llm_1b.py --layers 2 --d 256 --ffn 704 --vocab 2000 --tokens 64   # a quick look
@@ -24,6 +26,7 @@ both as ratios to the forward+backward::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -35,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import fisherfunc as ff
+from fisherfunc._engine.memory import LiveBytes
 
 RUNS = ("forward+backward", "fisherfunc per-head")
 
@@ -95,18 +99,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     else:
         Path("/proc/self/clear_refs").write_text("5")
         base = _kib("VmRSS") * 1024
-    start = time.perf_counter()
     out: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters()), "loaded": base}
-    if args.measure == RUNS[0]:
-        forward_backward(model, batch, torch.float32 if args.compute == "float32" else torch.bfloat16)
-    else:
-        heads = per_head(model, batch, "float32" if args.compute == "float32" else "model")
-        out["shape"] = list(heads.matrix.shape)
-        out["top"] = [int(i) for i in divmod(int(heads.matrix.argmax()), heads.heads)]
+    with contextlib.nullcontext() if cuda else LiveBytes() as live:  # CPU: count tensor bytes too
+        start = time.perf_counter()
+        if args.measure == RUNS[0]:
+            forward_backward(model, batch, torch.float32 if args.compute == "float32" else torch.bfloat16)
+        else:
+            heads = per_head(model, batch, "float32" if args.compute == "float32" else "model")
+            out["shape"] = list(heads.matrix.shape)
+            out["top"] = [int(i) for i in divmod(int(heads.matrix.argmax()), heads.heads)]
+        if cuda:
+            torch.cuda.synchronize()
+        out["seconds"] = time.perf_counter() - start
     if cuda:
-        torch.cuda.synchronize()
-    out["seconds"] = time.perf_counter() - start
-    out["peak"] = (torch.cuda.max_memory_allocated() if cuda else _kib("VmHWM") * 1024) - base
+        out["peak"] = out["tensors"] = torch.cuda.max_memory_allocated() - base
+    else:
+        out["peak"], out["tensors"] = _kib("VmHWM") * 1024 - base, live.peak
     return out
 
 
@@ -143,13 +151,13 @@ def main() -> None:
         f"{args.heads}/{args.kv_heads} heads, {args.batch} sequences of <= {args.tokens} tokens, {args.device}, "
         f"compute {args.compute}, torch {torch.__version__}, {args.threads} threads\n"
     )
-    print("| run | seconds | × fwd+bwd | peak above the loaded model (GiB) | × fwd+bwd |")
-    print("|---|---:|---:|---:|---:|")
+    print("| run | seconds | × fwd+bwd | peak tensors (GiB) | × fwd+bwd | peak RSS above loaded (GiB) | × fwd+bwd |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for run in RUNS:
         r = results[run]
         print(
-            f"| {run} | {r['seconds']:.1f} | {r['seconds'] / base['seconds']:.2f}× | {r['peak'] / 2**30:.2f} "
-            f"| {r['peak'] / base['peak']:.2f}× |"
+            f"| {run} | {r['seconds']:.1f} | {r['seconds'] / base['seconds']:.2f}× | {r['tensors'] / 2**30:.2f} "
+            f"| {r['tensors'] / base['tensors']:.2f}× | {r['peak'] / 2**30:.2f} | {r['peak'] / base['peak']:.2f}× |"
         )
     print(f"\nper-head Fisher {first['shape']} (layers × heads); the most important head: layer, head = {first['top']}")
 
