@@ -13,7 +13,12 @@ Two measures of each, both above what the process holds once the model and batch
 * **VmHWM**: the resident-set high-water mark (``/proc/self/clear_refs`` reset just before the call)
   of a first call in the fresh process, and of a second one after ``malloc_trim`` gave back what the
   allocator kept: what the operating system saw, allocator caches and library scratch included (a
-  first call also loads code: ``torch.func``'s, the engine's);
+  first call also loads code: ``torch.func``'s, the engine's). The children run with glibc's
+  ``MALLOC_MMAP_THRESHOLD_=131072``: every tensor of 128 KiB or more is mapped on allocation and
+  unmapped when freed, so the resident set follows the live tensors. Under glibc's default, a
+  threshold that rises with every freed block, freed tensors stay in the heap, and the high-water
+  mark then measures fragmentation — it read 1.3–1.5× the live bytes of the same ``ff.fisher``
+  call (``--glibc-default`` to see it);
 * **live tensor bytes** at the peak of a second call, counted by a dispatch mode that sees every
   storage torch allocates and frees (the method of ``fisherfunc._engine.memory.LiveBytes``), each
   allocation labelled with the **site** that made it, read off the Python stack:
@@ -266,7 +271,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_child(args: argparse.Namespace, method: str) -> dict[str, Any]:
     argv = [sys.executable, __file__, "--child", method, *sys.argv[1:]]
-    out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if not args.glibc_default:  # every block of 128 KiB or more is its own mapping, unmapped when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    out = subprocess.run(argv, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -311,6 +319,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-sites", action="store_true", help="VmHWM only (no per-site accounting)")
+    parser.add_argument("--glibc-default", action="store_true", help="glibc's dynamic mmap threshold (see above)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
