@@ -246,3 +246,65 @@ def verdicts(
         else:
             out[m] = f"{low_precision_error(sums, float32)}; {base}"
     return out
+
+
+# --- the memory model (docs/scale.md) --------------------------------------------------------------
+
+
+def layer_bytes_per_token(shape: LlamaShape) -> int:
+    """What one decoder layer keeps for the backward, per token (HF Llama, sdpa; docs/scale.md)::
+
+    a = 2·(4 + 2s)·d      two RMSNorms: the float32 input, the normalised and the scaled output (s bytes)
+      + 4s·d              q after RoPE, k and v repeated to H heads, the attention output
+      + 4s·f              gate, SiLU(gate), up, their product
+      + 4·H + 8           sdpa's float32 logsumexp per head, the norms' float32 rsqrt
+    """
+    s = torch.empty((), dtype=shape.dtype).element_size()
+    return 2 * (4 + 2 * s) * shape.d + 4 * s * shape.d + 4 * s * shape.ffn + 4 * shape.heads + 8
+
+
+def top_bytes_per_token(shape: LlamaShape) -> int:
+    """Per token outside the layers: the final norm, the float32 log-softmax kept, and at the start of
+    the backward the float32 gradients of the log-softmax and of the logits (and the logits' own
+    dtype's copy of the latter when it is not float32)::
+
+        top = (4 + 2s)·d + 4V + 8V (+ s·V if s < 4)
+    """
+    s = torch.empty((), dtype=shape.dtype).element_size()
+    return (4 + 2 * s) * shape.d + 12 * shape.vocab + (s * shape.vocab if s < 4 else 0)
+
+
+def predicted_peak(shape: LlamaShape, samples: int, *, masked: bool) -> int:
+    """Predicted peak tensor bytes of a forward+backward of ``samples`` sequences of ``shape.T`` tokens::
+
+        peak = B·T·(L·a + top) + [masked]·L·B·s·T²
+
+    (the padding mask each layer's sdpa keeps: ``s`` bytes per query-key pair; none for an unpadded
+    single sequence, which runs causal). The weights' gradients do not add: they are allocated as
+    the activations are freed, after this peak at the start of the backward (true while
+    ``s·P < B·T·L·a``; the llm workloads have P·s = 121 MiB against 0.2-0.8 GiB).
+    """
+    s = torch.empty((), dtype=shape.dtype).element_size()
+    tokens = samples * shape.T
+    per_token = shape.layers * layer_bytes_per_token(shape) + top_bytes_per_token(shape)
+    return tokens * per_token + (shape.layers * samples * s * shape.T**2 if masked else 0)
+
+
+def predictions(shape: LlamaShape) -> dict[str, int]:
+    """The memory model's peak for each method of :func:`methods` that it covers (bytes).
+
+    fisherfunc's rows are the forward+backward's: per sample it keeps the same activations, and its
+    own terms (probe gradients ``T × out`` per site, the direct form's one ``out × in`` per sample,
+    the per-sample masks) are allocated after the activations start to be freed. A one-sample chunk
+    is a masked one-sample forward+backward.
+    """
+    batch = predicted_peak(shape, shape.B, masked=True)
+    one = predicted_peak(shape, 1, masked=False)
+    tag = ', precision="model"' if shape.dtype != torch.float32 else ""
+    return {
+        FWD_BWD: batch,
+        ONE_SAMPLE: one,
+        f"fisher_step (sites kept){tag}": batch,
+        f"ff.fisher one-shot{tag}": batch,
+        f"ff.fisher chunk_size=1{tag}": predicted_peak(shape, 1, masked=True),
+    }

@@ -369,6 +369,7 @@ def main() -> None:
         "| check vs naive loop |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    modelled: list[str] = []  # the memory model's rows (language models), printed after the table
     for key in args.workloads:
         torch.manual_seed(0)
         w = workloads(device)[key]()
@@ -418,6 +419,19 @@ def main() -> None:
             print("| " + " | ".join(row) + " |", flush=True)
         for m, why in failed.items():
             print(f"| {w.name} | {m} | — | — | — | — | — | — | not run: {why} |", flush=True)
+        if w.shape is not None and memory:
+            for m, bytes_ in llm.predictions(w.shape).items():
+                if m in memory:
+                    tensors, rss = memory[m]["peak_tensors"], memory[m]["peak_increase"]
+                    modelled.append(
+                        f"| {w.shape.label} | {m} | {bytes_ / 2**20:.0f} | {tensors / 2**20:.0f} | "
+                        f"{bytes_ / max(tensors, 1):.2f} | {rss / 2**20:.0f} | {bytes_ / max(rss, 1):.2f} |"
+                    )
+    if modelled:
+        print("\nThe memory model (docs/scale.md, benchmarks/llm.py: predictions) against the measured peaks\n")
+        print("| workload | method | predicted MiB | tensors MiB | predicted / tensors | RSS MiB | predicted / RSS |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(modelled))
 
 
 if __name__ == "__main__":
