@@ -33,6 +33,7 @@ from . import perturb as perturb
 from . import plot as plot
 from . import storage as storage
 from ._engine.batches import BatchError as BatchError
+from ._engine.budget import BudgetError as BudgetError
 from ._engine.kinds import MC as MC
 from ._engine.kinds import Empirical as Empirical
 from ._engine.kinds import Exact as Exact
@@ -77,6 +78,7 @@ __all__ = [
     "MC",
     "Accumulator",
     "BatchError",
+    "BudgetError",
     "Buckets",
     "Channel",
     "Elementwise",
