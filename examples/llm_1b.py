@@ -16,7 +16,8 @@ bfloat16 forward+backward. The table gives seconds and peak memory above the loa
 as a ratio to the forward+backward's: the tensors' bytes at their peak (CPU: fisherfunc's
 ``LiveBytes`` count of storages allocated and not yet freed; CUDA: ``max_memory_allocated`` minus
 the allocated bytes) and, on CPU, the resident set (``VmHWM`` minus the resident set after building:
-tensors plus the allocator's overhead and kernels' scratch)::
+tensors plus the allocator's overhead and kernels' scratch; the runs use glibc's
+``MALLOC_MMAP_THRESHOLD_=131072``, so that freed tensors leave the resident set)::
 
     python examples/llm_1b.py                                   # CPU, ~1B, several GB and minutes
     python examples/llm_1b.py --layers 2 --d 256 --ffn 704 --vocab 2000 --tokens 64   # a quick look
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -41,6 +43,9 @@ import fisherfunc as ff
 from fisherfunc._engine.memory import LiveBytes
 
 RUNS = ("forward+backward", "fisherfunc per-head")
+#: glibc maps every allocation of 128 KiB or more on its own and unmaps it when freed, so the resident
+#: set follows the live tensors (by default freed blocks stay in the heap: fragmentation, not tensors)
+RESIDENT_FOLLOWS_TENSORS = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def build(args: argparse.Namespace) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -139,7 +144,8 @@ def main() -> None:
     argv = list(sys.argv[1:])
     results = {}
     for run in RUNS:
-        res = subprocess.run([sys.executable, __file__, *argv, "--measure", run], capture_output=True, text=True)
+        cmd = [sys.executable, __file__, *argv, "--measure", run]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **RESIDENT_FOLLOWS_TENSORS})
         if res.returncode != 0:
             raise SystemExit(f"{run} failed:\n{res.stderr[-3000:]}")
         results[run] = json.loads(res.stdout.strip().splitlines()[-1])
