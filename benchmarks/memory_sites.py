@@ -46,9 +46,41 @@ Options: ``--family {llama,gpt2,bert}``, ``--T``, ``--B``, ``--d`` (256), ``--la
 ``--no-sites`` (VmHWM only: faster). The table it prints is what ``benchmarks/README.md`` and
 ``docs/scale.md`` quote.
 
-Measured (see the report of issue 14 for the before/after tables): after the engine changes, a
-group Fisher call's peak is 0.9–1.1× a forward+backward's on Llama-, GPT-2- and BERT-shaped models at
-T = 512 and 2048, B = 1 and 4, and with one-sample chunks 0.9–1.1× a one-sample forward+backward.
+Measured (2-core CPU, torch 2.13, transformers 5.24; models of 4 layers, d = 256, 4 heads (Llama: 2
+key-value heads), V = 2000, float32, sdpa; fresh processes; VmHWM of the first call above the loaded
+model, forward+backward → group Fisher, and the ratio). "Before": the engine of commit 2c2173f;
+"after": this one. ``chunk=1`` compares ``chunk_size=1`` with a forward+backward of one sample::
+
+    family  T     batch      before                      after
+    llama   512   B=1        73 → 214 MiB  (2.93×)       73 → 73 MiB    (1.00×)
+    llama   512   B=4        287 → 672 MiB (2.34×)       288 → 274 MiB  (0.95×)
+    llama   512   chunk=1    73 → 214 MiB  (2.95×)       73 → 74 MiB    (1.01×)
+    llama   2048  B=1        263 → 855 MiB (3.25×)       264 → 293 MiB  (1.11×)
+    llama   2048  B=4        1312 → 2725 MiB (2.08×)     1312 → 1102 MiB (0.84×)
+    llama   2048  chunk=1    263 → 857 MiB (3.25×)       263 → 295 MiB  (1.12×)
+    gpt2    512   B=1        83 → 166 MiB  (1.99×)       83 → 76 MiB    (0.91×)
+    gpt2    512   B=4        318 → 542 MiB (1.70×)       318 → 288 MiB  (0.91×)
+    gpt2    512   chunk=1    83 → 167 MiB  (2.00×)       83 → 77 MiB    (0.92×)
+    gpt2    2048  B=1        302 → 659 MiB (2.18×)       302 → 306 MiB  (1.02×)
+    gpt2    2048  B=4        1432 → 2181 MiB (1.52×)     1432 → 1156 MiB (0.81×)
+    gpt2    2048  chunk=1    301 → 661 MiB (2.19×)       302 → 308 MiB  (1.02×)
+    bert    512   B=1        58 → 122 MiB  (2.09×)       58 → 54 MiB    (0.92×)
+    bert    512   B=4        214 → 358 MiB (1.68×)       213 → 199 MiB  (0.93×)
+    bert    512   chunk=1    58 → 122 MiB  (2.12×)       58 → 55 MiB    (0.95×)
+    bert    2048  B=1        197 → 481 MiB (2.44×)       197 → 205 MiB  (1.04×)
+    bert    2048  B=4        1009 → 1445 MiB (1.43×)     1009 → 785 MiB (0.78×)
+    bert    2048  chunk=1    197 → 483 MiB (2.45×)       197 → 207 MiB  (1.05×)
+
+(Llama "after" rows with the shared causal mask; without a mask, where the model allows it, the
+T = 2048 rows lose its 16 MiB and the copies of the grouped keys and values.) Where the extra went
+before, per site (Llama, T = 512, B = 1, live bytes at the peak): backward intermediates 98 MiB
+against 8 (``torch.func.grad``'s ``create_graph=True`` kept every one alive), engine 57 MiB against 0
+(every probed layer's ``[T, out]`` output gradient and ``[T, in]`` input held to the end of the
+backward, ``[T, out]`` zero probes); 3.3× in all. After, the differences left are the mask (the
+shared ``[T, T]``, 16 MiB at T = 2048), ``vmap``'s loop over the fused attention kernel, which keeps
+its stacked output beside the per-sample one (+2 MiB per layer at T = 2048), and the running sums;
+a forward+backward's batched boolean mask, copied to float in every layer, and its parameter
+``.grad`` (which a group Fisher never makes) are why batches of 4 come out below 1×.
 """
 
 from __future__ import annotations

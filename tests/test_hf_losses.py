@@ -336,13 +336,13 @@ def test_an_unknown_family_is_decided_by_its_class_name_or_on_the_live_model() -
     assert not layout.causal and "observed on the live model: it attends both ways" in layout.source
 
 
-def test_a_family_that_builds_positions_from_the_2d_mask_is_refused_unless_the_table_knows_it() -> None:
+def test_a_causal_family_that_builds_positions_from_the_2d_mask_needs_no_table_when_given_no_mask() -> None:
     # OPT counts positions from its 2-D attention_mask; under another name the table does not know to pass
-    # them, and the live padding check refuses the model when the loss is built, naming it.
+    # them. A causal model gets no mask: its own all-ones one counts the front-aligned real tokens from 0, and
+    # the live padding check (padded samples against the unpadded one, under vmap) passes when the loss is built.
     model = tiny("opt")
     model.config.model_type = "mystery"
-    with pytest.raises(ValueError, match=r"fisherfunc\.hf cannot run OPTForCausalLM one sample at a time"):
-        ff.hf.causal_lm(model)
+    assert ff.hf.causal_lm(model).prepare.form == "none"
 
 
 def test_convbert_whose_convolution_reads_padding_is_refused_with_the_reason() -> None:

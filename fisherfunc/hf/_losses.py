@@ -12,15 +12,21 @@ inside the per-sample function,
 
    | attention                       | mask passed                                  | memory            |
    |---------------------------------|----------------------------------------------|-------------------|
-   | causal                          | one additive causal ``[1, 1, T, T]``, shared | ``T²`` per chunk  |
+   | causal                          | none: the model builds its own causal mask   | none (``sdpa``)   |
+   | causal, if the model cannot run | one additive causal ``[1, 1, T, T]``, shared | ``T²`` per chunk  |
+   | without a mask under ``vmap``   | by the chunk's samples and the layers        |                   |
    | both ways                       | the keys' ``[1, 1, 1, T]``                   | ``T`` per sample  |
    | both ways, mixed sliding layers | the full ``[1, 1, T, T]``                    | ``T²`` per sample |
 
    After alignment the padding follows the real tokens, so causal attention never lets a real
-   query see it (:func:`~fisherfunc.hf._masks.causal_mask`), and a bidirectional query needs only
-   the keys masked (a padding query's output reaches neither a real token nor the loss). A boolean
-   ``[T, T]`` mask per sample, which ``sdpa`` turns into a float copy in every layer, each kept for
-   the backward, cost ``layers × T²`` floats per sample (64 MiB for 4 layers at ``T = 2048``),
+   query see it, and a bidirectional query needs only the keys masked (a padding query's output
+   reaches neither a real token nor the loss). Without a mask ``sdpa`` runs causally with no
+   ``[T, T]`` tensor at all, and grouped-query attention without copies of the keys and values;
+   a model that reads its ids when given no mask (GPT-2 warns about padding by looking at them,
+   which ``vmap`` refuses) gets :func:`~fisherfunc.hf._masks.causal_mask` instead: the live check
+   at build time decides. A boolean ``[T, T]`` mask per sample, which ``sdpa`` turns into a float
+   copy in every layer, each kept for the backward, cost ``layers × T²`` floats per sample (64 MiB
+   for 4 layers at ``T = 2048``),
 
 so that ``L_b`` is the unpadded sample's whatever the padding side (left, right, none), and per-sample
 gradients can be taken under ``torch.func.vmap``. Causality is read from the config, never asked
@@ -87,9 +93,10 @@ class HFInputs:
         no_cache: whether to pass ``use_cache=False`` (nothing is generated).
         pass_mask: whether to pass the 4-D mask; ``False`` for the ALiBi families (causal), which
             then build their own causal mask and never see the padding after the real tokens.
-        form: which 4-D mask: ``"causal"`` (one additive mask shared by every sample, see
-            :func:`~fisherfunc.hf._masks.causal_mask`), ``"keys"`` (the keys' ``[1, 1, 1, T]``,
-            bidirectional attention) or ``"full"`` (``[1, 1, T, T]`` per sample).
+        form: which mask: ``"none"`` (causal attention: the model's own), ``"causal"`` (one
+            additive mask shared by every sample, see :func:`~fisherfunc.hf._masks.causal_mask`),
+            ``"keys"`` (the keys' ``[1, 1, 1, T]``, bidirectional attention) or ``"full"``
+            (``[1, 1, T, T]`` per sample).
     """
 
     layout: AttentionLayout
@@ -97,21 +104,21 @@ class HFInputs:
     positions: bool
     no_cache: bool
     pass_mask: bool = True
-    form: Literal["causal", "keys", "full"] = "full"
+    form: Literal["none", "causal", "keys", "full"] = "full"
 
     def __call__(self, kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         """``{input_ids [1, T], attention_mask [1, T], ...}`` → the model's keyword arguments."""
         out = dict(kwargs)
         ids = kwargs["input_ids"]
         padding = kwargs[self.mask] if self.mask is not None else torch.ones_like(ids)
-        if self.pass_mask and self.form == "causal":
-            out["attention_mask"] = causal_mask(ids.shape[-1], self.layout, dtype, ids.device)
-        elif self.pass_mask and self.form == "keys":
-            out["attention_mask"] = key_mask(padding, self.layout.implementation, dtype)
-        elif self.pass_mask:
-            out["attention_mask"] = attention_mask(padding, self.layout, dtype)
-        else:
+        if not self.pass_mask or self.form == "none":
             out.pop("attention_mask", None)
+        elif self.form == "causal":
+            out["attention_mask"] = causal_mask(ids.shape[-1], self.layout, dtype, ids.device)
+        elif self.form == "keys":
+            out["attention_mask"] = key_mask(padding, self.layout.implementation, dtype)
+        else:
+            out["attention_mask"] = attention_mask(padding, self.layout, dtype)
         if self.positions:
             out["position_ids"] = position_ids(padding)
         if self.no_cache:
@@ -166,10 +173,10 @@ class _Setup:
     prepare: HFInputs
 
 
-def _mask_form(layout: AttentionLayout) -> Literal["causal", "keys", "full"]:
-    """The least 4-D mask that gives a front-aligned sample's outputs at its real positions."""
+def _mask_form(layout: AttentionLayout) -> Literal["none", "keys", "full"]:
+    """The least mask that gives a front-aligned sample's outputs at its real positions (before the live check)."""
     if layout.causal:
-        return "causal"
+        return "none"
     return "full" if layout.mixed else "keys"
 
 
@@ -223,12 +230,34 @@ def _groups(mask: str | None, keys: Sequence[Key]) -> AlignGroups:
     return () if mask is None else ((mask, tuple(keys)),)
 
 
-def _probe(loss: HFLoss, setup: _Setup, *, tokens: bool) -> None:
-    """The live padding check (:func:`~fisherfunc.hf._checks.check_padding`) of a freshly built loss."""
+def _probed(loss: HFLoss, setup: _Setup, *, tokens: bool) -> HFLoss:
+    """``loss`` after the live padding check; a causal model checked without a mask first.
+
+    A causal model runs without a mask where the check passes so (under ``vmap``, equal to the
+    unpadded sample); otherwise, or where no check can run, with the shared causal mask.
+    """
+    if setup.prepare.form == "none":
+        try:
+            if _probe(loss, setup, tokens=tokens):
+                return loss
+        except ProbeError:
+            pass
+        prepare = dataclasses.replace(setup.prepare, form="causal")
+        loss, setup = dataclasses.replace(loss, prepare=prepare), dataclasses.replace(setup, prepare=prepare)
+    _probe(loss, setup, tokens=tokens)
+    return loss
+
+
+def _probe(loss: HFLoss, setup: _Setup, *, tokens: bool) -> bool:
+    """The live padding check (:func:`~fisherfunc.hf._checks.check_padding`) of a freshly built loss.
+
+    Returns:
+        Whether it ran (it needs a batch made of ids only).
+    """
     inner = setup.view.inner
     known = {"input_ids", "attention_mask", "token_type_ids", "position_ids"}
     if not set(setup.keys) <= known:
-        return  # a probe is made of ids only
+        return False  # a probe is made of ids only
     config = inner.config
     device = next(inner.parameters()).device
     ids = torch.tensor(probe_ids(config, PROBE_LENGTH), device=device)
@@ -251,9 +280,10 @@ def _probe(loss: HFLoss, setup: _Setup, *, tokens: bool) -> None:
     call, eval_loss = setup.view.call, dataclasses.replace(loss, dropout="eval")
     params = dict(call.named_parameters())
     layout = setup.prepare.layout
+    masked = setup.prepare.pass_mask and setup.prepare.form != "none"
     hint = (
         f"it was fed as {'causal' if layout.causal else 'bidirectional'} ({layout.source}), "
-        f"{f'with a 4-D mask ({setup.prepare.form})' if setup.prepare.pass_mask else 'without a mask'}"
+        f"{f'with a 4-D mask ({setup.prepare.form})' if masked else 'without a mask'}"
         f"{', position_ids counted over its real tokens' if setup.prepare.positions else ', no position_ids'}"
     )
     check_padding(
@@ -266,6 +296,7 @@ def _probe(loss: HFLoss, setup: _Setup, *, tokens: bool) -> None:
         "same" if loss.dropout == "train" else "error",
         hint,
     )
+    return True
 
 
 def _dense_call(call: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
@@ -348,8 +379,7 @@ def causal_lm(
         shift=1,
         align=groups,
     )
-    _probe(loss, setup, tokens=True)
-    return loss
+    return _probed(loss, setup, tokens=True)
 
 
 def _token_loss(setup: _Setup, labels: str, ignore_index: int, dropout: DropoutMode) -> HFLoss:
@@ -378,8 +408,7 @@ def _token_loss(setup: _Setup, labels: str, ignore_index: int, dropout: DropoutM
         ignore_index=ignore_index,
         align=groups,
     )
-    _probe(loss, setup, tokens=True)
-    return loss
+    return _probed(loss, setup, tokens=True)
 
 
 def masked_lm(
@@ -498,5 +527,4 @@ def sequence_classification(
         prepare=setup.prepare,
         align=_groups(setup.mask, list(setup.keys)),
     )
-    _probe(loss, setup, tokens=False)
-    return loss
+    return _probed(loss, setup, tokens=False)
