@@ -43,8 +43,14 @@ Run (2-core CPU, one thread; every figure below is from this command)::
 
 Options: ``--family {llama,gpt2,bert}``, ``--T``, ``--B``, ``--d`` (256), ``--layers`` (4),
 ``--heads`` (4), ``--vocab`` (2000), ``--chunk-size``, ``--dtype {float32,bfloat16}``,
-``--no-sites`` (VmHWM only: faster). The table it prints is what ``benchmarks/README.md`` and
-``docs/scale.md`` quote.
+``--no-sites`` (VmHWM only: faster), ``--device cuda`` (the peak of ``torch.cuda.max_memory_allocated``
+above the loaded model instead of VmHWM; not run here: no GPU this session), e.g.::
+
+    python benchmarks/memory_sites.py --device cuda --family llama --d 2048 --layers 16 --heads 32 \
+        --vocab 32000 --dtype bfloat16 --T 1024 --B 8 --no-sites
+
+With ``--dtype bfloat16`` the group Fisher runs with ``precision="model"`` (the model's own dtype).
+The table it prints is what ``benchmarks/README.md`` and ``docs/scale.md`` quote.
 
 Measured (2-core CPU, torch 2.13, transformers 5.24; models of 4 layers, d = 256, 4 heads (Llama: 2
 key-value heads), V = 2000, float32, sdpa; fresh processes; VmHWM of the first call above the loaded
@@ -71,8 +77,12 @@ model, forward+backward → group Fisher, and the ratio). "Before": the engine o
     bert    2048  B=4        1009 → 1445 MiB (1.43×)     1009 → 785 MiB (0.78×)
     bert    2048  chunk=1    197 → 483 MiB (2.45×)       197 → 207 MiB  (1.05×)
 
-(Llama "after" rows with the shared causal mask; without a mask, where the model allows it, the
-T = 2048 rows lose its 16 MiB and the copies of the grouped keys and values.) Where the extra went
+    llama   256   B=4 bf16   102 → 356 MiB (3.50×)       102 → 95 MiB   (0.93×)
+
+(bf16: the model stored in bfloat16; before, ``ff.fisher`` made float32 copies and computed in
+float32, after it runs ``precision="model"``. The float32 Llama "after" rows above were measured
+with the shared causal mask; with no mask, which Llama allows, the T = 2048 rows lose its 16 MiB
+and the copies of the grouped keys and values: 1.02× at B = 1.) Where the extra went
 before, per site (Llama, T = 512, B = 1, live bytes at the peak): backward intermediates 98 MiB
 against 8 (``torch.func.grad``'s ``create_graph=True`` kept every one alive), engine 57 MiB against 0
 (every probed layer's ``[T, out]`` output gradient and ``[T, in]`` input held to the end of the
@@ -90,6 +100,7 @@ import collections
 import ctypes
 import functools
 import gc
+import inspect
 import json
 import os
 import subprocess
@@ -151,7 +162,7 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Tensor]]:
     if args.family == "bert":  # 15% of the real tokens are labelled
         chosen = (torch.rand(args.B, t) < 0.15) & (mask == 1)
         batch["labels"] = torch.where(chosen, ids, torch.full_like(ids, -100))
-    return model, batch
+    return model.to(args.device), {k: v.to(args.device) for k, v in batch.items()}
 
 
 def summed_loss(family: str, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -179,7 +190,9 @@ def method_call(args: argparse.Namespace, method: str, model: nn.Module, batch: 
     loss = ff.hf.masked_lm(model) if args.family == "bert" else ff.hf.causal_lm(model)
     params = {k: v.detach() for k, v in model.named_parameters()}
     spec = ff.infer_spec(model)
-    return functools.partial(ff.accumulate, loss, params, batch, spec=spec, chunk_size=args.chunk_size)
+    low = args.dtype != "float32" and "precision" in inspect.signature(ff.accumulate).parameters
+    extra = {"precision": "model"} if low else {}  # the model's own dtype, float32 squares and sums
+    return functools.partial(ff.accumulate, loss, params, batch, spec=spec, chunk_size=args.chunk_size, **extra)
 
 
 # --- measures --------------------------------------------------------------------------------------
@@ -285,8 +298,17 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     model, batch = build(args)
     call = method_call(args, args.child, model, batch)
     result: dict[str, Any] = {}
+    cuda = args.device.startswith("cuda")
     for run in ("cold", "warm"):  # a first call, then a second once the allocator gave back what it kept
         gc.collect()
+        if cuda:  # the caching allocator's own account: the peak of allocated bytes
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            call()
+            torch.cuda.synchronize()
+            result[run] = torch.cuda.max_memory_allocated() - base
+            continue
         _trim()
         Path("/proc/self/clear_refs").write_text("5")
         base = _status_kib("VmRSS")
@@ -332,9 +354,10 @@ def table(args: argparse.Namespace) -> str:
                 lines.append(f"| {site} | {a:.1f} MiB | {b:.1f} MiB |")
         a, b = got[base]["live"] / mib, got[fisher]["live"] / mib
         lines.append(f"| **live tensor bytes at the peak** | {a:.1f} MiB | {b:.1f} MiB ({b / a:.2f}×) |")
+    measure = "CUDA peak allocated" if args.device.startswith("cuda") else "VmHWM"
     for run, when in (("cold", "first call"), ("warm", "second call")):
         a, b = got[base][run] / mib, got[fisher][run] / mib
-        lines.append(f"| **VmHWM above the loaded model, {when}** | {a:.1f} MiB | {b:.1f} MiB ({b / a:.2f}×) |")
+        lines.append(f"| **{measure} above the loaded model, {when}** | {a:.1f} MiB | {b:.1f} MiB ({b / a:.2f}×) |")
     return "\n".join(lines)
 
 
@@ -350,6 +373,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu (VmHWM) or cuda (torch.cuda.max_memory_allocated)")
     parser.add_argument("--no-sites", action="store_true", help="VmHWM only (no per-site accounting)")
     parser.add_argument("--glibc-default", action="store_true", help="glibc's dynamic mmap threshold (see above)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
