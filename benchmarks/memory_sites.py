@@ -58,12 +58,12 @@ model, forward+backward → group Fisher, and the ratio). "Before": the engine o
 "after": this one. ``chunk=1`` compares ``chunk_size=1`` with a forward+backward of one sample::
 
     family  T     batch      before                      after
-    llama   512   B=1        73 → 214 MiB  (2.93×)       73 → 73 MiB    (1.00×)
-    llama   512   B=4        287 → 672 MiB (2.34×)       288 → 274 MiB  (0.95×)
-    llama   512   chunk=1    73 → 214 MiB  (2.95×)       73 → 74 MiB    (1.01×)
-    llama   2048  B=1        263 → 855 MiB (3.25×)       264 → 293 MiB  (1.11×)
-    llama   2048  B=4        1312 → 2725 MiB (2.08×)     1312 → 1102 MiB (0.84×)
-    llama   2048  chunk=1    263 → 857 MiB (3.25×)       263 → 295 MiB  (1.12×)
+    llama   512   B=1        73 → 214 MiB  (2.93×)       73 → 70 MiB    (0.96×)
+    llama   512   B=4        287 → 672 MiB (2.34×)       287 → 265 MiB  (0.92×)
+    llama   512   chunk=1    73 → 214 MiB  (2.95×)       72 → 70 MiB    (0.97×)
+    llama   2048  B=1        263 → 855 MiB (3.25×)       263 → 269 MiB  (1.02×)
+    llama   2048  B=4        1312 → 2725 MiB (2.08×)     1312 → 1054 MiB (0.80×)
+    llama   2048  chunk=1    263 → 857 MiB (3.25×)       263 → 272 MiB  (1.03×)
     gpt2    512   B=1        83 → 166 MiB  (1.99×)       83 → 76 MiB    (0.91×)
     gpt2    512   B=4        318 → 542 MiB (1.70×)       318 → 288 MiB  (0.91×)
     gpt2    512   chunk=1    83 → 167 MiB  (2.00×)       83 → 77 MiB    (0.92×)
@@ -80,14 +80,13 @@ model, forward+backward → group Fisher, and the ratio). "Before": the engine o
     llama   256   B=4 bf16   102 → 356 MiB (3.50×)       102 → 95 MiB   (0.93×)
 
 (bf16: the model stored in bfloat16; before, ``ff.fisher`` made float32 copies and computed in
-float32, after it runs ``precision="model"``. The float32 Llama "after" rows above were measured
-with the shared causal mask; with no mask, which Llama allows, the T = 2048 rows lose its 16 MiB
-and the copies of the grouped keys and values: 1.02× at B = 1.) Where the extra went
+float32, after it runs ``precision="model"``. Llama runs with no mask: its own causal ``sdpa``;
+GPT-2, which reads its ids when given none, gets the shared causal mask, 16 MiB at T = 2048.) Where the extra went
 before, per site (Llama, T = 512, B = 1, live bytes at the peak): backward intermediates 98 MiB
 against 8 (``torch.func.grad``'s ``create_graph=True`` kept every one alive), engine 57 MiB against 0
 (every probed layer's ``[T, out]`` output gradient and ``[T, in]`` input held to the end of the
-backward, ``[T, out]`` zero probes); 3.3× in all. After, the differences left are the mask (the
-shared ``[T, T]``, 16 MiB at T = 2048), ``vmap``'s loop over the fused attention kernel, which keeps
+backward, ``[T, out]`` zero probes); 3.3× in all. After, the differences left are GPT-2's mask (the
+shared ``[T, T]``), ``vmap``'s loop over the fused attention kernel, which keeps
 its stacked output beside the per-sample one (+2 MiB per layer at T = 2048), and the running sums;
 a forward+backward's batched boolean mask, copied to float in every layer, and its parameter
 ``.grad`` (which a group Fisher never makes) are why batches of 4 come out below 1×.
