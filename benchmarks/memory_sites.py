@@ -79,6 +79,11 @@ model, forward+backward → group Fisher, and the ratio). "Before": the engine o
 
     llama   256   B=4 bf16   102 → 356 MiB (3.50×)       102 → 95 MiB   (0.93×)
 
+    issue 14's model (--d 512 --layers 8 --heads 8 --vocab 8000 --T 512; FFN 2048 here, 1408 there)
+    llama   512   B=4        1080 → 2618 MiB (2.42×)     1080 → 1043 MiB (0.97×)
+    llama   512   B=1        265 → 830 MiB (3.13×)       265 → 268 MiB  (1.01×)
+    llama   512   chunk=1    265 → 832 MiB (3.14×)       265 → 270 MiB  (1.02×)
+
 (bf16: the model stored in bfloat16; before, ``ff.fisher`` made float32 copies and computed in
 float32, after it runs ``precision="model"``. Llama runs with no mask: its own causal ``sdpa``;
 GPT-2, which reads its ids when given none, gets the shared causal mask, 16 MiB at T = 2048.) Where the extra went
