@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor
 
 import fisherfunc as ff
@@ -151,6 +153,33 @@ def test_low_precision_gradients_square_and_sum_in_float32(dtype: torch.dtype, p
             summed = value if form == "sums" else value.sum(0)
             # integers below 2**24: exact in float32, so equal, not close
             assert torch.equal(summed.double(), want), (form, name, (summed.double() - want).abs().max())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    t=st.integers(1, 6),
+    n0=st.integers(1, 40),
+    n1=st.integers(1, 6),
+    sums=st.sampled_from(["rows", "cols", "full"]),
+    seed=st.integers(0, 2**16),
+)
+def test_square_sums_in_blocks_of_bfloat16_factors_equal_the_whole_square(
+    t: int, n0: int, n1: int, sums: str, seed: int
+) -> None:
+    """Row (column) sums formed block by block from bfloat16 factors equal ``(uᵀ v)²`` summed, in float32.
+
+    ``n0`` up to 40 against ``n1`` up to 6 gives up to 8 blocks, in the Gram and the direct form.
+    """
+    from fisherfunc._engine.group_sums import _square_sums
+
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(t, n0, generator=g).bfloat16()
+    v = torch.randn(t, n1, generator=g).bfloat16()
+    full = (u.double().t() @ v.double()).square()  # products of bfloat16 values, exact in float64
+    want = {"rows": full.sum(1), "cols": full.sum(0), "full": full}[sums]
+    got = _square_sums(u, v, sums)  # type: ignore[arg-type]
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 
 # --- peak memory against a plain forward+backward -------------------------------------------------

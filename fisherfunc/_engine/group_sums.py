@@ -121,31 +121,49 @@ def widen(x: Tensor) -> Tensor:
     return x.float() if x.is_floating_point() and torch.finfo(x.dtype).bits < 32 else x
 
 
+#: The most blocks of rows a row (or column) sum is formed in (see :func:`_square_sums`).
+_BLOCKS = 8
+
+
 def _square_sums(u: Tensor, v: Tensor, sums: SquareSums) -> Tensor:
-    """Sums of ``G ⊙ G`` for ``G = uᵀ v`` (``u [T, n0]``, ``v [T, n1]``), as rows, columns or full."""
+    """Sums of ``G ⊙ G`` for ``G = uᵀ v`` (``u [T, n0]``, ``v [T, n1]``), as rows, columns or full, float32 or wider.
+
+    Row sums are formed for blocks of ``max(n1, n0 / 8)`` rows at a time (columns: the transpose),
+    each block of ``u`` widened on its own, so no temporary is larger than ``[T, n1]`` (Gram form) or
+    ``[n1, n1]`` (direct form) by more than 8×: a language-model head's ``[T, vocab]`` output
+    gradient is never copied to float32 whole, nor its ``[vocab, d]`` square formed at once.
+    """
     t, n0, n1 = u.shape[0], u.shape[1], v.shape[1]
     if sums == "full":
-        g = u.t() @ v
+        g = widen(u).t() @ widen(v)
         return g * g
     if sums == "cols":
         u, v = v, u
         n0, n1 = n1, n0
     # rows[i] = Σ_j (Σ_t u_ti v_tj)²
+    v = widen(v)
     if t == 1:
-        return u[0].square() * v[0].square().sum()
-    if t * (n0 + n1) < n0 * n1:  # Gram form: Σ_t u_ti (K u)_ti with K = v vᵀ
-        return (u * ((v @ v.t()) @ u)).sum(0)
-    g = u.t() @ v  # direct form
-    return (g * g).sum(1)
+        return widen(u[0]).square() * v[0].square().sum()
+    gram = v @ v.t() if t * (n0 + n1) < n0 * n1 else None  # Gram form: Σ_t u_ti (K u)_ti with K = v vᵀ
+    step = max(n1, -(-n0 // _BLOCKS))
+    rows = []
+    for start in range(0, n0, step):
+        block = widen(u[:, start : start + step])
+        if gram is not None:
+            rows.append((block * (gram @ block)).sum(0))
+        else:
+            g = block.t() @ v  # direct form
+            rows.append((g * g).sum(1))
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def _factors(site: Site, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-    """``u [T, n0]``, ``v [T, n1]`` with ``G = uᵀ v`` in the weight's layout, float32 or wider.
+    """``u [T, n0]``, ``v [T, n1]`` with ``G = uᵀ v`` in the weight's layout (in the dtype they come in).
 
     The layouts: linear ``[out, in]`` (``u = d``, ``v = a``), addmm ``[in, out]`` (``u = a``, ``v = d``).
     """
-    a = widen(a).reshape(-1, a.shape[-1])
-    d = widen(d).reshape(a.shape[0], -1)
+    a = a.reshape(-1, a.shape[-1])
+    d = d.reshape(a.shape[0], -1)
     return (d, a) if site.op == "linear" else (a, d)
 
 
@@ -198,7 +216,7 @@ def _site_parts(site: Site, a_or_ids: Tensor, d: Tensor) -> tuple[Tensor, Tensor
     """
     if site.op != "embedding":
         u, v = _factors(site, a_or_ids, d)
-        return u[0], v[0]
+        return widen(u[0]), widen(v[0])
     ids, d = _embedding_d(site, a_or_ids, d)
     same = (ids.unsqueeze(0) == ids.unsqueeze(1)).to(d.dtype)  # S_tt'
     if site.sums == "rows":
