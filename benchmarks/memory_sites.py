@@ -78,6 +78,8 @@ model, forward+backward → group Fisher, and the ratio). "Before": the engine o
     bert    2048  chunk=1    197 → 483 MiB (2.45×)       197 → 207 MiB  (1.05×)
 
     llama   256   B=4 bf16   102 → 356 MiB (3.50×)       102 → 95 MiB   (0.93×)
+    llama   256   B=2 bf16, V=32000 (live bytes)         217 → 123 MiB  (0.57×; 1.15× before the
+                                                         head's square sums were formed in blocks)
 
     issue 14's model (--d 512 --layers 8 --heads 8 --vocab 8000 --T 512; FFN 2048 here, 1408 there)
     llama   512   B=4        1080 → 2618 MiB (2.42×)     1080 → 1043 MiB (0.97×)
