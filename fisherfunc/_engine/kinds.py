@@ -384,11 +384,13 @@ class LabelSets:
         def one(y: Tensor, w: Tensor) -> tuple[Tensor, ...]:
             # the prediction-space cotangent ∂L_b(y)/∂f, pulled back to the primals
             cotangent = grad(lambda f: self.loss.nll(f, y, mask)[0])(fixed)
-            return tuple(w * s for s in reduce(pullback(cotangent), aux))
+            with torch.no_grad():  # the backward records no graph of its own (as in _engine/vectorise.py)
+                pulled = pullback(cotangent)
+            return tuple(w * s for s in reduce(pulled, aux))
 
         per_set = vmap(one)(labels, weights)  # each [J, *group_shape]
         _, tokens = self.loss.nll(fixed, targets, mask)
-        return tuple(s.sum(0) for s in per_set), torch.as_tensor(tokens, dtype=fixed.dtype), aux
+        return tuple(s.sum(0) for s in per_set), torch.as_tensor(tokens, dtype=torch.promote_types(fixed.dtype, torch.float32)), aux
 
 
 def kind_name(kind: FisherKind | str) -> str:
