@@ -390,7 +390,8 @@ class LabelSets:
 
         per_set = vmap(one)(labels, weights)  # each [J, *group_shape]
         _, tokens = self.loss.nll(fixed, targets, mask)
-        return tuple(s.sum(0) for s in per_set), torch.as_tensor(tokens, dtype=torch.promote_types(fixed.dtype, torch.float32)), aux
+        count = torch.as_tensor(tokens, dtype=torch.promote_types(fixed.dtype, torch.float32))  # bf16 counts to 256
+        return tuple(s.sum(0) for s in per_set), count, aux
 
 
 def kind_name(kind: FisherKind | str) -> str:

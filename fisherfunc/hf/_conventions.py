@@ -17,7 +17,7 @@ whether its outputs at the first position change when later tokens do.
 
 **Positions and masks.** Every sample is front-aligned first (:mod:`~fisherfunc.hf._align`): its real
 tokens fill the first slots, so a model that builds its own positions builds the unpadded sample's.
-Only what a model builds from the 2-D ``attention_mask`` needs more, since it gets a 4-D mask:
+Only what a model builds from the 2-D ``attention_mask`` needs more, since it never gets a 2-D mask:
 
 | ``model_type``                              | attends (decided by)             | positions it builds         | pass |
 |---------------------------------------------|----------------------------------|-----------------------------|------|
@@ -35,7 +35,12 @@ Only what a model builds from the 2-D ``attention_mask`` needs more, since it ge
 | ``t5``, ``bart``, ``mbart``, ``marian``     | encoder both ways, decoder       | relative buckets (T5),      | K    |
 | (:func:`~fisherfunc.hf.seq2seq_lm`)         | causally (``is_encoder_decoder``)| ``arange(T) + 2`` (BART)    |      |
 
-M: the per-sample 4-D mask (:mod:`~fisherfunc.hf._masks`); P: ``position_ids = cumsum(m) − 1`` of
+M: the least mask that keeps a front-aligned sample exact (:mod:`~fisherfunc.hf._losses`,
+``HFInputs.form``): a causal model gets none where its live padding check passes without one (its
+own causal attention; the padding follows every real token), else one additive causal mask shared
+by every sample and layer (:func:`~fisherfunc.hf._masks.causal_mask`); a bidirectional model gets
+the keys' ``[1, 1, 1, T]`` mask (:func:`~fisherfunc.hf._masks.key_mask`), or the full per-sample
+``[1, 1, T, T]`` mask where its layers mix full and sliding-window attention; P: ``position_ids = cumsum(m) − 1`` of
 the aligned mask (a 4-D mask has no cumsum the model could take); K: a 4-D key mask ``[1, 1, 1, S]``
 for the encoder's self-attention and the decoder's cross-attention (the decoder builds its own
 causal mask; labels padded on the right are never seen by an earlier position); —: no mask at all:
