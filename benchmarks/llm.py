@@ -94,7 +94,9 @@ def build(shape: LlamaShape, device: torch.device) -> tuple[nn.Module, dict[str,
         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, max_position_embeddings=shape.T,
         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa",
     )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=shape.dtype).eval()
+    with device:  # initialised where it runs (a 1B model's float32 init on a GPU, not on the host)
+        model = transformers.LlamaForCausalLM(config)
+    model = model.to(dtype=shape.dtype).eval()
     ids = torch.randint(3, shape.vocab, (shape.B, shape.T), device=device)
     lengths = torch.tensor(shape.lengths(), device=device)
     mask = (torch.arange(shape.T, device=device) < lengths.unsqueeze(1)).long()
