@@ -470,6 +470,19 @@ def test_bad_chunk_size(chunk_size: Any) -> None:
     assert model.calls == 0
 
 
+def test_parameters_on_the_meta_device_are_refused_by_name_before_any_call() -> None:
+    model, params, batch = mlp()
+    loss = ff.losses.classification(model)
+    meta = {**params, "0.weight": params["0.weight"].to("meta")}
+    for call in (
+        lambda: ff.fisher(loss, meta, batch, spec=MLP_SPEC),
+        lambda: ff.per_sample_fisher(loss, meta, batch, spec=MLP_SPEC),
+    ):
+        with pytest.raises(ValueError, match=r"parameter '0\.weight' is on the 'meta' device"):
+            call()
+    assert model.calls == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64], ids=str)
 def test_state_dtype_must_be_floating(dtype: torch.dtype) -> None:
     model, params, _ = mlp()

@@ -182,8 +182,8 @@ def prepare(
 
     Raises:
         SpecError: for an empty tree or a leaf that is not a tensor, naming it.
-        ValueError: for a ``precision`` other than ``"float32"`` or ``"model"``, or ``"model"`` with a
-            float16 compute dtype (refused: see the message).
+        ValueError: for a ``precision`` other than ``"float32"`` or ``"model"``, ``"model"`` with a
+            float16 compute dtype (refused: see the message), or a leaf on the ``meta`` device.
     """
     check_precision(precision)
     paths, leaves, treespec = optree.tree_flatten_with_path(params)
@@ -192,6 +192,12 @@ def prepare(
     for path, leaf in zip(paths, leaves):
         if not isinstance(leaf, Tensor):
             raise SpecError(f"parameter '{path_name(path)}' is a {type(leaf).__name__}, not a torch.Tensor")
+        if leaf.device.type == "meta":
+            raise ValueError(
+                f"parameter '{path_name(path)}' is on the 'meta' device and holds no values (a model loaded with "
+                "device_map/offloading, or built under init_empty_weights): load its weights onto one device first "
+                "(see docs/scale.md for models that do not fit one device)"
+            )
     chosen = [leaves[i] for i in differentiated] if differentiated is not None else leaves
     dtype = compute_dtype([x for x in chosen if x.is_floating_point()], precision)
     if precision == "model" and dtype == torch.float16:
