@@ -26,9 +26,14 @@ stacked, and the square of the whole sum is formed. Everything else — weights 
 ``grad`` call.
 
 Squares and sums are float32 or wider whatever the dtype the per-sample gradients and recorded
-inputs come in (DESIGN §5): a bfloat16/float16 forward and backward hands its factors and gradients
-to :func:`widen` before anything is squared or multiplied, so every product of two low-precision
-values is exact in float32 and the group sums are float32.
+inputs come in (DESIGN §5): a bfloat16 forward and backward (``precision="model"``) hands its
+gradients and factors to :func:`widen` before anything is squared, so the group sums are float32.
+Where a factorised weight's per-sample gradient ``G = Σ_t d_t a_tᵀ`` is formed (the direct and full
+forms), it is formed in the factors' dtype, as the model's own backward forms a weight's gradient
+(float32 accumulation inside the matrix product, each entry rounded once to the model's dtype),
+then widened and squared: widening the factors first ran the largest product of the computation at
+float32 speed (a bfloat16 Llama's Fisher at 1.5× its forward+backward on a CPU with bfloat16 units,
+1.07× now). The Gram form, whose terms cancel, is formed in float32.
 
 Callers that only need the batch's sums (``fisher``, ``accumulate``, the step) get the sums form,
 which contracts some sites at chunk level: with one vector per sample,
@@ -115,8 +120,8 @@ def find_sites(loss: PerSampleLoss, prepared: Prepared, spec: ResolvedSpec, samp
 def widen(x: Tensor) -> Tensor:
     """``x`` in float32 if it is a floating tensor narrower than that (bfloat16, float16), else ``x``.
 
-    Squares and sums are float32 or wider: the product of two bfloat16 (8-bit significand) or
-    float16 (11-bit) values is exact in float32 (24-bit), so only the sums round, in float32.
+    Squares and sums are float32 or wider: the square of a bfloat16 (8-bit significand) or float16
+    (11-bit) value is exact in float32 (24-bit), so only the sums round, in float32.
     """
     return x.float() if x.is_floating_point() and torch.finfo(x.dtype).bits < 32 else x
 
@@ -131,28 +136,31 @@ def _square_sums(u: Tensor, v: Tensor, sums: SquareSums) -> Tensor:
     Row sums are formed for blocks of ``max(n1, n0 / 8)`` rows at a time (columns: the transpose),
     each block of ``u`` widened on its own, so no temporary is larger than ``[T, n1]`` (Gram form) or
     ``[n1, n1]`` (direct form) by more than 8×: a language-model head's ``[T, vocab]`` output
-    gradient is never copied to float32 whole, nor its ``[vocab, d]`` square formed at once.
+    gradient is never copied to float32 whole, nor its ``[vocab, d]`` square formed at once. In the
+    direct and full forms ``G`` is formed in the factors' dtype, then widened and squared; the Gram
+    form (whose terms cancel) from widened factors.
     """
     t, n0, n1 = u.shape[0], u.shape[1], v.shape[1]
     if sums == "full":
-        g = widen(u).t() @ widen(v)
+        g = widen(u.t() @ v)
         return g * g
     if sums == "cols":
         u, v = v, u
         n0, n1 = n1, n0
     # rows[i] = Σ_j (Σ_t u_ti v_tj)²
-    v = widen(v)
     if t == 1:
-        return widen(u[0]).square() * v[0].square().sum()
-    gram = v @ v.t() if t * (n0 + n1) < n0 * n1 else None  # Gram form: Σ_t u_ti (K u)_ti with K = v vᵀ
+        return widen(u[0]).square() * widen(v[0]).square().sum()
+    # Gram form, Σ_t u_ti (K u)_ti with K = v vᵀ: its terms cancel, so it is formed in float32 or wider
+    gram = widen(v) @ widen(v).t() if t * (n0 + n1) < n0 * n1 else None
     step = max(n1, -(-n0 // _BLOCKS))
     rows = []
     for start in range(0, n0, step):
-        block = widen(u[:, start : start + step])
+        block = u[:, start : start + step]
         if gram is not None:
-            rows.append((block * (gram @ block)).sum(0))
+            wide = widen(block)
+            rows.append((wide * (gram @ wide)).sum(0))
         else:
-            g = block.t() @ v  # direct form
+            g = widen(block.t() @ v)  # direct form: G formed in the factors' dtype, as the model's backward does
             rows.append((g * g).sum(1))
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
