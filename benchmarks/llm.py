@@ -292,21 +292,37 @@ def predicted_peak(shape: LlamaShape, samples: int, *, masked: bool) -> int:
     return tokens * per_token + (shape.layers * samples * s * shape.T**2 if masked else 0)
 
 
-def predictions(shape: LlamaShape) -> dict[str, int]:
-    """The memory model's peak for each method of :func:`methods` that it covers (bytes).
+def fisher_top_bytes_per_token(shape: LlamaShape) -> int:
+    """fisherfunc's per-token bytes outside the layers: the final norm, and the loss's log-softmax and
+    the gradients of it and of the logits in the compute dtype (``fisherfunc.hf`` does not upcast the
+    logits; its square sums widen a ``[T, V]`` gradient block by block)::
 
-    fisherfunc's rows are the forward+backward's: per sample it keeps the same activations, and its
-    own terms (probe gradients ``T × out`` per site, the direct form's one ``out × in`` per sample,
-    the per-sample masks) are allocated after the activations start to be freed. A one-sample chunk
-    is a masked one-sample forward+backward.
+        top_f = (4 + 2s)·d + 3s·V
     """
-    batch = predicted_peak(shape, shape.B, masked=True)
-    one = predicted_peak(shape, 1, masked=False)
+    s = torch.empty((), dtype=shape.dtype).element_size()
+    return (4 + 2 * s) * shape.d + 3 * s * shape.vocab
+
+
+def predicted_fisher_peak(shape: LlamaShape, samples: int) -> int:
+    """Predicted peak tensor bytes of a group Fisher call over a chunk of ``samples`` sequences::
+
+        peak = c·T·(L·a + top_f)
+
+    Per sample it keeps the forward's activations (``a``, as a plain forward+backward), and its own
+    terms (probe gradients ``T × out``, reduced in the backward as soon as they exist) are allocated
+    as those activations are freed. A causal model gets no mask (its own causal attention), so there
+    is no ``T²`` term; a bfloat16 model under ``precision="model"`` holds no float32 copies.
+    """
+    return samples * shape.T * (shape.layers * layer_bytes_per_token(shape) + fisher_top_bytes_per_token(shape))
+
+
+def predictions(shape: LlamaShape) -> dict[str, int]:
+    """The memory model's peak for each method of :func:`methods` that it covers (bytes)."""
     tag = ', precision="model"' if shape.dtype != torch.float32 else ""
     return {
-        FWD_BWD: batch,
-        ONE_SAMPLE: one,
-        f"fisher_step (sites kept){tag}": batch,
-        f"ff.fisher one-shot{tag}": batch,
-        f"ff.fisher chunk_size=1{tag}": predicted_peak(shape, 1, masked=True),
+        FWD_BWD: predicted_peak(shape, shape.B, masked=True),
+        ONE_SAMPLE: predicted_peak(shape, 1, masked=False),
+        f"fisher_step (sites kept){tag}": predicted_fisher_peak(shape, shape.B),
+        f"ff.fisher one-shot{tag}": predicted_fisher_peak(shape, shape.B),
+        f"ff.fisher chunk_size=1{tag}": predicted_fisher_peak(shape, 1),
     }
