@@ -14,28 +14,11 @@ difference from ``ff.fisher(..., chunk_size=<that chunk>)``.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
 import fisherfunc as ff
-from fisherfunc._engine.budget import BudgetError, parse_bytes
-from fisherfunc._engine.memory import LiveBytes
-
-
-def peak_of(run: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
-    """``run()`` and the peak bytes it allocated above what was allocated before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        out = run()
-        torch.cuda.synchronize(device)
-        return out, torch.cuda.max_memory_allocated(device) - before
-    with LiveBytes() as live:
-        out = run()
-    return out, live.peak
+from fisherfunc._engine.budget import BudgetError, measure, parse_bytes
 
 
 def main() -> None:
@@ -81,7 +64,7 @@ def main() -> None:
         step = ff.make_fisher_step(loss, spec=spec, decay=0.0, precision=args.precision, max_memory=budget)
         state = step.init(params)
         try:
-            state, peak = peak_of(lambda: step(params, batch, state), device)  # noqa: B023
+            state, peak = measure(lambda: step(params, batch, state), device)  # noqa: B023
         except BudgetError as err:
             print(f"  max_memory={budget}: refused: {err}")
             continue
