@@ -17,13 +17,22 @@ Frobenius-optimal diagonal in K-FAC's eigenbasis).
 (b) Cost. Median wall time over interleaved repeats (after one warm-up) of ``ff.kfac.kfac`` on
 the benchmark workloads of benchmarks/run.py (MLP 784-512-512-10 B=128, the TinyLM
 "transformer"), relative to a plain forward+backward of the same batch, next to the peers
-computing their factors and ``ff.kfac.ekfac``'s second pass. It also prints the FLOP floor
+computing their factors (curvlinops ``KFACLinearOperator.compute_kronecker_factors`` on an operator
+built once; nngeometry ``PMatKFAC``) in the same interleaved repeats. Rows: the one-shot call, a
+``make_kfac_step`` call in steady state (the step keeps the layers' shapes across calls, as the
+peers' operators do), ``update_every=10`` (the mean per call over 10 calls: one refresh, nine
+returns of the state), ``ff.kfac.ekfac``'s second pass with and without eigendecompositions, and the
+peers' EK-FAC passes with their bases kept (curvlinops ``compute_eigenvalue_correction`` after a
+first call; nngeometry ``PMatEKFAC.update_diag``). It also prints the FLOP floor
 ``1 + Σ_l 2 P_l (a_l² + o_l²) / FLOPs(fwd+bwd)`` (``P_l`` positions, ``a_l`` / ``o_l`` the input
 (+1) / output widths of layer ``l``; fwd+bwd FLOPs counted by ``torch.utils.flop_counter``): the
-factor products alone cost that much on top of a forward+backward.
+factor products alone cost that much on top of a forward+backward (on the CPU fisherfunc forms a
+wide factor's blocks above the diagonal and mirrors them, a quarter or more of those FLOPs fewer).
+Timing runs should hold a lock when the machine is shared:
+``flock /tmp/bench.lock python benchmarks/kfac.py ...``.
 
     python benchmarks/kfac.py                      # both parts, markdown on stdout
-    python benchmarks/kfac.py --part cost --repeats 5 --out kfac_bench.md
+    python benchmarks/kfac.py --part cost --repeats 15 --threads 1 --out kfac_cost.md
 """
 
 from __future__ import annotations
@@ -426,8 +435,25 @@ def cost(workload: str, repeats: int, device: str = "cpu") -> str:
         "forward+backward": lambda: bench_run._forward_backward(w),
         f"ff.kfac.kfac expand ({len(covered)} layers)": lambda: ff.kfac.kfac(w.loss, params, w.batch),
     }
+    # calls each timed function makes (a row's time is per call: the total divided by this)
+    calls: dict[str, int] = {}
     one = tuple(t[:1] for t in w.batch)
-    fns["ff.kfac.kfac expand on 1 sample (its fixed per-call cost)"] = lambda: ff.kfac.kfac(w.loss, params, one)
+    fns["ff.kfac.kfac expand on 1 sample (discovery, [in, in] and [out, out] outputs, Python)"] = lambda: ff.kfac.kfac(
+        w.loss, params, one
+    )
+    step = ff.kfac.make_kfac_step(w.loss, decay=0.95)
+    state = step.init(params, w.batch)
+    fns["make_kfac_step, steady state (every call refreshes)"] = lambda: step(params, w.batch, state)
+    every10 = ff.kfac.make_kfac_step(w.loss, decay=0.95, update_every=10)
+    state10 = every10.init(params, w.batch)
+
+    def ten_calls() -> None:
+        s = state10
+        for _ in range(10):  # call 0 refreshes the factors, calls 1-9 return the state
+            s = every10(params, w.batch, s)
+
+    amortised = "make_kfac_step update_every=10, per call (mean over 10 calls)"
+    fns[amortised], calls[amortised] = ten_calls, 10
     if sequence:
         fns[f"ff.kfac.kfac reduce ({len(covered)} layers)"] = lambda: ff.kfac.kfac(
             w.loss, params, w.batch, approx="reduce"
@@ -485,6 +511,15 @@ def cost(workload: str, repeats: int, device: str = "cpu") -> str:
             fns[f"ff.kfac.kfac expand, the same {len(modules)} layers"] = lambda: ff.kfac.kfac(
                 w.loss, params, w.batch, layers=same
             )
+            step_same = ff.kfac.make_kfac_step(w.loss, decay=0.95, layers=same)
+            state_same = step_same.init(params, w.batch)
+            fns[f"make_kfac_step steady state, the same {len(modules)} layers"] = lambda: step_same(
+                params, w.batch, state_same
+            )
+            E_same = ff.kfac.ekfac(w.loss, params, w.batch, ff.kfac.kfac(w.loss, params, w.batch, layers=same))
+            fns[f"ff.kfac.ekfac reusing bases, the same {len(modules)} layers"] = lambda: ff.kfac.ekfac(
+                w.loss, params, w.batch, E_same
+            )
         eop.compute_kronecker_factors()
         eop.compute_eigenvalue_correction()  # caches the eigenvectors: later calls time the pass alone
         fns["curvlinops EKFACLinearOperator second pass (eigenvectors cached)"] = eop.compute_eigenvalue_correction
@@ -495,7 +530,7 @@ def cost(workload: str, repeats: int, device: str = "cpu") -> str:
         try:
             from nngeometry.backend import TorchHooksJacobianBackend
             from nngeometry.layercollection import LayerCollection
-            from nngeometry.object import PMatKFAC
+            from nngeometry.object import PMatEKFAC, PMatKFAC
             from torch.utils.data import DataLoader, TensorDataset
 
             generator = TorchHooksJacobianBackend(
@@ -505,6 +540,8 @@ def cost(workload: str, repeats: int, device: str = "cpu") -> str:
             )
             loader = DataLoader(TensorDataset(*w.batch), batch_size=w.batch[0].shape[0])
             fns["nngeometry PMatKFAC"] = lambda: PMatKFAC(generator=generator, examples=loader)
+            peer_ekfac = PMatEKFAC(generator=generator, examples=loader)  # eigendecomposes once
+            fns["nngeometry PMatEKFAC.update_diag (bases kept)"] = lambda: peer_ekfac.update_diag(loader)
         except Exception as exc:  # noqa: BLE001
             notes.append(f"nngeometry: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
     else:
@@ -514,6 +551,9 @@ def cost(workload: str, repeats: int, device: str = "cpu") -> str:
     # nngeometry is not counted: under FlopCounterMode its pass raises, and it then leaves its hooks
     # on the model (no try/finally), breaking every later call.
     flops = {name: None if name.startswith("nngeometry") else _counted_flops(fn) for name, fn in fns.items()}
+    for name, n in calls.items():
+        counted = flops[name]
+        flops[name] = None if counted is None else counted / n
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():  # interleaved: drift hits every method alike
@@ -522,6 +562,8 @@ def cost(workload: str, repeats: int, device: str = "cpu") -> str:
             fn()
             _sync(dev)
             times[name].append(time.perf_counter() - start)
+    for name, n in calls.items():
+        times[name] = [t / n for t in times[name]]
     base = statistics.median(times["forward+backward"])
     fb_flops = flops["forward+backward"]
     assert fb_flops
@@ -565,7 +607,12 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="*", default=["mlp", "transformer"])
     parser.add_argument("--out", help="also write the tables to this markdown file")
     parser.add_argument("--device", default="cpu", help="device of the cost part, e.g. cuda (fidelity: CPU, float64)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads(N) before anything runs (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     header = [
         f"`{' '.join(['python', *sys.argv])}`",
         "",

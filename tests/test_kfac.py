@@ -577,3 +577,132 @@ def test_non_finite_batches_raise_naming_the_layers_and_leave_the_state_alone() 
     skipping = ff.kfac.make_kfac_step(loss, decay=0.9, nonfinite="skip")
     assert skipping(params, (bad, y), state) is state
     assert state.step == 1 and all(torch.equal(state.A[k], before[k]) for k in before)
+
+
+# --- steady state: amortised refreshes, remembered shapes, the symmetric product ---------------------
+
+
+def _same_state(a: ff.kfac.KFACState, b: ff.kfac.KFACState, *, but: tuple[str, ...] = ()) -> None:
+    """Every field equal, tensors bitwise, except the fields in ``but``."""
+    for field, item in a._asdict().items():
+        if field in but:
+            continue
+        other = getattr(b, field)
+        if isinstance(item, dict) and item and isinstance(next(iter(item.values())), Tensor):
+            assert item.keys() == other.keys() and all(torch.equal(item[k], other[k]) for k in item), field
+        else:
+            assert item == other, field
+
+
+@pytest.mark.parametrize("kind", ["empirical", ff.MC(samples=2, seed=3)], ids=["empirical", "mc"])
+def test_update_every_refreshes_on_every_kth_call_only(kind) -> None:
+    case = _mlp(seed=4, positions=4, batch=(5,) * 7)
+    loss, params, batches = case.loss, case.params, case.batches
+    amortised = ff.kfac.make_kfac_step(loss, decay=0.8, kind=kind, update_every=3)
+    every = ff.kfac.make_kfac_step(loss, decay=0.8, kind=kind)
+    state = amortised.init(params, batches[0])
+    reference = every.init(params, batches[0])
+    for call, batch in enumerate(batches):
+        before = state
+        # a call between refreshes reads neither params nor batch: None for both proves it
+        state = amortised(params, batch, state) if call % 3 == 0 else amortised(None, None, state)
+        if call % 3 == 0:
+            reference = every(params, batch, reference)
+        else:
+            _same_state(state, before, but=("calls",))
+            assert all(state.A[k] is before.A[k] for k in state.A)  # returned as they were, not copied
+        assert state.calls == call + 1 and reference.calls == call // 3 + 1
+        _same_state(state, reference, but=("calls",))
+    assert state.step == 3 and state.samples == 15
+    est, ref = ff.kfac.estimate(state), ff.kfac.estimate(reference)  # bias correction by refreshes: 1 − β³
+    assert all(torch.equal(est.A[k], ref.A[k]) and torch.equal(est.G[k], ref.G[k]) for k in est.A)
+
+
+def test_update_every_one_is_the_ema_of_one_shot_factors() -> None:
+    case = _mlp(seed=5, positions=4, batch=(5, 4, 6))
+    loss, params, batches = case.loss, case.params, case.batches
+    step = ff.kfac.make_kfac_step(loss, decay=0.7, update_every=1)
+    state = step.init(params, batches[0])
+    A = {k: torch.zeros_like(v) for k, v in state.A.items()}
+    G = {k: torch.zeros_like(v) for k, v in state.G.items()}
+    for t, batch in enumerate(batches, 1):
+        state = step(params, batch, state)
+        one = ff.kfac.kfac(loss, params, batch)
+        for k in A:  # m_t = β m_{t−1} + (1 − β) X_t, X_t the batch's one-shot factors
+            A[k], G[k] = 0.7 * A[k] + (1 - 0.7) * one.A[k], 0.7 * G[k] + (1 - 0.7) * one.G[k]
+            assert torch.equal(state.A[k], A[k]) and torch.equal(state.G[k], G[k])
+        assert state.step == state.calls == t
+    assert state.samples == 15 and state.tokens == sum(float((y != -100).sum()) for _, y in batches)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "3", None])
+def test_update_every_is_refused_before_any_work(bad) -> None:
+    case = _mlp(seed=2)
+    (x, y), loss, params = case.batch, case.loss, case.params
+    good = ff.kfac.make_kfac_step(loss, decay=0.9)
+    state = good(params, (x, y), good.init(params, (x, y)))
+    snapshot = {k: v.clone() for k, v in state.A.items()}
+    calls = case.model.calls
+    with pytest.raises(ValueError, match="update_every"):
+        ff.kfac.make_kfac_step(loss, decay=0.9, update_every=bad)
+    with pytest.raises(ValueError, match="update_every"):
+        ff.kfac.KFACStep(loss, 0.9, "expand", None, None, ff.Empirical(), "raise", bad)
+    assert case.model.calls == calls  # the model was not run
+    assert state.calls == state.step == 1 and all(torch.equal(state.A[k], snapshot[k]) for k in snapshot)
+
+
+def test_step_remembers_the_layers_shapes_and_rediscovers_when_they_may_change() -> None:
+    case = _mlp(seed=6, positions=4, batch=(5, 5))
+    loss, params, model = case.loss, case.params, case.model
+    (x, y), (x2, y2) = case.batches
+    step = ff.kfac.make_kfac_step(loss, decay=0.5)
+    state = step.init(params, (x, y))  # discovery: one forward
+    calls = model.calls
+    fresh = ff.kfac.make_kfac_step(loss, decay=0.5)
+    for batch in ((x, y), (x2, y2)):
+        remembered, rediscovered = step(params, batch, state), fresh(params, batch, state)
+        _same_state(remembered, rediscovered)
+    assert model.calls - calls == 2 + 3  # the step: one forward per call; a fresh step: discovery too
+    calls = model.calls
+    longer = (torch.cat([x, x], 1), torch.cat([y, y], 1))  # a new sample shape: discovered once
+    for _ in range(2):
+        step(params, longer, state)
+    assert model.calls - calls == 3
+    calls = model.calls
+    model.train()  # training flags may change the calls: discovered again
+    try:
+        step(params, (x, y), state)
+    finally:
+        model.eval()
+    assert model.calls - calls == 2
+
+
+def test_ekfac_reuses_bases_and_discovers_the_layers_once() -> None:
+    case = _mlp(seed=7, positions=4)
+    (x, y), loss, params, model = case.batch, case.loss, case.params, case.model
+    calls = model.calls
+    first = ff.kfac.ekfac(loss, params, (x, y))  # one discovery forward, then the factors' and the scaling's
+    assert model.calls - calls == 3
+    calls = model.calls
+    again = ff.kfac.ekfac(loss, params, (x, y), first)  # bases given: discovery and the scaling's pass
+    assert model.calls - calls == 2
+    factors = ff.kfac.kfac(loss, params, (x, y))
+    for k in first.scale:
+        assert again.QA[k] is first.QA[k] and again.QG[k] is first.QG[k]  # reused, not copied
+        assert torch.equal(again.scale[k], first.scale[k])
+        assert torch.equal(first.QA[k], ff.kfac.eigendecompose(factors).QA[k])
+
+
+@pytest.mark.parametrize("width", [5, 191, 192, 385, 450])
+def test_gram_is_the_symmetric_product(monkeypatch: pytest.MonkeyPatch, width: int) -> None:
+    from fisherfunc.kfac import _factors
+
+    monkeypatch.setattr(_factors, "GRAM_ROWS", 1)  # split whatever the thread count
+    x = torch.randn(40, width, dtype=torch.float64, generator=torch.Generator().manual_seed(width))
+    reference = torch.einsum("mi,mj->ij", x, x)
+    out = _factors.gram(x)
+    assert (out - reference).abs().max() <= 1e-13 * reference.abs().max()
+    h = width // 2
+    if width >= _factors.GRAM_SPLIT:  # split: the lower-left block is the upper-right's copy
+        assert torch.equal(out[h:, :h], out[:h, h:].t())
+    assert torch.equal(_factors.gram(x[:, :0]), torch.zeros(0, 0, dtype=torch.float64))

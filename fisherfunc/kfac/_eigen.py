@@ -28,7 +28,7 @@ from .._engine.nonfinite import NonFiniteError, NonFinitePolicy
 from .._engine.numerics import prepare, scope
 from .._estimate import check_options, precheck
 from ._capture import capture_fn
-from ._factors import KFAC, Approx, augment, kfac
+from ._factors import KFAC, Approx, augment, kfac_and_shapes
 from ._layers import Layer, LayerShapes
 
 __all__ = ["EKFAC", "ekfac", "eigenbasis", "eigendecompose"]
@@ -124,13 +124,14 @@ def ekfac(
     check_options(chunk_size=chunk_size, nonfinite=nonfinite)
     kind = as_kind(kind)
     labels = label_sets(loss, kind)
+    discovered: LayerShapes | None = None
     if factors is None:
         if isinstance(batches, Iterator):
             raise ValueError("ekfac reads the batches twice; pass a list, a DataLoader or one batch, or pass factors=")
-        factors = kfac(
+        factors, discovered = kfac_and_shapes(
             loss, params, batches, approx=approx, layers=layers, chunk_size=chunk_size, kind=kind, nonfinite=nonfinite
         )
-    prepared = prepare(params)
+    prepared = discovered.params if discovered is not None else prepare(params)
     if prepared.names != factors.names:
         raise ValueError("factors were computed for other parameters (their names differ)")
     found = factors.layers
@@ -166,7 +167,8 @@ def ekfac(
 
         return sums
 
-    shapes = LayerShapes(loss, prepared, found)
+    # the shapes the factors' pass found for these batches, else discovered anew for each sample shape
+    shapes = discovered if discovered is not None else LayerShapes(loss, prepared, found)
     generator = kind.draws()
     names = [f"scale[{x.name}]" for x in found]
 

@@ -29,7 +29,7 @@ from .._engine.batches import cast_floating, first_sample, sample_key
 from .._engine.numerics import Prepared
 from .._engine.probes import Op, discover
 
-__all__ = ["Layer", "discover_layers", "LayerShapes"]
+__all__ = ["Layer", "discover_layers", "LayerShapes", "MAX_REMEMBERED"]
 
 _COVERED: tuple[Op, ...] = ("linear", "addmm", "conv1d", "conv2d")
 
@@ -160,27 +160,58 @@ def discover_layers(loss: Any, params: Prepared, sample: Any, patterns: Sequence
     return tuple(layers)
 
 
+#: Sample shapes kept per memo before it is cleared (a memo of a step that sees ever new shapes stays small).
+MAX_REMEMBERED = 64
+
+
 class LayerShapes:
     """The covered layers with their per-sample output shapes for each batch's sample shapes.
 
-    Sequence lengths may differ between batches; the probes must match each. Discovery runs once
-    per distinct sample shape, and must find the same layers (and biases) as the first batch.
+    Sequence lengths may differ between batches; the probes must match each. Discovery (one
+    sample's forward) runs once per distinct sample shape, and must find the same layers (and
+    biases) as the first batch. With a ``memo`` kept across calls (a :class:`~fisherfunc.kfac.KFACStep`'s),
+    it runs once per shape across calls: the memo's key is everything discovery depends on but the
+    loss's code and the params' values (:meth:`key`).
     """
 
-    def __init__(self, loss: Any, params: Prepared, layers: Sequence[Layer], first: Any = None) -> None:
+    def __init__(
+        self,
+        loss: Any,
+        params: Prepared,
+        layers: Sequence[Layer],
+        first: Any = None,
+        memo: dict[tuple, tuple[Layer, ...]] | None = None,
+    ) -> None:
         """``first``: the batch ``layers`` were discovered on (its shapes need no new discovery)."""
         self.loss, self.params, self.layers = loss, params, tuple(layers)
-        self.cache: dict[Any, tuple[Layer, ...]] = {}
+        self.cache: dict[tuple, tuple[Layer, ...]] = memo if memo is not None else {}
+        self._context: tuple | None = None
         if first is not None:
-            self.cache[sample_key(first)] = self.layers
+            self.cache[self.key(first)] = self.layers
+
+    def key(self, batch: Any) -> tuple:
+        """What the layers' shapes for ``batch`` depend on, the loss's code and the params' values aside.
+
+        The loss (by identity), the layers, the params' names, shapes, dtypes and devices, the
+        training flags of ``loss.model``'s modules (a module may route calls differently in training
+        mode), and the samples' shapes and dtypes (:func:`~fisherfunc._engine.batches.sample_key`).
+        """
+        if self._context is None:
+            model = getattr(self.loss, "model", None)
+            modes = tuple(m.training for m in model.modules()) if isinstance(model, torch.nn.Module) else ()
+            leaves = tuple((tuple(x.shape), x.dtype, x.device) for x in self.params.leaves)
+            self._context = (id(self.loss), self.params.names, leaves, modes, self.layers)
+        return (*self._context, sample_key(batch))
 
     def __call__(self, batch: Any) -> tuple[Layer, ...]:
         """``layers`` shaped for ``batch`` (a batch with a leading dimension)."""
-        key = sample_key(batch)
+        key = self.key(batch)
         if key not in self.cache:
             found = {x.name: x for x in discover_layers(self.loss, self.params, first_sample(batch), None)}
             changed = [x.name for x in self.layers if x.name not in found or found[x.name].bias != x.bias]
             if changed:
-                raise ValueError(f"layer(s) {changed} are not used the same way for samples of shape {key}")
+                raise ValueError(f"layer(s) {changed} are not used the same way for samples of shape {key[-1]}")
+            if len(self.cache) >= MAX_REMEMBERED:
+                self.cache.clear()
             self.cache[key] = tuple(dataclasses.replace(x, out_shape=found[x.name].out_shape) for x in self.layers)
         return self.cache[key]
