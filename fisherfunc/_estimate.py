@@ -35,6 +35,7 @@ from ._engine.group_sums import GradientPath, GroupSums, Site
 from ._engine.kinds import FisherKind, as_kind, label_sets
 from ._engine.nonfinite import NonFiniteError, NonFinitePolicy, NonFiniteWarning, check_nonfinite, check_per_sample
 from ._engine.numerics import Precision, Prepared, check_precision, prepare, scope
+from ._engine.probes import StaleSites
 from ._engine.vectorise import PerSampleLoss
 from ._spec.resolve import Params, ResolvedSpec, Spec, resolve_spec
 from ._spec.rules import SpecError
@@ -190,10 +191,19 @@ def batch_accumulator(
 
     def compute(batch: Batch) -> tuple[list[Tensor], float, int]:
         size = precheck(loss, batch)
-        fns = engine(batch)
         source = batch if labels is None else (batch, labels.draw(batch, draws))
-        with scope(prepared):  # chunk-level contractions and sums: no outer autocast either (under "float32")
-            sums, tokens = loop.batch_sums(fns, source, size, chunk_size, names, budget=budget, device=prepared.device)
+
+        def run() -> tuple[list[Tensor], float]:
+            with scope(prepared):  # chunk-level contractions and sums: no outer autocast either (under "float32")
+                return loop.batch_sums(
+                    engine(batch), source, size, chunk_size, names, budget=budget, device=prepared.device
+                )
+
+        try:
+            sums, tokens = run()
+        except StaleSites:  # the model's calls changed since its sites were discovered: discover again
+            engine.forget(batch)
+            sums, tokens = run()
         return sums, tokens, size
 
     totals = loop.fold(batches, compute, nonfinite=nonfinite)
@@ -359,10 +369,18 @@ def per_sample_fisher(
     budget = make_budget(max_memory, prepared, chunk_size)
     batch = as_tree(batch)
     size = precheck(loss, batch)
-    per_sample = GroupSums(loss, prepared, resolved, path, labels)(batch).per_sample
+    engine = GroupSums(loss, prepared, resolved, path, labels)
     source = batch if labels is None else (batch, labels.draw(batch, kind.draws()))
-    with scope(prepared):
-        parts = list(loop.planned(per_sample, source, size, chunk_size, budget, prepared.device))
+
+    def run() -> list[tuple[tuple[Tensor, ...], Tensor]]:
+        with scope(prepared):
+            return list(loop.planned(engine(batch).per_sample, source, size, chunk_size, budget, prepared.device))
+
+    try:
+        parts = run()
+    except StaleSites:  # the model's calls changed since its sites were discovered: discover again
+        engine.forget(batch)
+        parts = run()
     groups = [torch.cat([p[0][i] for p in parts]) for i in range(len(resolved.active))]
     tokens = torch.cat([p[1] for p in parts])
     check_per_sample([resolved.names[i] for i in resolved.active], groups, tokens)  # NaN/Inf: NonFiniteError

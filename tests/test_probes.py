@@ -11,10 +11,13 @@ path cannot pass as a probe result.
 
 from __future__ import annotations
 
+import copy
+
 import optree
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 import fisherfunc as ff
 from fisherfunc._engine.group_sums import find_sites
@@ -210,7 +213,7 @@ def _batch_level(loss, params, spec, batch) -> set[str]:
     resolved = resolve_spec(spec, params)
     sample = optree.tree_map(lambda x: x[0], batch)
     sites = find_sites(loss, prepare(params, differentiated=resolved.active), resolved, sample)
-    return {resolved.names[s.leaf] for s in sites if contracted_per_chunk(s)}
+    return {resolved.names[s.leaf] for s in sites if contracted_per_chunk(s, resolved.shapes[s.leaf])}
 
 
 @pytest.mark.parametrize("spec_name", list(SPECS))
@@ -335,9 +338,56 @@ def test_fisher_step_discovers_once_per_shape_and_mode(monkeypatch: pytest.Monke
     other = ff.make_fisher_step(loss, decay=0.5)  # a new step starts empty
     other(params, first, other.init(params))
     assert len(calls) == 4
-    ff.accumulate(loss, params, first)  # one-shot calls keep nothing
+    ff.accumulate(loss, params, first)  # one-shot calls keep sites per loss object: the first discovers
     ff.accumulate(loss, params, first)
+    ff.fisher(loss, params, first)
+    assert len(calls) == 5
+    ff.accumulate(copy.copy(loss), params, first)  # another loss object discovers for itself
     assert len(calls) == 6
+
+
+class Repeat(nn.Module):
+    """``x → W x`` (once) or ``x → W (W x)`` (twice), by a flag: its calls change between forwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4, dtype=torch.float64)
+        self.head = nn.Linear(4, 3, dtype=torch.float64)
+        self.twice = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.lin(x))
+        if self.twice:
+            h = torch.tanh(self.lin(h))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("how", ["one-shot", "step", "per-sample"])
+def test_sites_kept_across_calls_are_rediscovered_when_the_calls_change(how: str) -> None:
+    # discovery saw `lin` called once; the model then calls it twice: the kept sites are stale, the
+    # probe mode refuses them (a second probe would give a wrong G), and the call discovers again
+    torch.manual_seed(0)
+    model = Repeat()
+    loss = ff.losses.classification(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batch = (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    step = ff.make_fisher_step(loss, decay=0.0)
+    state = step.init(params)
+
+    def run() -> dict[str, Tensor]:
+        if how == "one-shot":
+            return ff.accumulate(loss, params, batch).sums
+        if how == "step":
+            return step.batch_sums(params, batch, state).sums
+        return {k: v.sum(0) for k, v in ff.per_sample_fisher(loss, params, batch).groups.items()}
+
+    assert "lin.weight" in _sites(loss, params, ff.infer_spec(model), batch)  # probed while called once
+    run()
+    model.twice = True
+    got = run()
+    expected = ff.accumulate(loss, params, batch, path="direct").sums
+    for name, value in expected.items():
+        assert torch.allclose(got[name], value, rtol=1e-12, atol=0), name
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -200,31 +201,39 @@ def _site_sums(site: Site, rows: int, a_or_ids: Tensor, d: Tensor) -> Tensor:
     return (d * (same @ d)).sum(0)
 
 
-def contracted_per_chunk(site: Site) -> bool:
+def contracted_per_chunk(site: Site, shape: Sequence[int]) -> bool:
     """Whether a site's chunk sums are contracted outside ``vmap`` (see :func:`_site_parts`).
 
     Linear-like weights with one vector per sample (``T = 1``): ``Σ_b (u_b ⊗ v_b)² = (u²)ᵀ (v²)``
     is one matrix product for the chunk instead of ``c`` per-sample ``[n0, n1]`` squares.
     Embeddings' full squares and row sums: per-token values scattered once into the table
-    instead of one ``[V, D]`` (or ``[V]``) table per sample.
+    instead of one ``[V, D]`` (or ``[V]``) table per sample. Full squares of a sequence layer
+    (``T > 1``) whose factors ``T (n0 + n1)`` are no larger than one ``G_b`` (``n0 n1``): the
+    factors leave ``vmap`` and :func:`_full_squares` adds each sample's square into one sum.
     """
     if site.op == "embedding":
         return site.sums in ("full", "rows")
-    return math.prod(site.out_shape[:-1]) == 1
+    tokens = math.prod(site.out_shape[:-1])
+    if tokens == 1:
+        return True
+    # a full square of a sequence layer: G_b formed sample by sample into one reused buffer, its
+    # square added in place (see _contract), when the factors are no larger than one G_b
+    n0, n1 = shape
+    return site.sums == "full" and tokens * (n0 + n1) <= n0 * n1
 
 
 def _site_parts(site: Site, a_or_ids: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
     """One sample's share of a chunk-level site (inside ``vmap``), summed by :func:`_contract`.
 
-    Linear-like (``T = 1``): the factors ``(u, v)``, ``G_b = u vᵀ``. Embedding: the ids ``[T]`` and a
-    per-token value ``[T, k]`` whose scatter-add into the rows is the sample's contribution::
+    Linear-like: the factors ``(u, v)``, ``G_b = uᵀ v`` (``T = 1``: the vectors, widened). Embedding:
+    the ids ``[T]`` and a per-token value ``[T, k]`` whose scatter-add into the rows is the sample's contribution::
 
         full:  m = S d,  value_t = m_t² · [t is the first token with id_t]   (G_b[id_t] = m_t)
         rows:  value_t = r_t = Σ_t' S_tt' d_t·d_t'
     """
     if site.op != "embedding":
         u, v = _factors(site, a_or_ids, d)
-        return widen(u[0]), widen(v[0])
+        return (widen(u[0]), widen(v[0])) if u.shape[0] == 1 else (u, v)
     ids, d = _embedding_d(site, a_or_ids, d)
     same = (ids.unsqueeze(0) == ids.unsqueeze(1)).to(d.dtype)  # S_tt'
     if site.sums == "rows":
@@ -245,12 +254,35 @@ def _contract(site: Site, rows: int, parts: tuple[Tensor, Tensor]) -> Tensor:
         k = values.shape[-1]
         table = values.new_zeros(rows, k).index_add(0, ids.reshape(-1), values.reshape(-1, k))
         return table if site.sums == "full" else table[:, 0]
+    if parts[0].ndim == 3:  # full squares of a sequence layer: u [c, T, n0], v [c, T, n1]
+        return _full_squares(parts[0], parts[1])
     u2, v2 = parts[0].square(), parts[1].square()
     if site.sums == "full":
         return u2.t() @ v2
     if site.sums == "rows":
         return u2.t() @ v2.sum(1)
     return v2.t() @ u2.sum(1)
+
+
+def _full_squares(u: Tensor, v: Tensor) -> Tensor:
+    """``Σ_b G_b ⊙ G_b`` with ``G_b = u_bᵀ v_b`` (``u [c, T, n0]``, ``v [c, T, n1]``), float32 or wider.
+
+    There is no batch-level shortcut for ``T > 1``: ``Σ_b (Σ_t u_bt ⊗ v_bt)²`` expanded is a product
+    over ``c T²`` pairs of tokens, ``T`` times the cost of forming each ``G_b``. So each ``G_b`` is
+    formed (in the factors' dtype, as the model's backward forms a weight gradient) into one reused
+    ``[n0, n1]`` buffer and its square added in place: the same products as a batched ``bmm``, but no
+    ``[c, n0, n1]`` stack is written and read back, and the buffer stays in cache (~30% faster than
+    ``(G ⊙ G).sum(0)`` over the stack on a CPU, measured at the benchmarks' layer sizes).
+    """
+    n0, n1 = u.shape[-1], v.shape[-1]
+    narrow = widen(u) is not u
+    buffer = u.new_empty(n0, n1)
+    total = torch.zeros(n0, n1, dtype=torch.promote_types(u.dtype, torch.float32), device=u.device)
+    for b in range(u.shape[0]):
+        torch.mm(u[b].t(), v[b], out=buffer)
+        g = widen(buffer) if narrow else buffer
+        total.addcmul_(g, g)
+    return total
 
 
 def reduces_in_backward(site: Site) -> bool:
@@ -337,7 +369,11 @@ def group_chunk_fns(
         return values
 
     per_sample = run(frozenset())
-    chunk_level = frozenset(s.leaf for s in sites if contracted_per_chunk(s)) if labels is None else frozenset()
+    chunk_level = (
+        frozenset(s.leaf for s in sites if contracted_per_chunk(s, spec.shapes[s.leaf]))
+        if labels is None
+        else frozenset()
+    )
     if not chunk_level:
         return summed(per_sample)
     parts_fn = run(chunk_level)
@@ -359,12 +395,29 @@ def group_chunk_fns(
 #: Discovered sites kept across calls (a ``FisherStep``'s memo): at most this many keys, then it starts over.
 _MAX_DISCOVERED = 64
 
+#: One-shot calls' memos of discovered sites, one per loss object (dropped with the loss).
+_ONE_SHOT: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[Site, ...]]] = weakref.WeakKeyDictionary()
+
+
+def one_shot_memo(loss: PerSampleLoss) -> dict[tuple, tuple[Site, ...]] | None:
+    """The memo of sites that one-shot calls (``fisher``, ``accumulate``, ...) with ``loss`` share.
+
+    ``None`` for a loss that cannot be weakly referenced or hashed: each call then discovers.
+    """
+    try:
+        return _ONE_SHOT.setdefault(loss, {})
+    except TypeError:
+        return None
+
 
 class GroupSums:
     """The per-chunk group Fisher of one call, for each sample shape of its batches.
 
-    Discovery (one sample's forward) runs once per distinct sample shape of a call; with a
-    ``discovered`` memo (a :class:`~fisherfunc.FisherStep`'s), once per shape across calls.
+    Discovery (one sample's forward) runs once per sample shape, spec, dtypes and training modes
+    and is kept across calls: in a :class:`~fisherfunc.FisherStep`'s memo, or for one-shot calls
+    in a memo per loss object (:func:`one_shot_memo`), so a notebook's repeated ``ff.fisher(loss,
+    ...)`` calls pay it once. What keeps a kept site valid if the model's calls change between two
+    forwards: the probe mode refuses a probed weight called more often than discovery saw.
 
     Args:
         loss: the per-sample loss.
@@ -372,7 +425,7 @@ class GroupSums:
         spec: the resolved spec.
         path: ``"auto"`` or ``"direct"``.
         labels: the label sets of the ``"mc"`` / ``"exact"`` kinds, or ``None``.
-        discovered: a memo of sites kept across calls, or ``None``.
+        discovered: a memo of sites kept across calls, or ``None`` for the loss's one-shot memo.
     """
 
     def __init__(
@@ -385,7 +438,7 @@ class GroupSums:
         discovered: dict[tuple, tuple[Site, ...]] | None = None,
     ) -> None:
         self.loss, self.prepared, self.spec, self.path, self.labels = loss, prepared, spec, path, labels
-        self.discovered = discovered
+        self.discovered = discovered if discovered is not None else one_shot_memo(loss)
         self._fns: dict[Any, ChunkFns] = {}
 
     def _memo_key(self, key: tuple) -> tuple:
@@ -410,6 +463,13 @@ class GroupSums:
                 self.discovered.clear()
             self.discovered[memo] = find_sites(self.loss, self.prepared, self.spec, first_sample(batch))
         return self.discovered[memo]
+
+    def forget(self, batch: Batch) -> None:
+        """Drop what was discovered for ``batch``'s sample shapes (its sites went stale), here and in the memo."""
+        key = sample_key(batch)
+        self._fns.pop(key, None)
+        if self.discovered is not None:
+            self.discovered.pop(self._memo_key(key), None)
 
     def __call__(self, batch: Batch) -> ChunkFns:
         """The per-chunk computation for ``batch``'s sample shapes."""

@@ -70,7 +70,18 @@ from torch.overrides import TorchFunctionMode
 from .numerics import Prepared, scope
 from .recurrent import Recurrent
 
-__all__ = ["Op", "Call", "Discovery", "ProbeMode", "ReducingProbe", "Reducer", "discover", "arg", "transparent"]
+__all__ = [
+    "StaleSites",
+    "Op",
+    "Call",
+    "Discovery",
+    "ProbeMode",
+    "ReducingProbe",
+    "Reducer",
+    "discover",
+    "arg",
+    "transparent",
+]
 
 #: ``(a, d) -> s``: a once-used weight's recorded input and output gradient to what its probe's gradient is.
 Reducer = Callable[[Tensor, Tensor], Tensor]
@@ -229,6 +240,14 @@ def _describe(op: Op, weight: Tensor, out: Tensor, args: tuple, kwargs: dict, le
     return Call(op, tuple(out.shape), bias=leaf_of.get(id(bias)), plain=plain, conv=geometry)
 
 
+class StaleSites(RuntimeError):
+    """A forward called a probed weight more (or fewer) times than discovery saw for its sample shape.
+
+    The model's calls changed since discovery (a flag, a different code path): the probes would
+    give a wrong gradient, so the computation stops; the engine then discovers again.
+    """
+
+
 class ReducingProbe(torch.autograd.Function):
     """``y`` unchanged in the forward; in the backward ``d`` for ``y`` and ``reducer(a, d)`` for ``probe``.
 
@@ -290,6 +309,7 @@ class ProbeMode(TorchFunctionMode):
         self.uses = [0] * len(self.leaf_of)
         self.calls: dict[int, list[Call]] = {}
         self.inputs: list[Tensor | None] = [None] * len(slots)
+        self.called = [False] * len(slots)  # whether a once-used slot was called
         self.steps: list[list[Tensor]] = [[] for _ in slots]  # the inputs of repeated slots, in call order
         # a repeated slot's probe split once into its uses (one unbind, whose backward is one stack;
         # indexing the probe per use would materialise a full-size gradient per use)
@@ -320,14 +340,22 @@ class ProbeMode(TorchFunctionMode):
             self.calls.setdefault(slot, []).append(_describe(op, weight, out, args, kwargs, self.leaf_of))
             return out
         reducer = self.reducers[slot]
-        if reducer is not None:
-            return ReducingProbe.apply(out, a, self.probes[slot], reducer)
         if self.repeats[slot] == 1:
+            # a once-used weight called again would add its probe twice: a wrong G, so refuse (this is
+            # the check that keeps sites discovered by an earlier call valid, see group_sums.GroupSums)
+            if self.called[slot]:
+                raise StaleSites(
+                    "a probed weight was called more than the 1 time discovery saw: the model's calls changed "
+                    "between two forwards of samples of one shape"
+                )
+            self.called[slot] = True
+            if reducer is not None:
+                return ReducingProbe.apply(out, a, self.probes[slot], reducer)
             self.inputs[slot] = a
             return out + self.probes[slot]
         use = len(self.steps[slot])
         if use >= self.repeats[slot]:
-            raise RuntimeError(
+            raise StaleSites(
                 f"a probed weight was called more than the {self.repeats[slot]} times discovery saw: the model's "
                 "calls changed between two forwards of samples of one shape"
             )
@@ -342,7 +370,7 @@ class ProbeMode(TorchFunctionMode):
         out = []
         for slot, (x, steps) in enumerate(zip(self.inputs, self.steps)):
             if self.repeats[slot] > 1 and len(steps) != self.repeats[slot]:
-                raise RuntimeError(
+                raise StaleSites(
                     f"a probed weight was called {len(steps)} times, but discovery saw {self.repeats[slot]}: the "
                     "model's calls changed between two forwards of samples of one shape"
                 )

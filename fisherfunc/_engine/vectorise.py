@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.func import vjp, vmap
 
 from ..dropout import vmap_randomness
+from .attention import batched_attention
 from .batches import cast_floating
 from .kinds import LabelSets
 from .numerics import Prepared, scope
@@ -102,11 +103,12 @@ def vectorise(
         call: Callable[[Any, Any], Any], direct_params: tuple[Tensor, ...], probes: tuple[Tensor, ...], sample: Any
     ):
         tree = prepared.tree(dict(zip(direct, direct_params)))
+        kernels = Recurrent(random=randomness == "different")
         if not slots:
-            with Recurrent(random=randomness == "different"):
+            with batched_attention(prepared.device), kernels:
                 return call(tree, sample), ()
         mode = ProbeMode(slots, probes, repeats=repeats, reducers=reducers)
-        with mode, Recurrent(random=randomness == "different"):
+        with batched_attention(prepared.device), mode, kernels:
             out = call(tree, sample)
         return out, mode.recorded(like)
 

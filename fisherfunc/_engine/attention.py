@@ -1,0 +1,93 @@
+"""Attention that batches under ``vmap`` on the CPU: the math kernel for small score matrices.
+
+``F.scaled_dot_product_attention`` on the CPU picks torch's flash kernel, which has no ``vmap``
+batching rule: inside the per-sample computation it runs as a loop over the chunk's samples, one
+kernel call per sample per layer (in the forward and again in the backward). The math kernel,
+``softmax(q kᵀ / √d + mask) v`` written with matrix products, batches like any product — at the
+price of the per-sample score matrix ``[heads, L, S]`` that flash attention never forms (saved for
+the backward, once per layer).
+
+:class:`BatchedAttention` is a scoped ``TorchFunctionMode`` entered inside the per-sample function
+(nothing is attached to the model) under which a CPU attention call runs the math kernel when its
+score matrix is small: at most :data:`SCORES_PER_QUERY` times the size of the queries (``S ≤ 2·d_head``
+keys per query, so the scores it saves for the backward add no more than the queries, keys, values
+and output the attention holds anyway) and at most :data:`MAX_SCORES` elements per sample. Other
+calls keep torch's choice, so a long-sequence language model's memory is that of flash attention.
+Both kernels compute the same function (the results agree to rounding; ``tests/test_attention.py``).
+
+Measured on the benchmarks' small transformers (``benchmarks/README.md``): the per-sample loop of
+flash calls was the largest single cost of ``nn.TransformerEncoderLayer`` at ``T = 32`` under ``vmap``.
+Torch before 2.2 has neither the CPU flash kernel nor ``torch.nn.attention``, and in some versions
+(2.4) the math kernel has no batching rule either: whether it batches is tried once per process on
+a tiny input (:func:`math_kernel_batches`), and where it does not the mode is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["BatchedAttention", "MAX_SCORES", "SCORES_PER_QUERY", "batched_attention", "math_kernel_batches"]
+
+#: The largest per-sample score matrix ``heads · L · S`` (elements) that takes the math kernel:
+#: 256 KiB in float32 per layer and sample, e.g. 4 heads of 128 × 128 positions.
+MAX_SCORES = 1 << 16
+
+#: The most keys per query, in units of the head dimension, for the math kernel (see above).
+SCORES_PER_QUERY = 2
+
+try:  # torch >= 2.2
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover - the torch 2.1 floor
+    SDPBackend = sdpa_kernel = None  # type: ignore[assignment,misc]
+
+
+def _small(args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether one sample's CPU attention call has a small score matrix ``[*heads, L, S]`` (see above)."""
+    q = args[0] if args else kwargs.get("query")
+    k = args[1] if len(args) > 1 else kwargs.get("key")
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.ndim < 2 or k.ndim < 2:
+        return False
+    keys = k.shape[-2]
+    scores = math.prod(q.shape[:-1]) * keys
+    return q.device.type == "cpu" and keys <= SCORES_PER_QUERY * q.shape[-1] and scores <= MAX_SCORES
+
+
+class BatchedAttention(TorchFunctionMode):
+    """Runs small CPU attention calls with the math kernel, which batches under ``vmap``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and _small(args, kwargs):
+            with sdpa_kernel([SDPBackend.MATH]):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@functools.cache
+def math_kernel_batches() -> bool:
+    """Whether this torch has the kernel choice and runs the CPU math kernel batched under ``vmap``.
+
+    Tried on a tiny input: ``vmap`` warns when it falls back to a loop over samples.
+    """
+    if sdpa_kernel is None:
+        return False
+    q = torch.zeros(2, 1, 1, 2, 8)
+    with warnings.catch_warnings(record=True) as caught, sdpa_kernel([SDPBackend.MATH]):
+        warnings.simplefilter("always")
+        torch.func.vmap(lambda x: F.scaled_dot_product_attention(x, x, x))(q)
+    return not any("performance drop" in str(w.message) for w in caught)
+
+
+def batched_attention(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """:class:`BatchedAttention` for a CPU computation where the math kernel batches; else a no-op."""
+    if device.type != "cpu" or not math_kernel_batches():
+        return contextlib.nullcontext()
+    return BatchedAttention()
