@@ -182,11 +182,12 @@ class FiniteCheck:
             sums: the batch's summed group tensors (same order as ``names``).
         """
         flags = torch.stack(self._flags)  # [chunks, params + 1]
-        overflow = torch.stack([_screen(s) for s in sums]).to(flags.device)
-        if not bool(flags.any() | overflow.any()):  # the batch's one host sync
+        if len(self._flags) > 1:  # with one chunk, the sums are that chunk's, screened already
+            flags = torch.cat([flags.flatten(), torch.stack([_screen(s) for s in sums]).to(flags.device)])
+        if not bool(flags.any()):  # the batch's one host sync
             return
         found: dict[int, list[int]] = {}
-        for (start, stop), chunk_flags in zip(self._bounds, flags.cpu()):
+        for (start, stop), chunk_flags in zip(self._bounds, torch.stack(self._flags).cpu()):
             if not chunk_flags.any():
                 continue
             groups, tokens = self._rerun(start, stop)

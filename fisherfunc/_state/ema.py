@@ -44,19 +44,27 @@ def bias_correction(decay: float, step: int) -> float:
 
 
 @overload
-def ema(m: Tensor, x: Tensor, decay: float) -> Tensor: ...
+def ema(m: Tensor, x: Tensor, decay: float, divisor: float = 1.0) -> Tensor: ...
 
 
 @overload
-def ema(m: Scaled, x: Tensor, decay: float) -> Scaled: ...
+def ema(m: Scaled, x: Tensor, decay: float, divisor: float = 1.0) -> Scaled: ...
 
 
-def ema(m: Stored, x: Tensor, decay: float) -> Stored:
-    """``β m + (1 − β) x``, computed in float32 (float64 for float64 storage) on ``x``'s device, stored like ``m``.
+def ema(m: Stored, x: Tensor, decay: float, divisor: float = 1.0) -> Stored:
+    """``β m + (1 − β) X`` with ``X = x / divisor``, in float32 (float64 for float64 storage) on ``x``'s device.
+
+    The result is stored like ``m``. ``divisor`` folds a normalisation into the update (a batch's
+    sums ``x`` over its token count): ``X`` is formed once, as a new tensor, and the update runs in
+    place on it — one new tensor, three passes; with ``β = 0`` the result is ``X`` exactly.
 
     >>> ema(torch.zeros(2), torch.ones(2), 0.75)
     tensor([0.2500, 0.2500])
+    >>> ema(torch.zeros(2), torch.full((2,), 8.0), 0.75, divisor=8.0)
+    tensor([0.2500, 0.2500])
     """
     work = torch.float64 if stored_dtype(m) == torch.float64 else torch.float32
-    new = decay * decode(m, device=x.device, dtype=work) + (1.0 - decay) * x.to(work)
+    new = x.to(work) / divisor if divisor != 1.0 else x.to(work, copy=True)  # X, a new tensor
+    if decay != 0.0:
+        new.mul_(1.0 - decay).add_(decode(m, device=x.device, dtype=work), alpha=decay)
     return encode(new, dtype=stored_dtype(m), device=stored_device(m))

@@ -104,19 +104,23 @@ def init_state(
     )
 
 
-def ema_update(state: FisherState, batch_fisher: Any, tokens: float, samples: int) -> FisherState:
+def ema_update(
+    state: FisherState, batch_fisher: Any, tokens: float, samples: int, *, divisor: float = 1.0
+) -> FisherState:
     """``m_t = β m_{t−1} + (1 − β) F̂_t``; returns a new state (the old one is untouched).
 
     Args:
         state: the current state.
-        batch_fisher: token-normalised Fisher ``F̂_t`` of the new batch (group tree like ``ema``).
+        batch_fisher: ``divisor · F̂_t``: the new batch's token-normalised Fisher (group tree like
+            ``ema``), or its sums with ``divisor = tokens``.
         tokens: tokens in the batch.
         samples: samples in the batch.
+        divisor: divides ``batch_fisher`` (inside the update, no tree of its own).
 
     The arithmetic and storage are those of :func:`~fisherfunc._state.ema.ema`.
     """
     return state._replace(
-        ema=optree.tree_map(lambda m, f: ema(m, f, state.decay), state.ema, batch_fisher),
+        ema=optree.tree_map(lambda m, f: ema(m, f, state.decay, divisor), state.ema, batch_fisher),
         step=state.step + 1,
         tokens=state.tokens + float(tokens),
         samples=state.samples + int(samples),

@@ -185,8 +185,7 @@ class FisherStep:
         """
         if not acc.tokens > 0:
             raise BatchError(f"the accumulator has {acc.tokens} tokens: there is no batch Fisher to fold in")
-        batch_fisher = optree.tree_map(lambda s: s / acc.tokens, acc.sums)
-        return ema_update(state, batch_fisher, acc.tokens, acc.samples)
+        return ema_update(state, acc.sums, acc.tokens, acc.samples, divisor=acc.tokens)  # F̂_t = Σ_b s_b / Σ_b n_b
 
 
 def make_fisher_step(
