@@ -253,14 +253,20 @@ class ReducingProbe(torch.autograd.Function):
 
     ``forward(y [*, out], a [*, in], probe [s], reducer) -> y``; ``backward(d) -> (d, 0, reducer(a, d), -)``.
     ``a`` gets no gradient through this path (the layer's own backward gives it one). Runs under
-    ``torch.func`` transforms (``generate_vmap_rule``): the reducer is vectorised with the rest.
+    ``torch.func`` transforms: its own ``vmap`` rule (the forward is a copy, batched where ``y``
+    is), and a backward of plain torch ops, which ``vmap`` vectorises with the rest — no generated
+    rule, whose per-call class building was Python overhead on every probed layer.
     """
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(y: Tensor, a: Tensor, probe: Tensor, reducer: Reducer) -> Tensor:  # noqa: D102
         return y.clone()
+
+    @staticmethod
+    def vmap(  # noqa: D102
+        info: Any, in_dims: tuple, y: Tensor, a: Tensor, probe: Tensor, reducer: Reducer
+    ) -> tuple[Tensor, Any]:
+        return y.clone(), in_dims[0]
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:  # noqa: D102
