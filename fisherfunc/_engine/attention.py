@@ -17,7 +17,9 @@ Both kernels compute the same function (the results agree to rounding; ``tests/t
 
 Measured on the benchmarks' small transformers (``benchmarks/README.md``): the per-sample loop of
 flash calls was the largest single cost of ``nn.TransformerEncoderLayer`` at ``T = 32`` under ``vmap``.
-Torch before 2.2 has neither the CPU flash kernel nor ``torch.nn.attention``, and in some versions
+Where ``vmap(grad)`` through the fused kernel raises instead (torch 2.1, 2.2), the engine's scope
+runs every CPU attention call through the math kernel (:func:`fused_attention_batches`,
+:func:`math_attention`). Torch before 2.2 has no ``torch.nn.attention``, and in some versions
 (2.4) the math kernel has no batching rule either: whether it batches is tried once per process on
 a tiny input (:func:`math_kernel_batches`), and where it does not the mode is a no-op.
 """
@@ -32,9 +34,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["BatchedAttention", "MAX_SCORES", "SCORES_PER_QUERY", "batched_attention", "math_kernel_batches"]
+__all__ = [
+    "BatchedAttention",
+    "MAX_SCORES",
+    "SCORES_PER_QUERY",
+    "batched_attention",
+    "math_kernel_batches",
+    "fused_attention_batches",
+    "math_attention",
+]
 
 #: The largest per-sample score matrix ``heads · L · S`` (elements) that takes the math kernel:
 #: 256 KiB in float32 per layer and sample, e.g. 4 heads of 128 × 128 positions.
@@ -47,6 +58,34 @@ try:  # torch >= 2.2
     from torch.nn.attention import SDPBackend, sdpa_kernel
 except ImportError:  # pragma: no cover - the torch 2.1 floor
     SDPBackend = sdpa_kernel = None  # type: ignore[assignment,misc]
+
+
+@functools.cache
+def fused_attention_batches() -> bool:
+    """Whether ``vmap(grad)`` runs through the fused attention kernel torch picks on the CPU.
+
+    torch 2.1 and 2.2 have no batching rule for ``_scaled_dot_product_flash_attention`` and raise;
+    later releases fall back to a loop. Probed once per process on tiny tensors.
+    """
+    q = torch.zeros(2, 1, 1, 2, 4)  # per sample [1, heads, T, D]: the 4-D, unmasked case torch 2.1 sends to flash
+
+    def attend(x: Tensor) -> Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(x, x, x).sum()
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.func.vmap(torch.func.grad(attend))(q)
+    except RuntimeError:
+        return False
+    return True
+
+
+def math_attention() -> contextlib.AbstractContextManager[Any]:
+    """Attention through the math kernel only (torch's own switch, for the releases that lack a batching rule)."""
+    if hasattr(torch.nn, "attention") and hasattr(torch.nn.attention, "sdpa_kernel"):
+        return torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH])
+    return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
 
 
 def _small(args: tuple, kwargs: dict[str, Any]) -> bool:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -46,6 +45,7 @@ from torch import Tensor
 
 from .._naming import path_name
 from .._spec.rules import SpecError
+from .attention import fused_attention_batches, math_attention
 
 __all__ = [
     "Precision",
@@ -223,34 +223,6 @@ def prepare(
     )
 
 
-@functools.cache
-def _fused_attention_batches() -> bool:
-    """Whether ``vmap(grad)`` runs through the fused attention kernel torch picks on the CPU.
-
-    torch 2.1 and 2.2 have no batching rule for ``_scaled_dot_product_flash_attention`` and raise;
-    later releases fall back to a loop. Probed once per process on tiny tensors.
-    """
-    q = torch.zeros(2, 1, 1, 2, 4)  # per sample [1, heads, T, D]: the 4-D, unmasked case torch 2.1 sends to flash
-
-    def attend(x: Tensor) -> Tensor:
-        return torch.nn.functional.scaled_dot_product_attention(x, x, x).sum()
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.func.vmap(torch.func.grad(attend))(q)
-    except RuntimeError:
-        return False
-    return True
-
-
-def _math_attention() -> contextlib.AbstractContextManager[Any]:
-    """Attention through the math kernel only (torch's own switch, for the releases that lack a batching rule)."""
-    if hasattr(torch.nn, "attention") and hasattr(torch.nn.attention, "sdpa_kernel"):
-        return torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH])
-    return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
-
-
 @contextlib.contextmanager
 def scope(of: Prepared | frozenset[str] | set[str]) -> Iterator[None]:
     """The engine's numerics scope: autocast off (kept under ``"model"``), no fallback notice, attention that batches.
@@ -264,6 +236,6 @@ def scope(of: Prepared | frozenset[str] | set[str]) -> Iterator[None]:
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
         for device_type in sorted(device_types) if not keep_autocast else ():
             stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
-        if "cpu" in device_types and not _fused_attention_batches():
-            stack.enter_context(_math_attention())
+        if "cpu" in device_types and not fused_attention_batches():  # torch 2.1/2.2: flash under vmap raises
+            stack.enter_context(math_attention())
         yield
