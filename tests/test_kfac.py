@@ -622,15 +622,19 @@ def test_update_every_one_is_the_ema_of_one_shot_factors() -> None:
     case = _mlp(seed=5, positions=4, batch=(5, 4, 6))
     loss, params, batches = case.loss, case.params, case.batches
     step = ff.kfac.make_kfac_step(loss, decay=0.7, update_every=1)
+    default = ff.kfac.make_kfac_step(loss, decay=0.7)
     state = step.init(params, batches[0])
+    plain = default.init(params, batches[0])
     A = {k: torch.zeros_like(v) for k, v in state.A.items()}
     G = {k: torch.zeros_like(v) for k, v in state.G.items()}
     for t, batch in enumerate(batches, 1):
-        state = step(params, batch, state)
+        state, plain = step(params, batch, state), default(params, batch, plain)
+        _same_state(state, plain)  # update_every=1 is the step as it was
         one = ff.kfac.kfac(loss, params, batch)
         for k in A:  # m_t = β m_{t−1} + (1 − β) X_t, X_t the batch's one-shot factors
-            A[k], G[k] = 0.7 * A[k] + (1 - 0.7) * one.A[k], 0.7 * G[k] + (1 - 0.7) * one.G[k]
-            assert torch.equal(state.A[k], A[k]) and torch.equal(state.G[k], G[k])
+            A[k], G[k] = 0.7 * A[k] + 0.3 * one.A[k], 0.7 * G[k] + 0.3 * one.G[k]
+            assert (state.A[k] - A[k]).abs().max() <= 1e-15 * A[k].abs().max()
+            assert (state.G[k] - G[k]).abs().max() <= 1e-15 * G[k].abs().max()
         assert state.step == state.calls == t
     assert state.samples == 15 and state.tokens == sum(float((y != -100).sum()) for _, y in batches)
 
@@ -706,3 +710,35 @@ def test_gram_is_the_symmetric_product(monkeypatch: pytest.MonkeyPatch, width: i
     if width >= _factors.GRAM_SPLIT:  # split: the lower-left block is the upper-right's copy
         assert torch.equal(out[h:, :h], out[:h, h:].t())
     assert torch.equal(_factors.gram(x[:, :0]), torch.zeros(0, 0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_input_factor_of_a_padded_batch_with_an_empty_sample_is_its_definition(approx: str) -> None:
+    """``A`` of the first layer (its input is the data) from the definition, a sample with no real position included."""
+    lengths = [3, 0, 1]
+    case = _mlp(seed=14, positions=3, batch=len(lengths), ignore_frac=0.0)
+    (x, y), params = case.batch, case.params
+    mask = (torch.arange(3).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).long()
+    y = y.masked_fill(mask == 0, -100)
+    loss = ff.losses.token_classification(case.model, inputs="x", targets="y", mask="mask")
+    A = ff.kfac.kfac(loss, params, {"x": x, "y": y, "mask": mask}, approx=approx).A["0.weight"]
+    aug, m = torch.cat([x, torch.ones_like(x[..., :1])], -1), mask.to(x.dtype).unsqueeze(-1)  # ã = [x, 1]
+    if approx == "reduce":  # ā_b = Σ_t m_t ã_t / max(Σ_t m_t, 1), averaged over the B samples
+        pooled = (aug * m).sum(1) / m.sum(1).clamp_min(1.0)
+        reference = sum(torch.outer(r, r) for r in pooled) / len(lengths)
+    else:  # Σ over the real positions / their number
+        reference = sum(torch.outer(r, r) for r in aug[mask.bool()]) / sum(lengths)
+    assert (A - reference).abs().max() <= TOL * reference.abs().max()
+    assert A[-1, -1] == (2 / 3 if approx == "reduce" else 1.0)  # the bias entry counts samples with positions
+
+
+@pytest.mark.parametrize("positions", [2, 3, 64, 70])
+def test_squared_gradients_in_blocks_are_the_sum_of_squared_per_sample_gradients(positions: int) -> None:
+    from fisherfunc.kfac._eigen import squared_gradients
+
+    g = torch.Generator().manual_seed(positions)
+    pd = torch.randn(5, positions, 3, dtype=torch.float64, generator=g)
+    pa = torch.randn(5, positions, 4, dtype=torch.float64, generator=g)
+    reference = sum(torch.square(pd[b].t() @ pa[b]) for b in range(5))  # Σ_b (Σ_t d̃_bt ã_btᵀ)²
+    out = squared_gradients(pd, pa)
+    assert (out - reference).abs().max() <= TOL * reference.abs().max()

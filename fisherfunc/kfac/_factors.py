@@ -133,11 +133,6 @@ def check_approx(approx: str) -> str:
     return approx
 
 
-def augment(a: Tensor) -> Tensor:
-    """``ã = [a, 1]`` along the last axis."""
-    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
-
-
 #: :func:`gram` splits its product from this many columns, on the CPU, with at least
 #: ``GRAM_ROWS × threads`` rows. Measured (2-core CPU, float32, ms, one product -> split):
 #: 1 thread 128×785 1.46 -> 1.14, 1024×257 1.30 -> 1.01; 2 threads 1024×257 0.77 -> 0.72,
@@ -146,7 +141,7 @@ GRAM_SPLIT = 192
 GRAM_ROWS = 128
 
 
-def gram(x: Tensor) -> Tensor:
+def gram(x: Tensor, out: Tensor | None = None) -> Tensor:
     """``xᵀ x`` (``[n, n]``) of ``x [m, n]``, forming only the upper block row and the lower-right block.
 
     With ``x = [x₁ | x₂]`` split at ``h = n // 2``::
@@ -155,15 +150,18 @@ def gram(x: Tensor) -> Tensor:
                [x₂ᵀx₁, x₂ᵀx₂]]        x₂ᵀx₁ = (x₁ᵀx₂)ᵀ (copied), x₂ᵀx₂ = gram(x₂) (recursively)
 
     so the products cost ``3/4`` of ``x.t() @ x``'s ``2 m n²`` FLOPs, less with the recursion.
-    Narrow, short or non-CPU inputs take one product (see :data:`GRAM_SPLIT`).
+    Narrow, short or non-CPU inputs take one product (see :data:`GRAM_SPLIT`). Every block is
+    written in place into ``out`` (``[n, n]``, rows contiguous; a fresh tensor if ``None``): one
+    allocation, no temporaries.
     """
     m, n = x.shape
+    if out is None:
+        out = x.new_empty(n, n)
     if n < GRAM_SPLIT or x.device.type != "cpu" or m < GRAM_ROWS * torch.get_num_threads():
-        return x.t() @ x
+        return torch.mm(x.t(), x, out=out)
     h = n // 2
-    out = x.new_empty(n, n)
     torch.mm(x[:, :h].t(), x, out=out[:h])  # [x₁ᵀx₁ | x₁ᵀx₂]
-    out[h:, h:] = gram(x[:, h:])
+    gram(x[:, h:], out=out[h:, h:])
     out[h:, :h] = out[:h, h:].t()
     return out
 
@@ -183,18 +181,33 @@ def _input_factor(layer: Layer, a: Tensor, approx: str, mask: Tensor | None) -> 
     """``Σ ã ãᵀ`` over a chunk's real positions (expand) or samples (reduce), and the count.
 
     ``mask [c, T]`` (1 = real token) leaves padded positions out; ``None`` counts every position.
+    With a bias, ``ã = [r, e]`` is never formed: its rows ``r`` are zero wherever ``e`` is (``e``
+    is 1 for a real row, 0 for a padded position or a sample without one), so::
+
+        Σ ã ãᵀ = [[Σ r rᵀ, Σ r],
+                  [Σ rᵀ,   Σ e]]
     """
-    if layer.bias is not None:
-        a = augment(a)
-    if mask is None:  # every position
-        a = a.mean(1) if approx == "reduce" else a.reshape(-1, a.shape[-1])
-        return gram(a), a.new_tensor(float(a.shape[0]))
-    m = mask.to(a.dtype).unsqueeze(-1)  # [c, T, 1]
-    if approx == "reduce":  # ā_b = Σ_t m_t ã_bt / Σ_t m_t
-        a = (a * m).sum(1) / m.sum(1).clamp_min(1.0)
-        return gram(a), a.new_tensor(float(a.shape[0]))
-    # Σ_t m_t ã_t ã_tᵀ = (m ã)ᵀ (m ã), as m_t ∈ {0, 1}
-    return gram((a * m).reshape(-1, a.shape[-1])), m.sum()
+    if mask is None:  # every position: e = 1
+        rows = a.mean(1) if approx == "reduce" else a.reshape(-1, a.shape[-1])
+        count = real = a.new_tensor(float(rows.shape[0]))
+    else:
+        m = mask.to(a.dtype).unsqueeze(-1)  # [c, T, 1]
+        if approx == "reduce":  # ā_b = Σ_t m_t ã_bt / max(Σ_t m_t, 1): its last entry is 1, or 0 without real positions
+            rows = (a * m).sum(1) / m.sum(1).clamp_min(1.0)
+            count, real = a.new_tensor(float(rows.shape[0])), (m.sum(1) > 0).sum().to(a.dtype)
+        else:  # Σ_t m_t ã_t ã_tᵀ = (m ã)ᵀ (m ã), as m_t ∈ {0, 1}
+            rows = (a * m).reshape(-1, a.shape[-1])
+            count = real = m.sum()
+    if layer.bias is None:
+        return gram(rows), count
+    n = rows.shape[1]
+    out = rows.new_empty(n + 1, n + 1)
+    gram(rows, out=out[:n, :n])
+    column = rows.sum(0)
+    out[:n, n] = column
+    out[n, :n] = column
+    out[n, n] = real
+    return out, count
 
 
 def _position_mask(loss: Any, chunk: Any, layer: Layer) -> Tensor | None:
@@ -246,6 +259,7 @@ class _Plan:
     params: Prepared
     layers: tuple[Layer, ...]
     shapes: LayerShapes
+    checked: Batch | None = None  # the batch already prechecked (by identity): not checked twice
 
     @classmethod
     def discover(
@@ -263,7 +277,7 @@ class _Plan:
         precheck(loss, first)
         prepared = prepare(params)
         layers = discover_layers(loss, prepared, first_sample(first), patterns)
-        return cls(loss, prepared, layers, LayerShapes(loss, prepared, layers, first=first, memo=memo))
+        return cls(loss, prepared, layers, LayerShapes(loss, prepared, layers, first=first, memo=memo), first)
 
 
 def _fold(
@@ -279,7 +293,7 @@ def _fold(
     names = _factor_names(plan.layers)
 
     def compute(batch: Batch) -> tuple[list[Tensor], float, int]:
-        size = precheck(plan.loss, batch)
+        size = batch_size(batch) if batch is plan.checked else precheck(plan.loss, batch)
         fns = _factor_sums(plan.loss, plan.params, plan.shapes(batch), approx, labels)
         source = batch if labels is None else (batch, labels.draw(batch, generator))
         with scope(plan.params.device_types):  # the factors' products: no outer autocast either
