@@ -15,6 +15,9 @@ Reading order: ``_layers`` (which layers) → ``_capture`` (per-sample ``a`` and
     E = ff.kfac.ekfac(loss, params, batches, F)              # + exact scaling in F's eigenbasis
     step = ff.kfac.inverse_mvp(E, grads, damping=1e-3)       # natural-gradient direction
     importance = ff.kfac.group_diagonal(F, params, ff.infer_spec(model))
+
+    step = ff.kfac.make_kfac_step(loss, decay=0.95, update_every=10)  # in a loop: refresh every 10th call
+    state = step(params, batch, step.init(params, batch))
 """
 
 from ._eigen import EKFAC as EKFAC

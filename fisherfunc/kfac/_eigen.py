@@ -213,7 +213,7 @@ def ekfac(
         layers=found,
         QA=QA,
         QG=QG,
-        scale={x.name: s / totals.tokens for x, s in zip(found, totals.sums)},
+        scale={x.name: s.div_(totals.tokens) for x, s in zip(found, totals.sums)},  # fresh sums: in place
         tokens=totals.tokens,
         samples=totals.samples,
         kind=kind.name,
