@@ -18,7 +18,8 @@ Frobenius-optimal diagonal in K-FAC's eigenbasis).
 the benchmark workloads of benchmarks/run.py (MLP 784-512-512-10 B=128, the TinyLM
 "transformer"), relative to a plain forward+backward of the same batch, next to the peers
 computing their factors (curvlinops ``KFACLinearOperator.compute_kronecker_factors`` on an operator
-built once; nngeometry ``PMatKFAC``) in the same interleaved repeats. Rows: the one-shot call, a
+built once; nngeometry ``PMatKFAC``) in the same interleaved repeats. Rows: the one-shot call (it
+keeps the layers it discovered per loss object, so repeated calls run no discovery forward), a
 ``make_kfac_step`` call in steady state (the step keeps the layers' shapes across calls, as the
 peers' operators do), ``update_every=10`` (the mean per call over 10 calls: one refresh, nine
 returns of the state), ``ff.kfac.ekfac``'s second pass with and without eigendecompositions, and the

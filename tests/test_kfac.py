@@ -688,8 +688,11 @@ def test_ekfac_reuses_bases_and_discovers_the_layers_once() -> None:
     first = ff.kfac.ekfac(loss, params, (x, y))  # one discovery forward, then the factors' and the scaling's
     assert model.calls - calls == 3
     calls = model.calls
-    again = ff.kfac.ekfac(loss, params, (x, y), first)  # bases given: discovery and the scaling's pass
-    assert model.calls - calls == 2
+    again = ff.kfac.ekfac(loss, params, (x, y), first)  # bases given, shapes kept for this loss: one pass
+    assert model.calls - calls == 1
+    calls = model.calls
+    ff.kfac.kfac(loss, params, (x, y))  # a one-shot call with the same loss: no discovery either
+    assert model.calls - calls == 1
     factors = ff.kfac.kfac(loss, params, (x, y))
     for k in first.scale:
         assert again.QA[k] is first.QA[k] and again.QG[k] is first.QG[k]  # reused, not copied
@@ -742,3 +745,40 @@ def test_squared_gradients_in_blocks_are_the_sum_of_squared_per_sample_gradients
     reference = sum(torch.square(pd[b].t() @ pa[b]) for b in range(5))  # Σ_b (Σ_t d̃_bt ã_btᵀ)²
     out = squared_gradients(pd, pa)
     assert (out - reference).abs().max() <= TOL * reference.abs().max()
+
+
+class _Reuses(nn.Module):
+    """``a`` (4 → 5), ``c`` (5 → 5), ``b`` (5 → 3); with ``twice`` the forward calls ``c`` twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.b = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.twice = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.c(torch.tanh(self.a(x))))
+        if self.twice:
+            h = torch.tanh(self.c(h))
+        return self.b(h)
+
+
+def test_kept_layers_that_went_stale_are_discovered_again_or_refused() -> None:
+    torch.manual_seed(15)
+    model = _Reuses().double().eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batch = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    loss = ff.losses.classification(model)
+    step = ff.kfac.make_kfac_step(loss, decay=0.5)
+    state = step(params, batch, step.init(params, batch))
+    E = ff.kfac.ekfac(loss, params, batch)
+    assert {x.name for x in ff.kfac.kfac(loss, params, batch).layers} == {"a.weight", "b.weight", "c.weight"}
+    model.twice = True  # c is now used twice: one probe would give a wrong G, so it may not be covered
+    one_shot = ff.kfac.kfac(loss, params, batch)  # kept layers went stale: this call discovered again
+    fresh = ff.kfac.kfac(ff.losses.classification(model), params, batch)  # a new loss: nothing kept
+    assert [x.name for x in one_shot.layers] == [x.name for x in fresh.layers]
+    assert {x.name for x in fresh.layers} == {"a.weight", "b.weight"}
+    assert all(torch.equal(one_shot.A[k], fresh.A[k]) and torch.equal(one_shot.G[k], fresh.G[k]) for k in fresh.A)
+    with pytest.raises(ValueError, match="c.weight.*not used the same way"):  # the state's layers: refused
+        step(params, batch, state)
+    with pytest.raises(ValueError, match="c.weight.*not used the same way"):  # the bases' layers: refused
+        ff.kfac.ekfac(loss, params, batch, E)

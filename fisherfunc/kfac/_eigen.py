@@ -26,10 +26,11 @@ from .._engine.batches import Batch
 from .._engine.kinds import FisherKind, as_kind, label_sets
 from .._engine.nonfinite import NonFiniteError, NonFinitePolicy
 from .._engine.numerics import prepare, scope
+from .._engine.probes import StaleSites
 from .._estimate import check_options, precheck
 from ._capture import capture_fn
 from ._factors import KFAC, Approx, kfac_and_shapes
-from ._layers import Layer, LayerShapes
+from ._layers import Layer, LayerShapes, one_shot_memo
 
 __all__ = ["EKFAC", "ekfac", "eigenbasis", "eigendecompose", "squared_gradients", "POSITIONS_PER_PRODUCT"]
 
@@ -193,17 +194,28 @@ def ekfac(
 
         return sums
 
-    # the shapes the factors' pass found for these batches, else discovered anew for each sample shape
-    shapes = discovered if discovered is not None else LayerShapes(loss, prepared, found)
+    # the shapes the factors' pass found for these batches, else those kept for this loss by earlier
+    # calls (discovered once per sample shape)
+    memo = None if isinstance(batches, Iterator) else one_shot_memo(loss)
+    shapes = discovered if discovered is not None else LayerShapes(loss, prepared, found, memo=memo)
     generator = kind.draws()
     names = [f"scale[{x.name}]" for x in found]
 
     def compute(batch: Batch) -> tuple[list[Tensor], float, int]:
         size = precheck(loss, batch)
-        sums = scale_sums(capture_fn(loss, prepared, shapes(batch), labels=labels, statistic=statistic))
         source = batch if labels is None else (batch, labels.draw(batch, generator))
-        with scope(prepared.device_types):
-            parts, tokens = loop.batch_sums(loop.ChunkFns(loop.one_by_one(sums), sums), source, size, chunk_size, names)
+
+        def run() -> tuple[list[Tensor], float]:
+            sums = scale_sums(capture_fn(loss, prepared, shapes(batch), labels=labels, statistic=statistic))
+            fns = loop.ChunkFns(loop.one_by_one(sums), sums)
+            with scope(prepared.device_types):
+                return loop.batch_sums(fns, source, size, chunk_size, names)
+
+        try:
+            parts, tokens = run()
+        except StaleSites:  # the model's calls changed since the shapes were kept: discover again
+            shapes.forget(batch)
+            parts, tokens = run()
         return parts, tokens, size
 
     totals = loop.fold(batches, compute, nonfinite=nonfinite)

@@ -32,21 +32,22 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .._engine import loop
-from .._engine.batches import Batch, BatchError, as_tree, batch_size, first_sample, iter_batches
+from .._engine.batches import Batch, BatchError, as_tree, batch_size, iter_batches
 from .._engine.kinds import FisherKind, LabelSets, as_kind, label_sets
 from .._engine.nonfinite import NonFiniteError, NonFinitePolicy
 from .._engine.numerics import Prepared, prepare, scope
+from .._engine.probes import StaleSites
 from .._estimate import check_options, precheck
 from .._state.ema import bias_correction, check_decay, ema
 from ._capture import capture_fn
-from ._layers import Layer, LayerShapes, discover_layers
+from ._layers import Layer, LayerShapes, find_layers, one_shot_memo
 
 __all__ = [
     "Approx",
@@ -272,11 +273,11 @@ class _Plan:
     ) -> _Plan:
         """Prepare ``params`` and find the covered layers on the first batch's first sample (checked first).
 
-        ``memo``: a memo of shapes kept across calls (a step's), seeded with the first batch's.
+        ``memo``: layers and shapes kept across calls (a step's, or the loss's one-shot memo).
         """
         precheck(loss, first)
         prepared = prepare(params)
-        layers = discover_layers(loss, prepared, first_sample(first), patterns)
+        layers = find_layers(loss, prepared, first, patterns, memo)
         return cls(loss, prepared, layers, LayerShapes(loss, prepared, layers, first=first, memo=memo), first)
 
 
@@ -288,16 +289,32 @@ def _fold(
     labels: LabelSets | None,
     generator: torch.Generator | None,
     nonfinite: NonFinitePolicy,
+    *,
+    rediscover: bool = True,
 ) -> loop.Totals:
-    """Exact sums of every layer's ``Σ ã ãᵀ``, ``Σ d dᵀ`` and positions over the batches (one chunk loop)."""
+    """Exact sums of every layer's ``Σ ã ãᵀ``, ``Σ d dᵀ`` and positions over the batches (one chunk loop).
+
+    ``rediscover``: a batch whose kept shapes went stale (:class:`StaleSites`) is computed again on
+    shapes discovered anew; ``False`` lets the error propagate (the caller starts over).
+    """
     names = _factor_names(plan.layers)
 
     def compute(batch: Batch) -> tuple[list[Tensor], float, int]:
         size = batch_size(batch) if batch is plan.checked else precheck(plan.loss, batch)
-        fns = _factor_sums(plan.loss, plan.params, plan.shapes(batch), approx, labels)
         source = batch if labels is None else (batch, labels.draw(batch, generator))
-        with scope(plan.params.device_types):  # the factors' products: no outer autocast either
-            sums, tokens = loop.batch_sums(fns, source, size, chunk_size, names)
+
+        def run() -> tuple[list[Tensor], float]:
+            fns = _factor_sums(plan.loss, plan.params, plan.shapes(batch), approx, labels)
+            with scope(plan.params.device_types):  # the factors' products: no outer autocast either
+                return loop.batch_sums(fns, source, size, chunk_size, names)
+
+        try:
+            sums, tokens = run()
+        except StaleSites:  # the model's calls changed since the shapes were kept: discover again
+            if not rediscover:
+                raise
+            plan.shapes.forget(batch)
+            sums, tokens = run()
         return sums, tokens, size
 
     return loop.fold(batches, compute, nonfinite=nonfinite)
@@ -376,9 +393,18 @@ def kfac_and_shapes(
     check_options(chunk_size=chunk_size, nonfinite=nonfinite)
     kind = as_kind(kind)
     labels = label_sets(loss, kind)
-    first, batches = _first(batches)
-    plan = _Plan.discover(loss, params, first, layers)
-    totals = _fold(plan, batches, approx, chunk_size, labels, kind.draws(), nonfinite)
+    # layers and shapes kept for this loss by earlier calls, unless the batches can be read only once
+    memo = None if isinstance(batches, Iterator) else one_shot_memo(loss)
+    first, rest = _first(batches)
+    plan = _Plan.discover(loss, params, first, layers, memo)
+    try:
+        totals = _fold(plan, rest, approx, chunk_size, labels, kind.draws(), nonfinite, rediscover=memo is None)
+    except StaleSites:  # what was kept went stale (the model's calls changed): start over, discovering
+        assert memo is not None
+        memo.clear()
+        first, rest = _first(batches)
+        plan = _Plan.discover(loss, params, first, layers)
+        totals = _fold(plan, rest, approx, chunk_size, labels, kind.draws(), nonfinite)
     if totals.sums is None:
         raise NonFiniteError.all_skipped(totals.skipped)
     found = plan.layers

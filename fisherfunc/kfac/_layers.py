@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +30,15 @@ from .._engine.batches import cast_floating, first_sample, sample_key
 from .._engine.numerics import Prepared
 from .._engine.probes import Op, discover
 
-__all__ = ["Layer", "discover_layers", "LayerShapes", "MAX_REMEMBERED"]
+__all__ = [
+    "Layer",
+    "discover_layers",
+    "find_layers",
+    "LayerShapes",
+    "MAX_REMEMBERED",
+    "context_key",
+    "one_shot_memo",
+]
 
 _COVERED: tuple[Op, ...] = ("linear", "addmm", "conv1d", "conv2d")
 
@@ -163,6 +172,54 @@ def discover_layers(loss: Any, params: Prepared, sample: Any, patterns: Sequence
 #: Sample shapes kept per memo before it is cleared (a memo of a step that sees ever new shapes stays small).
 MAX_REMEMBERED = 64
 
+#: One-shot calls' memos of discovered layers and shapes, one per loss object (dropped with the loss).
+_ONE_SHOT: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[Layer, ...]]] = weakref.WeakKeyDictionary()
+
+
+def one_shot_memo(loss: Any) -> dict[tuple, tuple[Layer, ...]] | None:
+    """The memo of layers and shapes that one-shot calls (``kfac``, ``ekfac``) with ``loss`` share.
+
+    As the group Fisher's (:func:`fisherfunc._engine.group_sums.one_shot_memo`): a kept entry is
+    checked on every forward (the probe mode raises :class:`~fisherfunc._engine.probes.StaleSites`
+    for a probed weight called more often than discovery saw), and the call then discovers again.
+    ``None`` for a loss that cannot be weakly referenced or hashed: each call then discovers.
+    """
+    try:
+        return _ONE_SHOT.setdefault(loss, {})
+    except TypeError:
+        return None
+
+
+def context_key(loss: Any, params: Prepared) -> tuple:
+    """What discovery depends on besides the samples, the loss's code and the params' values.
+
+    The loss (by identity), the params' names, shapes, dtypes and devices, and the training flags
+    of ``loss.model``'s modules (a module may route calls differently in training mode).
+    """
+    model = getattr(loss, "model", None)
+    modes = tuple(m.training for m in model.modules()) if isinstance(model, torch.nn.Module) else ()
+    leaves = tuple((tuple(x.shape), x.dtype, x.device) for x in params.leaves)
+    return (id(loss), params.names, leaves, modes)
+
+
+def find_layers(
+    loss: Any,
+    params: Prepared,
+    first: Any,
+    patterns: Sequence[str] | None,
+    memo: dict[tuple, tuple[Layer, ...]] | None = None,
+) -> tuple[Layer, ...]:
+    """:func:`discover_layers` on ``first``'s first sample, or what ``memo`` kept for the same key."""
+    if memo is None:
+        return discover_layers(loss, params, first_sample(first), patterns)
+    chosen = None if patterns is None else (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    key = ("layers", *context_key(loss, params), chosen, sample_key(first))
+    if key not in memo:
+        if len(memo) >= MAX_REMEMBERED:
+            memo.clear()
+        memo[key] = discover_layers(loss, params, first_sample(first), patterns)
+    return memo[key]
+
 
 class LayerShapes:
     """The covered layers with their per-sample output shapes for each batch's sample shapes.
@@ -192,16 +249,16 @@ class LayerShapes:
     def key(self, batch: Any) -> tuple:
         """What the layers' shapes for ``batch`` depend on, the loss's code and the params' values aside.
 
-        The loss (by identity), the layers, the params' names, shapes, dtypes and devices, the
-        training flags of ``loss.model``'s modules (a module may route calls differently in training
-        mode), and the samples' shapes and dtypes (:func:`~fisherfunc._engine.batches.sample_key`).
+        :func:`context_key`, the layers, and the samples' shapes and dtypes
+        (:func:`~fisherfunc._engine.batches.sample_key`).
         """
         if self._context is None:
-            model = getattr(self.loss, "model", None)
-            modes = tuple(m.training for m in model.modules()) if isinstance(model, torch.nn.Module) else ()
-            leaves = tuple((tuple(x.shape), x.dtype, x.device) for x in self.params.leaves)
-            self._context = (id(self.loss), self.params.names, leaves, modes, self.layers)
+            self._context = ("shapes", *context_key(self.loss, self.params), self.layers)
         return (*self._context, sample_key(batch))
+
+    def forget(self, batch: Any) -> None:
+        """Drop the shapes kept for ``batch``'s sample shapes (they went stale): the next call discovers."""
+        self.cache.pop(self.key(batch), None)
 
     def __call__(self, batch: Any) -> tuple[Layer, ...]:
         """``layers`` shaped for ``batch`` (a batch with a leading dimension)."""
