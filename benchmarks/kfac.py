@@ -439,7 +439,7 @@ def cost(workload: str, repeats: int, device: str = "cpu") -> str:
     # calls each timed function makes (a row's time is per call: the total divided by this)
     calls: dict[str, int] = {}
     one = tuple(t[:1] for t in w.batch)
-    fns["ff.kfac.kfac expand on 1 sample (discovery, [in, in] and [out, out] outputs, Python)"] = lambda: ff.kfac.kfac(
+    fns["ff.kfac.kfac expand on 1 sample (Python, [in, in] and [out, out] outputs)"] = lambda: ff.kfac.kfac(
         w.loss, params, one
     )
     step = ff.kfac.make_kfac_step(w.loss, decay=0.95)
