@@ -15,13 +15,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import assert_groups_close, cross_entropy_sum, reference_fisher, to_float64
 from torch import Tensor, nn
 from torch.func import vmap
 
 import fisherfunc as ff
 from fisherfunc._engine import attention
-from fisherfunc._engine.group_sums import Site, contracted_per_chunk, find_sites
+from fisherfunc._engine.group_sums import Site, contracted_per_chunk, find_sites, full_squares
 from fisherfunc._engine.numerics import prepare
 from fisherfunc._spec.resolve import resolve_spec
 
@@ -129,3 +131,14 @@ def test_sequence_layers_full_squares_leave_vmap() -> None:
     # a sequence site whose factors outgrow one G_b keeps the per-sample square
     wide = Site(leaf=0, op="linear", out_shape=(64, 4), sums="full")
     assert not contracted_per_chunk(wide, (4, 4))
+
+
+@settings(max_examples=30, deadline=None)
+@given(c=st.integers(1, 4), t=st.integers(1, 6), n0=st.integers(1, 7), n1=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_full_squares_sum_every_samples_square(c: int, t: int, n0: int, n1: int, seed: int) -> None:
+
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(c, t, n0, generator=gen, dtype=torch.float64)
+    v = torch.randn(c, t, n1, generator=gen, dtype=torch.float64)
+    expected = sum(((u[b].t() @ v[b]) ** 2 for b in range(c)), torch.zeros(n0, n1, dtype=torch.float64))
+    torch.testing.assert_close(full_squares(u, v), expected, rtol=1e-12, atol=0)

@@ -62,7 +62,7 @@ from .numerics import Prepared
 from .probes import discover
 from .vectorise import PerSampleLoss, vectorise
 
-__all__ = ["GradientPath", "Site", "find_sites", "group_chunk_fns", "GroupSums", "widen"]
+__all__ = ["GradientPath", "Site", "find_sites", "group_chunk_fns", "GroupSums", "widen", "full_squares"]
 
 #: ``"auto"``: output probes for the weights that qualify, direct gradients elsewhere (exact either
 #: way); ``"direct"``: ``vmap(grad)`` of every parameter.
@@ -209,7 +209,7 @@ def contracted_per_chunk(site: Site, shape: Sequence[int]) -> bool:
     Embeddings' full squares and row sums: per-token values scattered once into the table
     instead of one ``[V, D]`` (or ``[V]``) table per sample. Full squares of a sequence layer
     (``T > 1``) whose factors ``T (n0 + n1)`` are no larger than one ``G_b`` (``n0 n1``): the
-    factors leave ``vmap`` and :func:`_full_squares` adds each sample's square into one sum.
+    factors leave ``vmap`` and :func:`full_squares` adds each sample's square into one sum.
     """
     if site.op == "embedding":
         return site.sums in ("full", "rows")
@@ -255,7 +255,7 @@ def _contract(site: Site, rows: int, parts: tuple[Tensor, Tensor]) -> Tensor:
         table = values.new_zeros(rows, k).index_add(0, ids.reshape(-1), values.reshape(-1, k))
         return table if site.sums == "full" else table[:, 0]
     if parts[0].ndim == 3:  # full squares of a sequence layer: u [c, T, n0], v [c, T, n1]
-        return _full_squares(parts[0], parts[1])
+        return full_squares(parts[0], parts[1])
     u2, v2 = parts[0].square(), parts[1].square()
     if site.sums == "full":
         return u2.t() @ v2
@@ -264,7 +264,7 @@ def _contract(site: Site, rows: int, parts: tuple[Tensor, Tensor]) -> Tensor:
     return v2.t() @ u2.sum(1)
 
 
-def _full_squares(u: Tensor, v: Tensor) -> Tensor:
+def full_squares(u: Tensor, v: Tensor) -> Tensor:
     """``Σ_b G_b ⊙ G_b`` with ``G_b = u_bᵀ v_b`` (``u [c, T, n0]``, ``v [c, T, n1]``), float32 or wider.
 
     There is no batch-level shortcut for ``T > 1``: ``Σ_b (Σ_t u_bt ⊗ v_bt)²`` expanded is a product
