@@ -555,10 +555,10 @@ class KFACStep:
         count = len(state.layers)
         A, G, positions = totals.sums[:count], totals.sums[count : 2 * count], totals.sums[2 * count :]
         # m_t = β m_{t−1} + (1 − β) X_t, with X_t = A_t = Σ ã ãᵀ / positions and G_t = Σ d dᵀ / tokens
-        # (the sums are the loop's fresh tensors: divided in place)
+        # (the division folded into the update: X_t formed once, the EMA in place on it)
         return state._replace(
-            A={x.name: ema(state.A[x.name], s.div_(n), self.decay) for x, s, n in zip(state.layers, A, positions)},
-            G={x.name: ema(state.G[x.name], s.div_(totals.tokens), self.decay) for x, s in zip(state.layers, G)},
+            A={x.name: ema(state.A[x.name], s, self.decay, float(n)) for x, s, n in zip(state.layers, A, positions)},
+            G={x.name: ema(state.G[x.name], s, self.decay, totals.tokens) for x, s in zip(state.layers, G)},
             positions={x.name: state.positions[x.name] + float(n) for x, n in zip(state.layers, positions)},
             step=state.step + 1,
             tokens=state.tokens + totals.tokens,
