@@ -29,8 +29,8 @@ first call; nngeometry ``PMatEKFAC.update_diag``). It also prints the FLOP floor
 (+1) / output widths of layer ``l``; fwd+bwd FLOPs counted by ``torch.utils.flop_counter``): the
 factor products alone cost that much on top of a forward+backward (on the CPU fisherfunc forms a
 wide factor's blocks above the diagonal and mirrors them, a quarter or more of those FLOPs fewer).
-Timing runs should hold a lock when the machine is shared:
-``flock /tmp/bench.lock python benchmarks/kfac.py ...``.
+Timing runs need the machine to themselves: on a shared machine, serialise them (e.g. under
+``flock`` with a lock file of your choice).
 
     python benchmarks/kfac.py                      # both parts, markdown on stdout
     python benchmarks/kfac.py --part cost --repeats 15 --threads 1 --out kfac_cost.md
