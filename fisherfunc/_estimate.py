@@ -33,9 +33,9 @@ from ._engine.batches import Batch, BatchError, as_tree, batch_size
 from ._engine.budget import Budget, parse_bytes
 from ._engine.group_sums import GradientPath, GroupSums, Site
 from ._engine.kinds import FisherKind, as_kind, label_sets
+from ._engine.loop import ChunkFns
 from ._engine.nonfinite import NonFiniteError, NonFinitePolicy, NonFiniteWarning, check_nonfinite, check_per_sample
 from ._engine.numerics import Precision, Prepared, check_precision, prepare, scope
-from ._engine.probes import StaleSites
 from ._engine.vectorise import PerSampleLoss
 from ._spec.resolve import Params, ResolvedSpec, Spec, resolve_spec
 from ._spec.rules import SpecError
@@ -193,17 +193,11 @@ def batch_accumulator(
         size = precheck(loss, batch)
         source = batch if labels is None else (batch, labels.draw(batch, draws))
 
-        def run() -> tuple[list[Tensor], float]:
+        def run(fns: ChunkFns) -> tuple[list[Tensor], float]:
             with scope(prepared):  # chunk-level contractions and sums: no outer autocast either (under "float32")
-                return loop.batch_sums(
-                    engine(batch), source, size, chunk_size, names, budget=budget, device=prepared.device
-                )
+                return loop.batch_sums(fns, source, size, chunk_size, names, budget=budget, device=prepared.device)
 
-        try:
-            sums, tokens = run()
-        except StaleSites:  # the model's calls changed since its sites were discovered: discover again
-            engine.forget(batch)
-            sums, tokens = run()
+        sums, tokens = engine.run(batch, run)
         return sums, tokens, size
 
     totals = loop.fold(batches, compute, nonfinite=nonfinite)
@@ -372,15 +366,11 @@ def per_sample_fisher(
     engine = GroupSums(loss, prepared, resolved, path, labels)
     source = batch if labels is None else (batch, labels.draw(batch, kind.draws()))
 
-    def run() -> list[tuple[tuple[Tensor, ...], Tensor]]:
+    def run(fns: ChunkFns) -> list[tuple[tuple[Tensor, ...], Tensor]]:
         with scope(prepared):
-            return list(loop.planned(engine(batch).per_sample, source, size, chunk_size, budget, prepared.device))
+            return list(loop.planned(fns.per_sample, source, size, chunk_size, budget, prepared.device))
 
-    try:
-        parts = run()
-    except StaleSites:  # the model's calls changed since its sites were discovered: discover again
-        engine.forget(batch)
-        parts = run()
+    parts = engine.run(batch, run)
     groups = [torch.cat([p[0][i] for p in parts]) for i in range(len(resolved.active))]
     tokens = torch.cat([p[1] for p in parts])
     check_per_sample([resolved.names[i] for i in resolved.active], groups, tokens)  # NaN/Inf: NonFiniteError

@@ -48,7 +48,7 @@ import functools
 import math
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -59,7 +59,7 @@ from .batches import Batch, cast_floating, first_sample, sample_key
 from .kinds import LabelSets
 from .loop import ChunkFns, summed
 from .numerics import Prepared
-from .probes import discover
+from .probes import StaleSites, discover
 from .vectorise import PerSampleLoss, vectorise
 
 __all__ = ["GradientPath", "Site", "find_sites", "group_chunk_fns", "GroupSums", "widen", "full_squares"]
@@ -68,6 +68,7 @@ __all__ = ["GradientPath", "Site", "find_sites", "group_chunk_fns", "GroupSums",
 #: way); ``"direct"``: ``vmap(grad)`` of every parameter.
 GradientPath = Literal["auto", "direct"]
 _FACTORISED = ("linear", "addmm", "embedding")
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -470,6 +471,18 @@ class GroupSums:
         self._fns.pop(key, None)
         if self.discovered is not None:
             self.discovered.pop(self._memo_key(key), None)
+
+    def run(self, batch: Batch, compute: Callable[[ChunkFns], T]) -> T:
+        """``compute`` of ``batch``'s per-chunk computation; if its kept sites went stale, discovered again once.
+
+        :class:`~fisherfunc._engine.probes.StaleSites` is raised during a forward, before any sum
+        of the batch is returned, so the second run starts from nothing.
+        """
+        try:
+            return compute(self(batch))
+        except StaleSites:  # the model's calls changed since its sites were discovered: discover again
+            self.forget(batch)
+            return compute(self(batch))
 
     def __call__(self, batch: Batch) -> ChunkFns:
         """The per-chunk computation for ``batch``'s sample shapes."""
