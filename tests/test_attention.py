@@ -3,6 +3,9 @@
 - :class:`~fisherfunc._engine.attention.BatchedAttention` routes a small CPU attention call to the
   math kernel (which batches) and leaves a large one to torch's choice; which kernel ran is read
   from the profiler, and both kernels must give the same values.
+- :func:`~fisherfunc._engine.attention.in_projection_packed` (the per-sample copy of
+  ``F.multi_head_attention_forward`` splits its packed projection by views) gives torch's values
+  and leaves every other call to torch's helper.
 - Group Fisher and the elementwise diagonal of an ``nn.TransformerEncoderLayer`` model (attention,
   sequence layers with ``T > 1``, whose full squares ``Σ_b G_b ⊙ G_b`` are now summed sample by
   sample outside ``vmap``) against a naive ``torch.autograd`` loop in float64.
@@ -85,6 +88,36 @@ def test_the_mode_is_a_no_op_off_the_cpu_or_without_a_batching_math_kernel() -> 
     assert not isinstance(attention.batched_attention(torch.device("meta")), attention.BatchedAttention)
     on_cpu = isinstance(attention.batched_attention(torch.device("cpu")), attention.BatchedAttention)
     assert on_cpu == attention.math_kernel_batches()
+
+
+@pytest.mark.skipif(not hasattr(F, "_in_projection_packed"), reason="this torch has no packed in-projection helper")
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_in_projection_splits_one_sequence_by_views(bias: bool) -> None:
+    torch.manual_seed(0)
+    w, b = torch.randn(12, 4), torch.randn(12) if bias else None
+    x = torch.randn(5, 1, 4)  # one sequence: [T, N = 1, E]
+    ours, torchs = attention.in_projection_packed(x, x, x, w, b), F._in_projection_packed(x, x, x, w, b)
+    for mine, theirs in zip(ours, torchs, strict=True):
+        assert torch.equal(mine, theirs)
+        assert mine.view(5, 2, 2).shape == (5, 2, 2)  # reshapes as MHA reshapes it ([T, N·heads, d_head])
+    # views of one projection, so the backward is one stack, not three zero-filled copies
+    assert ours[0]._base is ours[1]._base is ours[2]._base is not None
+    # a batch of sequences, or cross-attention: torch's own helper, the same values
+    for q, k in ((torch.randn(5, 3, 4),) * 2, (x, torch.randn(6, 1, 4))):
+        got = attention.in_projection_packed(q, k, k, w, b)
+        for mine, theirs in zip(got, F._in_projection_packed(q, k, k, w, b), strict=True):
+            assert torch.equal(mine, theirs)
+
+
+def test_the_transparent_attention_body_uses_the_view_split() -> None:
+    from fisherfunc._engine.probes import transparent
+
+    body = transparent(F.multi_head_attention_forward)
+    assert body is not None
+    expected = attention.in_projection_packed if hasattr(F, "_in_projection_packed") else None
+    assert body.__globals__.get("_in_projection_packed", None) is expected
+    # torch's module is left alone
+    assert getattr(F, "_in_projection_packed", None) is not attention.in_projection_packed
 
 
 class Encoder(nn.Module):

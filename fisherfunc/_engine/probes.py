@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from .attention import attention_replacements
 from .numerics import Prepared, scope
 from .recurrent import Recurrent
 
@@ -176,12 +177,14 @@ def transparent(func: Callable) -> Callable | None:
     handed are unseen; re-entering the mode and calling ``func`` again would dispatch to the handler
     again. This copy of ``func`` reads ``has_torch_function`` as always false — its first line —
     so run under the re-entered mode it executes its body, whose ``F.linear`` calls the mode sees.
-    ``None`` if ``func`` does not have that form (then its weights are not probed).
+    ``F.multi_head_attention_forward``'s copy also splits its packed projection by views
+    (:func:`~fisherfunc._engine.attention.in_projection_packed`). ``None`` if ``func`` does not have
+    that form (then its weights are not probed).
     """
     code = getattr(func, "__code__", None)
     if code is None or "has_torch_function" not in code.co_names:
         return None
-    namespace = {**func.__globals__, "has_torch_function": lambda *_: False}
+    namespace = {**func.__globals__, "has_torch_function": lambda *_: False, **attention_replacements(func)}
     clone = FunctionType(code, namespace, func.__name__, func.__defaults__, func.__closure__)
     clone.__kwdefaults__ = func.__kwdefaults__
     return clone
