@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -304,6 +305,16 @@ def check(name: str, fn: Callable[[], Any], reference: dict[str, torch.Tensor], 
 RESIDENT_FOLLOWS_TENSORS = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
+def _minor_faults() -> int:
+    """The process's minor page faults so far: pages the kernel mapped in on first touch.
+
+    A CPU allocation that glibc serves with fresh pages (a large block, or after it returned freed
+    memory to the kernel) costs one fault per 4 KiB page when first written, whatever the method;
+    the count per call shows how much of a method's time is that (benchmarks/README.md).
+    """
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -384,10 +395,10 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"{datetime.date.today()}, torch {torch.__version__}, {name}, {torch.get_num_threads()} CPU threads\n")
     print(
-        "| workload | method | median ms | × fwd+bwd | peak tensors +MiB | × baseline | peak RSS +MiB | × baseline "
-        "| check vs naive loop |"
+        "| workload | method | median ms | × fwd+bwd | page faults / call | peak tensors +MiB | × baseline "
+        "| peak RSS +MiB | × baseline | check vs naive loop |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     modelled: list[str] = []  # the memory model's rows (language models), printed after the table
     for key in args.workloads:
         torch.manual_seed(0)
@@ -405,15 +416,17 @@ def main() -> None:
             }
         timed = {m: fn for m, fn in fns.items() if not verdicts.get(m, "").startswith("fails")}
         times: dict[str, list[float]] = {m: [] for m in timed}
+        faults: dict[str, list[int]] = {m: [] for m in timed}
         for fn in timed.values():  # warm-up
             fn()
         for _ in range(args.repeats):
             for m, fn in timed.items():
                 sync()
-                t0 = time.perf_counter()
+                f0, t0 = _minor_faults(), time.perf_counter()
                 fn()
                 sync()
                 times[m].append(time.perf_counter() - t0)
+                faults[m].append(_minor_faults() - f0)
         memory: dict[str, dict[str, float]] = {}
         if args.memory:
             for m in timed:
@@ -426,7 +439,7 @@ def main() -> None:
         base = statistics.median(times["forward+backward"])
         for m in fns:
             if m not in times:
-                print(f"| {w.name} | {m} | — | — | — | — | — | — | {verdicts[m]} |")
+                print(f"| {w.name} | {m} | — | — | — | — | — | — | — | {verdicts[m]} |")
                 continue
             med = statistics.median(times[m])
             cells = []
@@ -439,10 +452,11 @@ def main() -> None:
                     ratio += f" ({baselines[m].removeprefix('forward+backward, ')})"
                 cells += [f"{memory[m][field] / 2**20:.0f}", ratio]
             verdict = verdicts.get(m, "baseline" if baselines[m] == m else "—")
-            row = [w.name, m, f"{med * 1e3:.1f}", f"{med / base:.2f}×", *cells, verdict]
+            paged = f"{statistics.median(faults[m]):.0f}"
+            row = [w.name, m, f"{med * 1e3:.1f}", f"{med / base:.2f}×", paged, *cells, verdict]
             print("| " + " | ".join(row) + " |", flush=True)
         for m, why in failed.items():
-            print(f"| {w.name} | {m} | — | — | — | — | — | — | not run: {why} |", flush=True)
+            print(f"| {w.name} | {m} | — | — | — | — | — | — | — | not run: {why} |", flush=True)
         if w.shape is not None and memory:
             for m, bytes_ in llm.predictions(w.shape).items():
                 if m in memory:
