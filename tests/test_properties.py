@@ -328,3 +328,51 @@ def test_value_checks_catch_a_loss_that_drifts_between_calls(check):
 
     with pytest.raises(AssertionError, match="differs at group"):
         VALUE_CHECKS[check](drifting, params, batch)
+
+
+# --- resolving a spec: every parameter gets the rule of the spec entry whose path is its prefix -----
+
+_KEYS = st.sampled_from(["a", "b", "c", "0", "1"])
+
+
+@FAST
+@given(
+    param_paths=st.lists(st.lists(_KEYS, min_size=1, max_size=4).map(tuple), min_size=1, max_size=12),
+    spec_paths=st.lists(st.lists(_KEYS, min_size=0, max_size=3).map(tuple), min_size=1, max_size=8),
+)
+def test_spec_entries_are_matched_by_the_first_prefix(param_paths, spec_paths):
+    # the dictionary lookup of each path's prefixes against the scan of every entry, in spec order
+    # (also for lists of entries that no tree could produce: duplicates, one entry a prefix of another)
+    from fisherfunc._spec.resolve import _Prefixes
+
+    prefixes = _Prefixes(spec_paths)
+    for path in param_paths:
+        naive = next((j for j, sp in enumerate(spec_paths) if path[: len(sp)] == sp), None)
+        assert prefixes.first(path) == naive
+
+
+@FAST
+@given(data=st.data())
+def test_a_prefix_spec_broadcasts_to_every_parameter_below_it(data):
+    # a random nested dict of parameters, and a spec cut from it at random depths
+    def tree(depth: int) -> st.SearchStrategy:
+        leaf = st.integers(1, 3).map(lambda n: torch.zeros(n, 2))
+        if depth == 0:
+            return leaf
+        return st.one_of(leaf, st.dictionaries(_KEYS, st.deferred(lambda: tree(depth - 1)), min_size=1, max_size=3))
+
+    params = data.draw(st.dictionaries(_KEYS, tree(2), min_size=1, max_size=3))
+    rules = [ff.Elementwise(), ff.Whole(), ff.Channel(axis=0)]
+
+    def cut(node, path):  # each subtree: one rule for all of it, or a spec per child
+        if isinstance(node, dict) and data.draw(st.booleans()):
+            return {k: cut(v, (*path, k)) for k, v in node.items()}
+        return data.draw(st.sampled_from(rules))
+
+    spec = cut(params, ())
+    resolved = resolve_spec(spec, params)
+    for name, rule in zip(resolved.names, resolved.rules, strict=True):
+        node, keys = spec, name.split(".")
+        while isinstance(node, dict):  # walk the spec down the parameter's own path
+            node = node[keys.pop(0)]
+        assert rule == node, name

