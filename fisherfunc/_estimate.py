@@ -37,7 +37,8 @@ from ._engine.loop import ChunkFns
 from ._engine.nonfinite import NonFiniteError, NonFinitePolicy, NonFiniteWarning, check_nonfinite, check_per_sample
 from ._engine.numerics import Precision, Prepared, check_precision, prepare, scope
 from ._engine.vectorise import PerSampleLoss
-from ._spec.resolve import Params, ResolvedSpec, Spec, resolve_spec
+from ._spec.memo import SpecMemo, spec_memo
+from ._spec.resolve import Params, ResolvedSpec, Spec
 from ._spec.rules import SpecError
 
 __all__ = [
@@ -82,21 +83,22 @@ class Accumulator(NamedTuple):
     kind: str = "empirical"
 
 
-def resolve_for(loss: PerSampleLoss, params: Params, spec: Spec | None) -> ResolvedSpec:
-    """Resolve ``spec`` against ``params``; with ``spec=None`` infer it from ``loss.model``."""
+def resolve_for(loss: PerSampleLoss, params: Params, spec: Spec | None, memo: SpecMemo | None = None) -> ResolvedSpec:
+    """Resolve ``spec`` against ``params``; with ``spec=None`` infer it from ``loss.model``.
+
+    The result is kept in ``memo`` (default: the loss's one-shot memo) and reused while the spec's
+    rules, the params' shapes and, for an inferred spec, the model's modules are unchanged
+    (:mod:`~fisherfunc._spec.memo`).
+    """
     if isinstance(spec, ResolvedSpec):
         return spec
-    if spec is None:
-        model = getattr(loss, "model", None)
-        if model is None:
-            raise SpecError(
-                "spec=None needs a loss built by fisherfunc.losses (which knows its model); for a plain "
-                "callable pass spec=, e.g. spec=fisherfunc.Elementwise() for the full diagonal"
-            )
-        from ._spec.infer import infer_spec
-
-        spec = infer_spec(model)
-    return resolve_spec(spec, params)
+    model = getattr(loss, "model", None)
+    if spec is None and not isinstance(model, torch.nn.Module):
+        raise SpecError(
+            "spec=None needs a loss built by fisherfunc.losses (which knows its model); for a plain "
+            "callable pass spec=, e.g. spec=fisherfunc.Elementwise() for the full diagonal"
+        )
+    return (memo if memo is not None else spec_memo(loss)).resolve(spec, params, model if spec is None else None)
 
 
 def check_options(

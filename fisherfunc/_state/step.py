@@ -10,7 +10,8 @@ folds it into the EMA ``m_t = β m_{t−1} + (1 − β) F̂_t`` (:mod:`~fisherfu
 ``precision`` is how a step computes, not what it estimates: a state records no precision, and a
 state made under ``"float32"`` may be continued under ``"model"`` (or the reverse) — the steps then
 differ only by the low-precision forward's rounding (docs/precision.md measures it). The budget's
-chunk plans (``max_memory``) are kept across steps, per sample shape, like the probe sites.
+chunk plans (``max_memory``) are kept across steps, per sample shape, like the probe sites, and so
+is the resolved spec, while the params' shapes and the rules (or the model) stay the same.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .._engine.numerics import Precision
 from .._engine.vectorise import PerSampleLoss
 from .._estimate import Accumulator, batch_accumulator, check_options, resolve_for
 from .._naming import few
+from .._spec.memo import SpecMemo
 from .._spec.resolve import ResolvedSpec, named_rules
 from .._spec.rules import SpecError, is_rule
 from .codec import Scaled
@@ -96,6 +98,9 @@ class FisherStep:
     )
     # the budget's chunk size per sample shape (a memo; see fisherfunc._engine.budget)
     _plans: dict[Any, int] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    # the resolved spec, reused while the params' shapes and the rules (or the model) are unchanged
+    # (a memo; see fisherfunc._spec.memo)
+    _specs: SpecMemo = dataclasses.field(default_factory=SpecMemo, init=False, repr=False, compare=False)
 
     @property
     def chunk_plans(self) -> dict[Any, int]:
@@ -112,7 +117,7 @@ class FisherStep:
 
         See :func:`~fisherfunc.init_state` and :mod:`fisherfunc.storage` for the storage policy.
         """
-        resolved = resolve_for(self.loss, params, self.spec)
+        resolved = resolve_for(self.loss, params, self.spec, self._specs)
         return init_state(
             params, spec=resolved.rule_tree(), decay=self.decay, dtype=dtype, device=device, kind=self.kind
         )
@@ -153,7 +158,7 @@ class FisherStep:
         """
         if not isinstance(state, FisherState):
             raise TypeError(f"state must be a FisherState (from fisher_step.init(params)), got {type(state).__name__}")
-        resolved = resolve_for(self.loss, params, self.spec)
+        resolved = resolve_for(self.loss, params, self.spec, self._specs)
         _check_state(state, resolved, self.decay)
         if state.kind != self.kind.name:
             raise SpecError(
