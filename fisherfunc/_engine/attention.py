@@ -46,7 +46,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
+
+from .modes import Part
 
 __all__ = [
     "BatchedAttention",
@@ -112,15 +113,14 @@ def _small(args: tuple, kwargs: dict[str, Any]) -> bool:
     return q.device.type == "cpu" and keys <= SCORES_PER_QUERY * q.shape[-1] and scores <= MAX_SCORES
 
 
-class BatchedAttention(TorchFunctionMode):
+class BatchedAttention(Part):
     """Runs small CPU attention calls with the math kernel, which batches under ``vmap``."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
-        kwargs = kwargs or {}
+    def handle(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:  # noqa: D102
         if func is F.scaled_dot_product_attention and _small(args, kwargs):
             with sdpa_kernel([SDPBackend.MATH]):
-                return func(*args, **kwargs)
-        return func(*args, **kwargs)
+                return self.proceed(func, args, kwargs)
+        return self.proceed(func, args, kwargs)
 
 
 @functools.cache
@@ -138,10 +138,10 @@ def math_kernel_batches() -> bool:
     return not any("performance drop" in str(w.message) for w in caught)
 
 
-def batched_attention(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """:class:`BatchedAttention` for a CPU computation where the math kernel batches; else a no-op."""
+def batched_attention(device: torch.device) -> BatchedAttention | None:
+    """:class:`BatchedAttention` for a CPU computation where the math kernel batches; else ``None``."""
     if device.type != "cpu" or not math_kernel_batches():
-        return contextlib.nullcontext()
+        return None
     return BatchedAttention()
 
 

@@ -59,15 +59,15 @@ import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from types import FunctionType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import optree
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from .attention import attention_replacements
+from .modes import Part
 from .numerics import Prepared, scope
 from .recurrent import Recurrent
 
@@ -283,7 +283,7 @@ class ReducingProbe(torch.autograd.Function):
         return d, None, ctx.reducer(a, d), None
 
 
-class ProbeMode(TorchFunctionMode):
+class ProbeMode(Part):
     """Adds probes to, and records the inputs of, the calls that use the probed weights.
 
     Args:
@@ -324,18 +324,17 @@ class ProbeMode(TorchFunctionMode):
         # indexing the probe per use would materialise a full-size gradient per use)
         self.parts: dict[int, tuple[Tensor, ...]] = {}
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
-        kwargs = kwargs or {}
+    def handle(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:  # noqa: D102
         if func is F.multi_head_attention_forward:  # see into it: its projections are F.linear calls
             body = transparent(func)
             if body is not None:
-                with self:
+                with self.outer:  # this mode (or its chain) again, over the function's body
                     return body(*args, **kwargs)
         found = _weight_of(func, args, kwargs)
         slot = self.slots.get(id(found[1])) if found is not None else None
-        out = func(*args, **kwargs)
+        out = self.proceed(func, args, kwargs)
         if self.probes is None and _is_use(func, out):  # discovery: count uses of the params' leaves
-            for x in optree.tree_leaves((args, kwargs)):
+            for x in optree.tree_leaves(cast(Any, (args, kwargs))):
                 leaf = self.leaf_of.get(id(x)) if isinstance(x, Tensor) else None
                 if leaf is not None:
                     self.uses[leaf] += 1

@@ -44,7 +44,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
+
+from .modes import Part
 
 __all__ = ["Recurrent", "KERNELS", "CELLS", "run", "run_cell"]
 
@@ -167,11 +168,11 @@ def _packed(module: str) -> ValueError:
     )
 
 
-class Recurrent(TorchFunctionMode):
+class Recurrent(Part):
     """Runs torch's recurrent kernels as :func:`run` and :func:`run_cell`; every other call as is.
 
     Enter it inside the per-sample function, above the probe mode (which then sees the linear calls
-    of :func:`run`).
+    of :func:`run`), or chained before it (:class:`~fisherfunc._engine.modes.Chain`).
 
     Args:
         random: whether the computation draws per-sample randomness (``vmap(randomness="different")``,
@@ -188,15 +189,17 @@ class Recurrent(TorchFunctionMode):
         super().__init__()
         self.random = random
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+    def handle(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:  # noqa: D102
         cell = CELLS.get(func)
         if cell is not None and not kwargs:
-            return run_cell(cell, args)
+            with self.onward():  # the step's linear calls go on to the probes
+                return run_cell(cell, args)
         if func is torch._pack_padded_sequence:
             raise _packed("a recurrent layer")
         kind = KERNELS.get(func)
         if kind is None:
-            return func(*args, **(kwargs or {}))
+            return self.proceed(func, args, kwargs)
         if kwargs or len(args) != 9 or (isinstance(args[1], Tensor) and not args[1].is_floating_point()):
             raise _packed(f"nn.{ {'lstm': 'LSTM', 'gru': 'GRU'}.get(kind, 'RNN') }")
-        return run(kind, args, random=self.random)
+        with self.onward():
+            return run(kind, args, random=self.random)

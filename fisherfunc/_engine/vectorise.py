@@ -38,6 +38,7 @@ from ..dropout import vmap_randomness
 from .attention import batched_attention
 from .batches import cast_floating
 from .kinds import LabelSets
+from .modes import Chain
 from .numerics import Prepared, scope
 from .probes import ProbeMode, Reducer
 from .recurrent import Recurrent
@@ -103,14 +104,12 @@ def vectorise(
         call: Callable[[Any, Any], Any], direct_params: tuple[Tensor, ...], probes: tuple[Tensor, ...], sample: Any
     ):
         tree = prepared.tree(dict(zip(direct, direct_params)))
-        kernels = Recurrent(random=randomness == "different")
-        if not slots:
-            with batched_attention(prepared.device), kernels:
-                return call(tree, sample), ()
-        mode = ProbeMode(slots, probes, repeats=repeats, reducers=reducers)
-        with batched_attention(prepared.device), mode, kernels:
+        # one function mode: recurrent kernels as linear steps, then the probes, then the attention kernel
+        mode = ProbeMode(slots, probes, repeats=repeats, reducers=reducers) if slots else None
+        parts = [Recurrent(random=randomness == "different"), mode, batched_attention(prepared.device)]
+        with Chain([p for p in parts if p is not None]):
             out = call(tree, sample)
-        return out, mode.recorded(like)
+        return out, mode.recorded(like) if mode is not None else ()
 
     def sample_loss(direct_params: tuple[Tensor, ...], probes: tuple[Tensor, ...], sample: Any):
         (value, tokens), inputs = run(loss, direct_params, probes, sample)
