@@ -88,6 +88,22 @@ def test_an_edited_spec_is_resolved_again() -> None:
     assert torch.allclose(after["0.weight"].sum(1), before["0.weight"], rtol=1e-5)
 
 
+def test_an_equal_spec_written_anew_is_kept() -> None:
+    # rules are frozen values: ff.Elementwise() built on every call is the same spec
+    memo = SpecMemo()
+    params = {k: v.detach() for k, v in _mlp().named_parameters()}
+
+    def spec(axis: int) -> dict[str, ff.Rule]:
+        whole = ff.Whole()
+        return {"0.weight": ff.Channel(axis=axis), "0.bias": whole, "2.weight": ff.Elementwise(), "2.bias": whole}
+
+    first = memo.resolve(spec(0), params)
+    assert memo.resolve(spec(0), params) is first
+    other = memo.resolve(spec(1), params)
+    assert other is not first
+    assert dict(zip(other.names, other.group_shapes))["0.weight"] == (4,)
+
+
 def test_other_parameter_shapes_are_resolved_again() -> None:
     memo = SpecMemo()
     rule = ff.Channel(axis=0)

@@ -7,9 +7,10 @@ more than a small language model's forward and backward on a GPU. A :class:`Spec
 returns it again while all of this is unchanged, compared on every call:
 
 - the params' tree structure and every leaf's shape and dtype;
-- the spec's tree structure and its rule objects, by identity (rules are frozen, so a spec that
-  was edited between calls holds other objects); for an inferred spec, the model's modules (names,
-  classes, identities, training flags) and its parameters (names, identities, shapes).
+- the spec's tree structure and its rules, equal (rules are frozen values, so ``spec=ff.Channel()``
+  written anew on every call is the same spec, and a spec edited between calls holds other rules);
+  for an inferred spec, the model's modules (names, classes, identities, training flags) and its
+  parameters (names, identities, shapes).
 
 A callable spec (``params -> spec``) is called, and its result resolved, on every call.
 """
@@ -67,7 +68,7 @@ class SpecMemo:
             and self.resolved is not None
             and key == self.key
             and len(rules) == len(self.rules)
-            and all(a is b for a, b in zip(rules, self.rules))
+            and all(a is b or a == b for a, b in zip(rules, self.rules))
         ):
             return self.resolved
         assert spec is not None or model is not None
@@ -78,7 +79,7 @@ class SpecMemo:
 
     @staticmethod
     def _key(spec: Spec | None, params: Params, model: nn.Module | None) -> tuple[tuple | None, tuple]:
-        """``(key compared by equality, rule objects compared by identity)``; the key is ``None`` if nothing is kept."""
+        """``(key, the spec's rules)``, both compared by equality; the key is ``None`` if nothing is kept."""
         params_key = _params_key(params)
         if params_key is None:
             return None, ()
