@@ -369,15 +369,21 @@ def group_chunk_fns(
 
         return values
 
-    per_sample = run(frozenset())
     chunk_level = (
         frozenset(s.leaf for s in sites if contracted_per_chunk(s, spec.shapes[s.leaf]))
         if labels is None
         else frozenset()
     )
     if not chunk_level:
-        return summed(per_sample)
+        return summed(run(frozenset()))
     parts_fn = run(chunk_level)
+    built: list[Callable[[Any], tuple[tuple[Any, ...], Tensor]]] = []
+
+    def per_sample(chunk: Any) -> tuple[tuple[Any, ...], Tensor]:
+        # built on first use: the sums' callers (fisher, accumulate, the step) never call it
+        if not built:
+            built.append(run(frozenset()))
+        return built[0](chunk)
 
     def sums(chunk: Any) -> tuple[tuple[Tensor, ...], Tensor]:
         parts, tokens = parts_fn(chunk)
