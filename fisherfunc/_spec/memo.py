@@ -48,11 +48,13 @@ def _model_key(model: nn.Module) -> tuple:
 
 @dataclasses.dataclass(eq=False)
 class SpecMemo:
-    """The last resolved spec of a step or a loss, and what it was resolved from."""
+    """The last resolved spec of a step or a loss, with what it was resolved from.
 
-    key: tuple | None = None
-    rules: tuple = ()
-    resolved: ResolvedSpec | None = None
+    ``kept`` is ``(key, rules, resolved)``, replaced as one value, so a call on another thread
+    reads a key and a resolution that belong together.
+    """
+
+    kept: tuple[tuple, tuple, ResolvedSpec] | None = None
 
     def resolve(self, spec: Spec | None, params: Params, model: nn.Module | None = None) -> ResolvedSpec:
         """``resolve_spec(spec or infer_spec(model), params)``, or the kept result if nothing it depends on changed.
@@ -63,18 +65,19 @@ class SpecMemo:
             model: the model ``spec=None`` infers the rules of.
         """
         key, rules = self._key(spec, params, model)
+        kept = self.kept
         if (
             key is not None
-            and self.resolved is not None
-            and key == self.key
-            and len(rules) == len(self.rules)
-            and all(a is b or a == b for a, b in zip(rules, self.rules))
+            and kept is not None
+            and key == kept[0]
+            and len(rules) == len(kept[1])
+            and all(a is b or a == b for a, b in zip(rules, kept[1]))
         ):
-            return self.resolved
+            return kept[2]
         assert spec is not None or model is not None
         resolved = resolve_spec(infer_spec(model) if spec is None else spec, params)  # type: ignore[arg-type]
         if key is not None:
-            self.key, self.rules, self.resolved = key, rules, resolved
+            self.kept = (key, rules, resolved)
         return resolved
 
     @staticmethod
