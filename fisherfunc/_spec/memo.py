@@ -50,11 +50,11 @@ def _model_key(model: nn.Module) -> tuple:
 class SpecMemo:
     """The last resolved spec of a step or a loss, with what it was resolved from.
 
-    ``kept`` is ``(key, rules, resolved)``, replaced as one value, so a call on another thread
-    reads a key and a resolution that belong together.
+    ``kept`` is ``(key, resolved)``, replaced as one value, so a call on another thread reads a key
+    and a resolution that belong together.
     """
 
-    kept: tuple[tuple, tuple, ResolvedSpec] | None = None
+    kept: tuple[tuple, ResolvedSpec] | None = None
 
     def resolve(self, spec: Spec | None, params: Params, model: nn.Module | None = None) -> ResolvedSpec:
         """``resolve_spec(spec or infer_spec(model), params)``, or the kept result if nothing it depends on changed.
@@ -64,34 +64,28 @@ class SpecMemo:
             params: pytree of parameter tensors.
             model: the model ``spec=None`` infers the rules of.
         """
-        key, rules = self._key(spec, params, model)
+        key = _key(spec, params, model)
         kept = self.kept
-        if (
-            key is not None
-            and kept is not None
-            and key == kept[0]
-            and len(rules) == len(kept[1])
-            and all(a is b or a == b for a, b in zip(rules, kept[1]))
-        ):
-            return kept[2]
+        if key is not None and kept is not None and key == kept[0]:
+            return kept[1]
         assert spec is not None or model is not None
         resolved = resolve_spec(infer_spec(model) if spec is None else spec, params)  # type: ignore[arg-type]
         if key is not None:
-            self.kept = (key, rules, resolved)
+            self.kept = (key, resolved)
         return resolved
 
-    @staticmethod
-    def _key(spec: Spec | None, params: Params, model: nn.Module | None) -> tuple[tuple | None, tuple]:
-        """``(key, the spec's rules)``, both compared by equality; the key is ``None`` if nothing is kept."""
-        params_key = _params_key(params)
-        if params_key is None:
-            return None, ()
-        if spec is None:
-            return (None if model is None else ("inferred", _model_key(model), params_key)), ()
-        if callable(spec) and not is_rule(spec):
-            return None, ()
-        rules, treespec = optree.tree_flatten(spec, is_leaf=is_rule, none_is_leaf=True)
-        return ("given", treespec, params_key), tuple(rules)
+
+def _key(spec: Spec | None, params: Params, model: nn.Module | None) -> tuple | None:
+    """What resolution depends on, compared by equality (rules are frozen values); ``None``: nothing is kept."""
+    params_key = _params_key(params)
+    if params_key is None:
+        return None
+    if spec is None:
+        return None if model is None else ("inferred", _model_key(model), params_key)
+    if callable(spec) and not is_rule(spec):
+        return None
+    rules, treespec = optree.tree_flatten(spec, is_leaf=is_rule, none_is_leaf=True)
+    return ("given", treespec, tuple(rules), params_key)
 
 
 #: One-shot calls' memos, one per loss object (dropped with the loss).
