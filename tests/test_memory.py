@@ -242,8 +242,15 @@ def _peak(call: Any) -> int:
 
 
 @pytest.mark.parametrize(("family", "mask"), [("llama", "none"), ("gpt2", "causal"), ("bert", "keys")])
-def test_group_fisher_peak_memory_within_a_forward_backward(family: str, mask: str) -> None:
+def test_group_fisher_peak_memory_within_a_forward_backward(
+    family: str, mask: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Peak live tensor bytes of a group Fisher call ≤ 1.3× a plain forward+backward's, batch and one sample.
+
+    These layers are tiny, so by default their probe factors are kept to the end of the backward
+    (``group_sums.KEPT_FACTOR_BYTES`` per sample; the next test bounds that). A layer at scale is
+    past that budget on its own and is reduced in the backward; the budget is set to 0 here so every
+    layer is, as at scale.
 
     Before the engine kept memory at the floor this read 2.3× (Llama) and 1.9× (BERT) with the batch,
     3.2× and 2.7× with one-sample chunks, on the same models: every backward intermediate alive until
@@ -255,7 +262,9 @@ def test_group_fisher_peak_memory_within_a_forward_backward(family: str, mask: s
     keys' mask for BERT.
     """
     import fisherfunc as ff
+    from fisherfunc._engine import group_sums
 
+    monkeypatch.setattr(group_sums, "KEPT_FACTOR_BYTES", 0)
     model, data = _hf_case(family, length=128, batch=2)
     loss = ff.hf.masked_lm(model) if family == "bert" else ff.hf.causal_lm(model)
     assert loss.prepare.form == mask  # type: ignore[union-attr]
@@ -272,3 +281,35 @@ def test_group_fisher_peak_memory_within_a_forward_backward(family: str, mask: s
     chunk_ff = _peak(lambda: ff.accumulate(loss, params, data, spec=spec, chunk_size=1))
     assert batch_ff <= 1.3 * batch_fb, (batch_ff / batch_fb, batch_ff, batch_fb)
     assert chunk_ff <= 1.3 * one_fb, (chunk_ff / one_fb, chunk_ff, one_fb)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_kept_probe_factors_cost_at_most_their_budget_per_sample(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small layers' factors kept to the end of the backward add at most ``KEPT_FACTOR_BYTES`` per sample.
+
+    The same calls as above with the default budget (every site of these small models kept) and with
+    none (every site reduced in the backward): the peaks differ by at most the budget times the
+    samples in a chunk, and the values are the same.
+    """
+    import fisherfunc as ff
+    from fisherfunc._engine import group_sums
+
+    model, data = _hf_case(family, length=128, batch=2)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    spec = ff.infer_spec(model)
+    budget = group_sums.KEPT_FACTOR_BYTES
+    peaks, values = {}, {}
+    for kept in (budget, 0):
+        monkeypatch.setattr(group_sums, "KEPT_FACTOR_BYTES", kept)
+        loss = ff.hf.masked_lm(model) if family == "bert" else ff.hf.causal_lm(model)
+        peaks[kept] = (
+            _peak(lambda: ff.accumulate(loss, params, data, spec=spec)),  # noqa: B023 - called at once
+            _peak(lambda: ff.accumulate(loss, params, data, spec=spec, chunk_size=1)),  # noqa: B023
+        )
+        values[kept] = ff.fisher(loss, params, data, spec=spec)
+    (batch_kept, one_kept), (batch_reduced, one_reduced) = peaks[budget], peaks[0]
+    assert one_kept > one_reduced  # the budget is in use here: these sites are kept
+    assert batch_kept - batch_reduced <= 2 * budget, (batch_kept, batch_reduced)
+    assert one_kept - one_reduced <= budget, (one_kept, one_reduced)
+    for name, value in values[budget].items():
+        torch.testing.assert_close(values[0][name], value, rtol=1e-6, atol=0)

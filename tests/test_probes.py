@@ -6,7 +6,9 @@ float64 for every form the probe path has (one vector per sample, Gram and direc
 row / column / full sums, embeddings with repeated ids and ``padding_idx``, GPT-2 ``Conv1D``
 through ``torch.addmm``), and against the naive loop where the probe path alone is at stake.
 Every case also asserts which weights took the probe path, so a silent fallback to the direct
-path cannot pass as a probe result.
+path cannot pass as a probe result. Every case runs twice: with the probed layers' factors kept to
+the end of the backward (what these small layers get by default) and with every site reduced inside
+the backward by a ``ReducingProbe`` (what layers at scale get: ``group_sums.in_backward``).
 """
 
 from __future__ import annotations
@@ -20,11 +22,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fisherfunc as ff
-from fisherfunc._engine.group_sums import find_sites
+from fisherfunc._engine import group_sums, probes
+from fisherfunc._engine.group_sums import Site, find_sites, in_backward
 from fisherfunc._engine.numerics import prepare
 from fisherfunc._spec.resolve import resolve_spec
 from fisherfunc.testing import cases
 from fisherfunc.testing.cases import Case
+
+
+@pytest.fixture(autouse=True, params=["kept", "reduced"])
+def factor_budget(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test with the default budget of kept factors, and with none (every site reduced in the backward)."""
+    if request.param == "reduced":
+        monkeypatch.setattr(group_sums, "KEPT_FACTOR_BYTES", 0)
+    return str(request.param)
 
 
 def token_case(batch: int | tuple[int, ...], length: int | tuple[int, ...], *, causal: bool = False, **sizes) -> Case:
@@ -406,3 +417,48 @@ def test_transformer_decoder_self_and_cross_attention(causal: bool) -> None:
     _assert_paths_agree(loss, params, batch, spec)
     _assert_sums_agree(loss, params, batch, spec)
     _assert_sums_agree(loss, params, batch, ff.Elementwise())
+
+
+def test_sites_reduce_in_the_backward_past_the_kept_factor_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``in_backward`` keeps the smallest sites' factors within the budget; the rest run a ``ReducingProbe``."""
+
+    def site(leaf: int, tokens: int, n_out: int, op: str = "linear", uses: int = 1) -> Site:
+        return Site(leaf=leaf, op=op, out_shape=(tokens, n_out), sums="rows", uses=uses)
+
+    shapes = [(8, 4), (16, 4), (4, 32), (8, 4), (50, 8)]  # linear [out, in]; leaf 2 is an addmm [in, out]
+    sites = [
+        site(0, 10, 8),
+        site(1, 10, 16),
+        site(2, 10, 32, "addmm"),
+        site(3, 10, 8, uses=2),
+        site(4, 10, 8, "embedding"),
+    ]
+    sizes = [10 * (4 + 8) * 4, 10 * (4 + 16) * 4, 10 * (4 + 32) * 4]  # T·(in + out) float32 bytes: 480, 800, 1440
+    assert [group_sums.factor_bytes(s, shapes[s.leaf], 4) for s in sites[:3]] == sizes
+    # repeated weights and embeddings never reduce in the backward (their factors are needed to the end)
+    assert in_backward(sites, shapes, 4, budget=0) == {0, 1, 2}
+    assert in_backward(sites, shapes, 4, budget=sum(sizes)) == set()
+    assert in_backward(sites, shapes, 4, budget=480 + 800) == {2}  # smallest first
+    assert in_backward(sites, shapes, 4, budget=1000) == {1, 2}  # 480 kept; 480 + 800 > 1000
+    assert in_backward(sites, shapes, 2, budget=1000) == {2}  # bfloat16 factors: half the bytes (240 + 400 kept)
+
+    # and the probes run accordingly: no ReducingProbe within the budget, one per site past it
+    case = token_case(3, 12)
+    calls: list[int] = []
+    backward = probes.ReducingProbe.backward
+
+    def counted(ctx, d):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return backward(ctx, d)
+
+    monkeypatch.setattr(probes.ReducingProbe, "backward", staticmethod(counted))
+    monkeypatch.setattr(group_sums, "KEPT_FACTOR_BYTES", 1 << 20)  # whichever budget the fixture set
+    kept = ff.fisher(case.loss, case.params, case.batch)
+    assert not calls
+    monkeypatch.setattr(group_sums, "KEPT_FACTOR_BYTES", 0)
+    reduced = ff.fisher(case.loss, case.params, case.batch)
+    linear = _sites(case.loss, case.params, ff.infer_spec(case.loss.model), case.batch)
+    # one (batched) backward per site: the batch is one chunk
+    assert len(calls) == sum(op in ("linear", "addmm") for op, _ in linear.values()) > 0
+    for name, value in kept.items():
+        torch.testing.assert_close(reduced[name], value, rtol=1e-12, atol=0)

@@ -62,7 +62,18 @@ from .numerics import Prepared
 from .probes import StaleSites, discover
 from .vectorise import PerSampleLoss, vectorise
 
-__all__ = ["GradientPath", "Site", "find_sites", "group_chunk_fns", "GroupSums", "widen", "full_squares"]
+__all__ = [
+    "GradientPath",
+    "Site",
+    "find_sites",
+    "group_chunk_fns",
+    "GroupSums",
+    "widen",
+    "full_squares",
+    "KEPT_FACTOR_BYTES",
+    "factor_bytes",
+    "in_backward",
+]
 
 #: ``"auto"``: output probes for the weights that qualify, direct gradients elsewhere (exact either
 #: way); ``"direct"``: ``vmap(grad)`` of every parameter.
@@ -286,14 +297,62 @@ def full_squares(u: Tensor, v: Tensor) -> Tensor:
     return total
 
 
-def reduces_in_backward(site: Site) -> bool:
-    """Whether a site's square sums are formed inside the backward (:class:`~fisherfunc._engine.probes.ReducingProbe`).
+def reducible_in_backward(site: Site) -> bool:
+    """Whether a site can form its square sums inside the backward (a :class:`~.probes.ReducingProbe`).
 
     A once-used ``F.linear``/``torch.addmm`` weight: ``s = square_sums(a, d)`` the moment its output
     gradient ``d`` exists, so neither ``a [T, in]`` nor ``d [T, out]`` outlives the layer's backward.
     Repeated weights (their ``G`` sums over uses) and embeddings keep their factors to the end.
+    Which of the sites that can, do: :func:`in_backward`.
     """
     return site.op != "embedding" and site.uses == 1
+
+
+#: Per sample, the most bytes of probed layers' inputs and output gradients kept to the end of the
+#: backward rather than reduced inside it (see :func:`in_backward`).
+KEPT_FACTOR_BYTES = 1 << 20
+
+
+def factor_bytes(site: Site, shape: Sequence[int], itemsize: int) -> int:
+    """One sample's bytes of a linear-like site's input ``a [T, in]`` and output gradient ``d [T, out]``."""
+    tokens, n_out = math.prod(site.out_shape[:-1]), site.out_shape[-1]
+    n_in = shape[1] if site.op == "linear" else shape[0]  # linear [out, in], addmm [in, out]
+    return tokens * (n_in + n_out) * itemsize
+
+
+def in_backward(
+    sites: Sequence[Site], shapes: Sequence[Sequence[int]], itemsize: int, budget: int | None = None
+) -> frozenset[int]:
+    """The leaves of the sites whose square sums are formed inside the backward, by a :class:`~.probes.ReducingProbe`.
+
+    Reducing in the backward bounds memory: no site's factors outlive its layer's backward, which is
+    what keeps a language model's Fisher at its forward+backward's memory. But under ``torch.func``
+    every ``autograd.Function`` call builds its per-level function classes and flattens its
+    arguments several times: 0.2–0.6 ms of Python per layer and chunk on a CPU, which on a small
+    layer exceeds its products (``nn.TransformerEncoderLayer`` at d = 128, T = 32: 1.36× a
+    forward+backward with every site reduced in the backward, 1.18× with none). So the sites are
+    taken smallest first, and their factors kept to the end of the backward (reduced there, inside
+    ``vmap``, by the same code) while they total at most ``budget`` bytes per sample; the others
+    reduce in the backward. A layer of a model at scale (``T·(in + out)`` in the millions) is
+    always over the budget alone; the extra memory of a chunk of ``c`` samples is at most
+    ``c · budget``.
+
+    Args:
+        sites: the sites of a chunk computation.
+        shapes: the weights' shapes, indexed by leaf.
+        itemsize: bytes per element of the factors (the compute dtype's).
+        budget: the most bytes per sample kept to the end (default :data:`KEPT_FACTOR_BYTES`).
+    """
+    budget = KEPT_FACTOR_BYTES if budget is None else budget
+    able = sorted((factor_bytes(s, shapes[s.leaf], itemsize), s.leaf) for s in sites if reducible_in_backward(s))
+    kept = 0
+    reduced = set()
+    for size, leaf in able:
+        if kept + size <= budget:
+            kept += size
+        else:
+            reduced.add(leaf)
+    return frozenset(reduced)
 
 
 def _sums_shape(site: Site, shape: Sequence[int]) -> tuple[int, ...]:
@@ -331,7 +390,7 @@ def group_chunk_fns(
 
     wide = torch.promote_types(prepared.dtype, torch.float32)
 
-    def make_reduce(chunk_level: frozenset[int]) -> Callable[..., tuple[Any, ...]]:
+    def make_reduce(chunk_level: frozenset[int], inside: frozenset[int]) -> Callable[..., tuple[Any, ...]]:
         def reduce(g_direct: tuple[Tensor, ...], d: tuple[Tensor, ...], inputs: tuple[Tensor, ...]) -> tuple[Any, ...]:
             out: list[Any] = [None] * len(spec.active)
             for i, g in zip(direct, g_direct):
@@ -340,7 +399,7 @@ def group_chunk_fns(
                 rows = spec.shapes[site.leaf][0]
                 if site.leaf in chunk_level:
                     out[position[site.leaf]] = _site_parts(site, inputs[k], d[k])
-                elif reduces_in_backward(site):  # d[k] is the square sums already (ReducingProbe)
+                elif site.leaf in inside:  # d[k] is the square sums already (ReducingProbe)
                     out[position[site.leaf]] = to_groups[site.leaf](d[k])
                 else:
                     out[position[site.leaf]] = to_groups[site.leaf](_site_sums(site, rows, inputs[k], d[k]))
@@ -349,17 +408,19 @@ def group_chunk_fns(
         return reduce
 
     def run(chunk_level: frozenset[int]) -> Callable[[Any], tuple[tuple[Any, ...], Tensor]]:
-        inside = [reduces_in_backward(s) and s.leaf not in chunk_level for s in sites]
+        itemsize = torch.empty(0, dtype=prepared.dtype).element_size()
+        inside = in_backward([s for s in sites if s.leaf not in chunk_level], spec.shapes, itemsize)
+        reducing = [s.leaf in inside for s in sites]
         fn = vectorise(
             loss,
             prepared,
             direct=direct,
             probed=[s.leaf for s in sites],
-            probe_shapes=[_sums_shape(s, spec.shapes[s.leaf]) if r else s.out_shape for s, r in zip(sites, inside)],
-            probe_dtypes=[wide if r else None for r in inside],
+            probe_shapes=[_sums_shape(s, spec.shapes[s.leaf]) if r else s.out_shape for s, r in zip(sites, reducing)],
+            probe_dtypes=[wide if r else None for r in reducing],
             repeats=[s.uses for s in sites],
-            reducers=[functools.partial(_reducer, s) if r else None for s, r in zip(sites, inside)],
-            reduce=make_reduce(chunk_level),
+            reducers=[functools.partial(_reducer, s) if r else None for s, r in zip(sites, reducing)],
+            reduce=make_reduce(chunk_level, inside),
             labels=labels,
         )
 
