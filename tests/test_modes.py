@@ -72,3 +72,24 @@ def test_a_part_alone_is_a_plain_mode() -> None:
 def test_an_empty_chain_changes_nothing() -> None:
     with Chain([]):
         assert torch.equal(torch.tanh(torch.zeros(3)), torch.zeros(3))
+
+
+class Narrow(Seen):
+    """A part that acts on ``torch.tanh`` and ``F.relu`` only (:attr:`Part.funcs`)."""
+
+    funcs = frozenset({torch.tanh, F.relu})
+
+
+def test_calls_no_part_acts_on_go_straight_to_torch() -> None:
+    """A chain hands a part only the functions it names; with a part that names none, every call."""
+    x = torch.linspace(-1, 1, 5)
+    log: list[tuple[str, str]] = []
+    with Chain([Narrow("first", log), Narrow("second", log)]):
+        out = F.relu(torch.tanh(x) - 0.5)
+    assert torch.equal(out, F.relu(torch.sigmoid(x) - 0.5))  # the first part still replaces tanh
+    # the subtraction reached neither part; the first part's own sigmoid is not one the second acts on
+    assert log == [("first", "tanh"), ("first", "relu"), ("second", "relu")]
+    log.clear()
+    with Chain([Narrow("first", log), Seen("second", log)]):  # the second part looks at every call
+        F.relu(torch.tanh(x) - 0.5)
+    assert ("second", "sigmoid") in log and any(name == "sub" or "sub" in name for _, name in log)

@@ -116,6 +116,8 @@ def _small(args: tuple, kwargs: dict[str, Any]) -> bool:
 class BatchedAttention(Part):
     """Runs small CPU attention calls with the math kernel, which batches under ``vmap``."""
 
+    funcs = frozenset({F.scaled_dot_product_attention})
+
     def handle(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:  # noqa: D102
         if func is F.scaled_dot_product_attention and _small(args, kwargs):
             with sdpa_kernel([SDPBackend.MATH]):

@@ -10,14 +10,16 @@ step of a 32-layer GPT-2, whose forward makes about 1900 torch calls. :class:`Ch
 as one mode: a part passes a call on to the next part (:meth:`Part.proceed`) instead of back to
 torch, and the torch code a part runs itself — the recurrences' steps, ``nn.MultiheadAttention``'s
 body — runs under the whole chain again (:attr:`Part.outer`), so the parts after it see those
-calls as the modes below it would.
+calls as the modes below it would. A part names the functions it acts on (:attr:`Part.funcs`);
+every other call — most of a model's, ``view``, ``add``, ``softmax`` — goes straight to torch
+without visiting the parts.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from torch.overrides import TorchFunctionMode
 
@@ -31,14 +33,22 @@ class Part(TorchFunctionMode):
     function, and running torch code of their own under :attr:`outer`.
 
     Attributes:
+        funcs: the functions :meth:`handle` acts on; it passes every other call on unchanged.
+            ``None``: it looks at every call.
         next: the part after this one in its chain (``None``: the call goes to torch).
         outer: the mode the part's own torch code runs under: itself alone, its chain in a chain.
     """
+
+    funcs: ClassVar[frozenset[Callable[..., Any]] | None] = None
 
     def __init__(self) -> None:
         super().__init__()
         self.next: Part | None = None
         self.outer: TorchFunctionMode = self
+
+    def acts_on(self) -> frozenset[Callable[..., Any]] | None:
+        """:attr:`funcs` of this part (an instance may look at every call where its class does not)."""
+        return self.funcs
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
         return self.handle(func, args, kwargs or {})
@@ -70,8 +80,13 @@ class Chain(TorchFunctionMode):
         self.parts = tuple(parts)
         for part, following in zip(self.parts, (*self.parts[1:], None)):
             part.next, part.outer = following, self
+        funcs = [part.acts_on() for part in self.parts]
+        #: the functions some part acts on; ``None``: some part looks at every call
+        self.relevant: frozenset[Callable[..., Any]] | None = (
+            None if any(f is None for f in funcs) else frozenset().union(*funcs)  # type: ignore[arg-type]
+        )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
-        if not self.parts:
+        if not self.parts or (self.relevant is not None and func not in self.relevant):
             return func(*args, **(kwargs or {}))
         return self.parts[0].handle(func, args, kwargs or {})

@@ -157,6 +157,12 @@ def arg(args: tuple, kwargs: dict, position: int, name: str, default: Any = None
     return args[position] if len(args) > position else kwargs.get(name, default)
 
 
+#: The calls a probing :class:`ProbeMode` acts on (:func:`_weight_of`'s, and the attention function it sees into).
+_PROBED: frozenset[Callable[..., Any]] = frozenset(
+    {F.linear, torch.addmm, F.embedding, *_CONV, F.multi_head_attention_forward}
+)
+
+
 def _weight_of(func: Callable, args: tuple, kwargs: dict) -> tuple[Op, Any] | None:
     if func is F.linear:
         return "linear", arg(args, kwargs, 1, "weight")
@@ -323,6 +329,11 @@ class ProbeMode(Part):
         # a repeated slot's probe split once into its uses (one unbind, whose backward is one stack;
         # indexing the probe per use would materialise a full-size gradient per use)
         self.parts: dict[int, tuple[Tensor, ...]] = {}
+
+    def acts_on(self) -> frozenset[Callable[..., Any]] | None:  # noqa: D102
+        # probing: the probed calls, and nn.MultiheadAttention's function to see into; discovery
+        # counts every call's uses of the params
+        return _PROBED if self.probes is not None else None
 
     def handle(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:  # noqa: D102
         if func is F.multi_head_attention_forward:  # see into it: its projections are F.linear calls

@@ -185,6 +185,8 @@ class Recurrent(Part):
             ``PackedSequence``.
     """
 
+    funcs = frozenset({*CELLS, *KERNELS, torch._pack_padded_sequence})
+
     def __init__(self, *, random: bool = False) -> None:
         super().__init__()
         self.random = random
