@@ -441,6 +441,10 @@ def test_sites_reduce_in_the_backward_past_the_kept_factor_budget(monkeypatch: p
     assert in_backward(sites, shapes, 4, budget=480 + 800) == {2}  # smallest first
     assert in_backward(sites, shapes, 4, budget=1000) == {1, 2}  # 480 kept; 480 + 800 > 1000
     assert in_backward(sites, shapes, 2, budget=1000) == {2}  # bfloat16 factors: half the bytes (240 + 400 kept)
+    # an output gradient per label set (the "mc" kind's samples): 10·(4 + 3·8)·4 = 1120 bytes for leaf 0
+    assert group_sums.factor_bytes(sites[0], shapes[0], 4, sets=3) == 1120
+    assert in_backward(sites, shapes, 4, budget=1000, sets=3) == {0, 1, 2}
+    assert in_backward(sites, shapes, 4, budget=sum(sizes), sets=None) == {0, 1, 2}  # sets not known: all reduce
 
     # and the probes run accordingly: no ReducingProbe within the budget, one per site past it
     case = token_case(3, 12)

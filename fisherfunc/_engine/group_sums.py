@@ -313,15 +313,22 @@ def reducible_in_backward(site: Site) -> bool:
 KEPT_FACTOR_BYTES = 1 << 20
 
 
-def factor_bytes(site: Site, shape: Sequence[int], itemsize: int) -> int:
-    """One sample's bytes of a linear-like site's input ``a [T, in]`` and output gradient ``d [T, out]``."""
+def factor_bytes(site: Site, shape: Sequence[int], itemsize: int, sets: int = 1) -> int:
+    """One sample's bytes of a linear-like site's input ``a [T, in]`` and output gradients ``d [T, out]``.
+
+    ``sets``: how many output gradients a sample has (one per label set of the ``"mc"`` kind).
+    """
     tokens, n_out = math.prod(site.out_shape[:-1]), site.out_shape[-1]
     n_in = shape[1] if site.op == "linear" else shape[0]  # linear [out, in], addmm [in, out]
-    return tokens * (n_in + n_out) * itemsize
+    return tokens * (n_in + sets * n_out) * itemsize
 
 
 def in_backward(
-    sites: Sequence[Site], shapes: Sequence[Sequence[int]], itemsize: int, budget: int | None = None
+    sites: Sequence[Site],
+    shapes: Sequence[Sequence[int]],
+    itemsize: int,
+    budget: int | None = None,
+    sets: int | None = 1,
 ) -> frozenset[int]:
     """The leaves of the sites whose square sums are formed inside the backward, by a :class:`~.probes.ReducingProbe`.
 
@@ -342,9 +349,14 @@ def in_backward(
         shapes: the weights' shapes, indexed by leaf.
         itemsize: bytes per element of the factors (the compute dtype's).
         budget: the most bytes per sample kept to the end (default :data:`KEPT_FACTOR_BYTES`).
+        sets: output gradients per sample: 1, the ``"mc"`` kind's label sets, or ``None`` when not
+            known before the forward (the ``"exact"`` kind's classes): then every site that can
+            reduces in the backward.
     """
     budget = KEPT_FACTOR_BYTES if budget is None else budget
-    able = sorted((factor_bytes(s, shapes[s.leaf], itemsize), s.leaf) for s in sites if reducible_in_backward(s))
+    if sets is None:
+        budget, sets = 0, 1
+    able = sorted((factor_bytes(s, shapes[s.leaf], itemsize, sets), s.leaf) for s in sites if reducible_in_backward(s))
     kept = 0
     reduced = set()
     for size, leaf in able:
@@ -389,6 +401,8 @@ def group_chunk_fns(
     to_groups = {s.leaf: rules[s.leaf].from_square_sums(spec.shapes[s.leaf], s.sums) for s in sites}
 
     wide = torch.promote_types(prepared.dtype, torch.float32)
+    # output gradients per sample: one, or one per label set (the "exact" kind's count is the model's)
+    sets = 1 if labels is None else getattr(labels.kind, "samples", None)
 
     def make_reduce(chunk_level: frozenset[int], inside: frozenset[int]) -> Callable[..., tuple[Any, ...]]:
         def reduce(g_direct: tuple[Tensor, ...], d: tuple[Tensor, ...], inputs: tuple[Tensor, ...]) -> tuple[Any, ...]:
@@ -409,7 +423,7 @@ def group_chunk_fns(
 
     def run(chunk_level: frozenset[int]) -> Callable[[Any], tuple[tuple[Any, ...], Tensor]]:
         itemsize = torch.empty(0, dtype=prepared.dtype).element_size()
-        inside = in_backward([s for s in sites if s.leaf not in chunk_level], spec.shapes, itemsize)
+        inside = in_backward([s for s in sites if s.leaf not in chunk_level], spec.shapes, itemsize, sets=sets)
         reducing = [s.leaf in inside for s in sites]
         fn = vectorise(
             loss,
