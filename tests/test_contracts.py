@@ -307,6 +307,48 @@ def test_fisher_step_returns_new_state() -> None:
         assert a is not b and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
 
 
+def test_step_updates_its_own_sums_in_place_and_never_a_callers_accumulator() -> None:
+    # __call__ forms X_t in place on the sums it just computed; update(state, acc) is handed the
+    # caller's accumulator, which must come back as it was; both give the same state, bit for bit
+    case = mlp_case()
+    fisher_step = ff.make_fisher_step(case.loss, spec=ff.Elementwise(), decay=0.8)
+    state1 = fisher_step(case.params, case.batch, fisher_step.init(case.params))
+    acc = fisher_step.batch_sums(case.params, case.batch, state1)
+    before = [t.clone() for t in optree.tree_leaves(acc.sums)]
+    by_update = fisher_step.update(state1, acc)
+    for t, b in zip(optree.tree_leaves(acc.sums), before, strict=True):
+        assert torch.equal(t, b)
+    by_call = fisher_step(case.params, case.batch, state1)
+    for a, b in zip(optree.tree_leaves(by_update.ema), optree.tree_leaves(by_call.ema), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("divisor", [1.0, 7.0])
+@pytest.mark.parametrize("decay", [0.0, 0.9])
+@pytest.mark.parametrize("stored", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_ema_in_place_on_owned_scratch_equals_the_copying_form(
+    divisor: float, decay: float, stored: torch.dtype
+) -> None:
+    from fisherfunc._state.codec import decode, encode
+    from fisherfunc._state.ema import ema
+
+    gen = torch.Generator().manual_seed(0)
+    m = encode(torch.rand(4, 5, generator=gen, dtype=torch.float64), dtype=stored)
+    x = torch.rand(4, 5, generator=gen)
+    expected = ema(m, x.clone(), decay, divisor)
+    scratch = x.clone()
+    got = ema(m, scratch, decay, divisor, owned=True)
+    assert torch.equal(decode(got), decode(expected))
+    # the scratch is overwritten exactly when it is of the working dtype (float32 unless the storage
+    # is float64); with β = 0 and no divisor, X is the scratch itself and nothing changes
+    overwritten = stored != torch.float64 and not (decay == 0.0 and divisor == 1.0)
+    assert torch.equal(scratch, x) != overwritten
+    strided = x.clone().t()  # not contiguous: copied first, whatever owned says
+    m_t = encode(decode(m).t().contiguous(), dtype=stored)
+    assert torch.equal(decode(ema(m_t, strided, decay, divisor, owned=True)), decode(ema(m_t, x.t(), decay, divisor)))
+    assert torch.equal(strided, x.t())
+
+
 # --- FisherState is a pytree ----------------------------------------------------------------------
 
 

@@ -44,19 +44,24 @@ def bias_correction(decay: float, step: int) -> float:
 
 
 @overload
-def ema(m: Tensor, x: Tensor, decay: float, divisor: float = 1.0) -> Tensor: ...
+def ema(m: Tensor, x: Tensor, decay: float, divisor: float = 1.0, *, owned: bool = False) -> Tensor: ...
 
 
 @overload
-def ema(m: Scaled, x: Tensor, decay: float, divisor: float = 1.0) -> Scaled: ...
+def ema(m: Scaled, x: Tensor, decay: float, divisor: float = 1.0, *, owned: bool = False) -> Scaled: ...
 
 
-def ema(m: Stored, x: Tensor, decay: float, divisor: float = 1.0) -> Stored:
+def ema(m: Stored, x: Tensor, decay: float, divisor: float = 1.0, *, owned: bool = False) -> Stored:
     """``β m + (1 − β) X`` with ``X = x / divisor``, in float32 (float64 for float64 storage) on ``x``'s device.
 
     The result is stored like ``m``. ``divisor`` folds a normalisation into the update (a batch's
     sums ``x`` over its token count): ``X`` is formed once, as a new tensor, and the update runs in
     place on it — one new tensor, three passes; with ``β = 0`` the result is ``X`` exactly.
+
+    ``owned=True`` says ``x`` is the caller's own scratch (a step's freshly computed batch sums, never
+    seen by a user): then, when it is a contiguous tensor of the working dtype, ``X`` is formed in
+    place on it and no tensor is allocated (the same operations in the same order, so the same
+    values). Leave it ``False`` for anything a caller may still read.
 
     >>> ema(torch.zeros(2), torch.ones(2), 0.75)
     tensor([0.2500, 0.2500])
@@ -64,7 +69,10 @@ def ema(m: Stored, x: Tensor, decay: float, divisor: float = 1.0) -> Stored:
     tensor([0.2500, 0.2500])
     """
     work = torch.float64 if stored_dtype(m) == torch.float64 else torch.float32
-    new = x.to(work) / divisor if divisor != 1.0 else x.to(work, copy=True)  # X, a new tensor
+    if owned and x.dtype == work and x.is_contiguous():
+        new = x.div_(divisor) if divisor != 1.0 else x  # X, in place on the caller's scratch
+    else:
+        new = x.to(work) / divisor if divisor != 1.0 else x.to(work, copy=True)  # X, a new tensor
     if decay != 0.0:
         new.mul_(1.0 - decay).add_(decode(m, device=x.device, dtype=work), alpha=decay)
     return encode(new, dtype=stored_dtype(m), device=stored_device(m))

@@ -105,7 +105,7 @@ def init_state(
 
 
 def ema_update(
-    state: FisherState, batch_fisher: Any, tokens: float, samples: int, *, divisor: float = 1.0
+    state: FisherState, batch_fisher: Any, tokens: float, samples: int, *, divisor: float = 1.0, owned: bool = False
 ) -> FisherState:
     """``m_t = β m_{t−1} + (1 − β) F̂_t``; returns a new state (the old one is untouched).
 
@@ -116,11 +116,13 @@ def ema_update(
         tokens: tokens in the batch.
         samples: samples in the batch.
         divisor: divides ``batch_fisher`` (inside the update, no tree of its own).
+        owned: ``batch_fisher`` is the caller's scratch, which the update may overwrite (see
+            :func:`~fisherfunc._state.ema.ema`).
 
     The arithmetic and storage are those of :func:`~fisherfunc._state.ema.ema`.
     """
     return state._replace(
-        ema=optree.tree_map(lambda m, f: ema(m, f, state.decay, divisor), state.ema, batch_fisher),
+        ema=optree.tree_map(lambda m, f: ema(m, f, state.decay, divisor, owned=owned), state.ema, batch_fisher),
         step=state.step + 1,
         tokens=state.tokens + float(tokens),
         samples=state.samples + int(samples),

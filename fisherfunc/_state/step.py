@@ -143,7 +143,7 @@ class FisherStep:
             if self.nonfinite == "raise":
                 raise
             return state._replace(skipped=state.skipped + 1)
-        return self.update(state, acc)
+        return self._fold(state, acc, owned=True)  # the sums are this call's own: updated in place
 
     def batch_sums(self, params: Any, batch: Batch, state: FisherState, *, stream: int = 0) -> Accumulator:
         """The batch's exact sums ``Σ_b s_b``, ``Σ_b n_b``, ``B``, after checking ``state`` (no update).
@@ -188,9 +188,13 @@ class FisherStep:
         Raises:
             BatchError: if ``acc`` has no tokens (an empty or all-skipped accumulator).
         """
+        return self._fold(state, acc, owned=False)  # acc is the caller's: left as it is
+
+    def _fold(self, state: FisherState, acc: Accumulator, *, owned: bool) -> FisherState:
         if not acc.tokens > 0:
             raise BatchError(f"the accumulator has {acc.tokens} tokens: there is no batch Fisher to fold in")
-        return ema_update(state, acc.sums, acc.tokens, acc.samples, divisor=acc.tokens)  # F̂_t = Σ_b s_b / Σ_b n_b
+        # F̂_t = Σ_b s_b / Σ_b n_b
+        return ema_update(state, acc.sums, acc.tokens, acc.samples, divisor=acc.tokens, owned=owned)
 
 
 def make_fisher_step(

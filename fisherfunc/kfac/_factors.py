@@ -555,10 +555,12 @@ class KFACStep:
         count = len(state.layers)
         A, G, positions = totals.sums[:count], totals.sums[count : 2 * count], totals.sums[2 * count :]
         # m_t = β m_{t−1} + (1 − β) X_t, with X_t = A_t = Σ ã ãᵀ / positions and G_t = Σ d dᵀ / tokens
-        # (the division folded into the update: X_t formed once, the EMA in place on it)
+        # (the division folded into the update, in place on this call's own sums: no tensor allocated)
+        # (each sum a fresh tensor of this call, see _factor_sums)
+        beta, layers = self.decay, state.layers
         return state._replace(
-            A={x.name: ema(state.A[x.name], s, self.decay, float(n)) for x, s, n in zip(state.layers, A, positions)},
-            G={x.name: ema(state.G[x.name], s, self.decay, totals.tokens) for x, s in zip(state.layers, G)},
+            A={x.name: ema(state.A[x.name], s, beta, float(n), owned=True) for x, s, n in zip(layers, A, positions)},
+            G={x.name: ema(state.G[x.name], s, beta, totals.tokens, owned=True) for x, s in zip(layers, G)},
             positions={x.name: state.positions[x.name] + float(n) for x, n in zip(state.layers, positions)},
             step=state.step + 1,
             tokens=state.tokens + totals.tokens,
