@@ -147,3 +147,28 @@ def test_evaluation_context_for_a_plain_callable() -> None:
         assert _rel(got[k], want[k]) <= TOL, k
     assert ff.dropout.vmap_randomness(loss) == "error"
     assert ff.losses.classification(model, dropout="train").randomness == "different"
+
+
+@pytest.mark.parametrize("name", ["mlp", "encoder"])
+def test_the_engine_rewrites_dropout_in_its_own_mode_not_a_second_one(name: str, monkeypatch) -> None:
+    # Inside the per-sample function the dropout rewriting is the first part of the engine's one
+    # function mode: the loss's forward enters no EvalDropout of its own (every torch call would
+    # cross a second Python mode), and the semantics are unchanged. Outside the engine the loss
+    # still enters it.
+    model, batch = _case(name)
+    evaluated = copy.deepcopy(model).eval()
+    entered = []
+    original = ff.dropout.evaluation
+    monkeypatch.setattr(ff.dropout, "evaluation", lambda: entered.append(1) or original())
+    loss = ff.losses.classification(model)
+    got = ff.fisher(loss, dict(model.named_parameters()), batch, path="direct")
+    assert entered == []
+    want = ff.fisher(ff.losses.classification(evaluated), dict(evaluated.named_parameters()), batch, path="direct")
+    for k in want:
+        assert _rel(got[k], want[k]) <= TOL, k
+    x, y = batch
+    with torch.no_grad():
+        alone = loss(dict(model.named_parameters()), (x[0], y[0]))[0]
+        assert entered == [1]
+        expected = ff.losses.classification(evaluated)(dict(evaluated.named_parameters()), (x[0], y[0]))[0]
+    assert torch.equal(alone, expected)

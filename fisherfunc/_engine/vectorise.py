@@ -26,6 +26,7 @@ forward and one ``vjp``: ``Σ_j w_j reduce(g(y_j), d(y_j), a)`` leaves the funct
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
-from ..dropout import vmap_randomness
+from ..dropout import EvalDropout, chained, vmap_randomness
 from .attention import batched_attention
 from .batches import cast_floating
 from .kinds import LabelSets
@@ -99,15 +100,19 @@ def vectorise(
     direct_values = tuple(prepared.leaves[i] for i in direct)
     like = torch.zeros((), dtype=dtype, device=prepared.device)
     randomness = vmap_randomness(loss)
+    # a fisherfunc loss with dropout="eval": its dropout rewriting is the chain's first part, not a second mode
+    eval_dropout = getattr(loss, "dropout", None) == "eval" and hasattr(loss, "model")
 
     def run(
         call: Callable[[Any, Any], Any], direct_params: tuple[Tensor, ...], probes: tuple[Tensor, ...], sample: Any
     ):
         tree = prepared.tree(dict(zip(direct, direct_params)))
-        # one function mode: recurrent kernels as linear steps, then the probes, then the attention kernel
+        # one function mode: dropout as an identity (dropout="eval"), recurrent kernels as linear steps,
+        # then the probes, then the attention kernel
         mode = ProbeMode(slots, probes, repeats=repeats, reducers=reducers) if slots else None
-        parts = [Recurrent(random=randomness == "different"), mode, batched_attention(prepared.device)]
-        with Chain([p for p in parts if p is not None]):
+        first = EvalDropout() if eval_dropout else None
+        parts = [first, Recurrent(random=randomness == "different"), mode, batched_attention(prepared.device)]
+        with Chain([p for p in parts if p is not None]), chained() if first is not None else contextlib.nullcontext():
             out = call(tree, sample)
         return out, mode.recorded(like) if mode is not None else ()
 
