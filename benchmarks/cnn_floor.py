@@ -117,11 +117,10 @@ def measure(repeats: int) -> list[tuple[str, float]]:
         f()
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
+    for k in run.shuffled_repeats(list(fns), repeats):  # interleaved, in a random order per repeat
+        t = time.perf_counter()
+        fns[k]()
+        times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     floor = med["backbone: vmap(grad) of the biases only"] + sum(
         min(med[f"conv{i + 1} per-sample weight gradients, grouped"],

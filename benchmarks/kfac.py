@@ -14,8 +14,8 @@ Models: an MLP trained on scikit-learn's digits, and a small pre-LN transformer 
 synthetic next-token task. The script asserts EK-FAC ≤ K-FAC (EK-FAC's scaling is the
 Frobenius-optimal diagonal in K-FAC's eigenbasis).
 
-(b) Cost. Median wall time over interleaved repeats (after one warm-up) of ``ff.kfac.kfac`` on
-the benchmark workloads of benchmarks/run.py (MLP 784-512-512-10 B=128, the TinyLM
+(b) Cost. Median wall time over interleaved repeats, each in a random order (after one warm-up),
+of ``ff.kfac.kfac`` on the benchmark workloads of benchmarks/run.py (MLP 784-512-512-10 B=128, the TinyLM
 "transformer"), relative to a plain forward+backward of the same batch, next to the peers
 computing their factors (curvlinops ``KFACLinearOperator.compute_kronecker_factors`` on an operator
 built once; nngeometry ``PMatKFAC``) in the same interleaved repeats. Rows: the one-shot call (it
@@ -556,13 +556,13 @@ def cost(workload: str, repeats: int, device: str = "cpu") -> str:
         counted = flops[name]
         flops[name] = None if counted is None else counted / n
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():  # interleaved: drift hits every method alike
-            _sync(dev)
-            start = time.perf_counter()
-            fn()
-            _sync(dev)
-            times[name].append(time.perf_counter() - start)
+    for name in bench_run.shuffled_repeats(list(fns), repeats):  # interleaved, in a random order per repeat
+        fn = fns[name]
+        _sync(dev)
+        start = time.perf_counter()
+        fn()
+        _sync(dev)
+        times[name].append(time.perf_counter() - start)
     for name, n in calls.items():
         times[name] = [t / n for t in times[name]]
     base = statistics.median(times["forward+backward"])
@@ -570,7 +570,7 @@ def cost(workload: str, repeats: int, device: str = "cpu") -> str:
     assert fb_flops
     factor_flops = _factor_flops(F_)
     lines = [
-        f"**{w.name}** — median of {repeats} interleaved repeats (after a warm-up; load average "
+        f"**{w.name}** — median of {repeats} interleaved repeats in a random order (after a warm-up; load average "
         f"{os.getloadavg()[0]:.2f} at the end); "
         "GFLOP: matmul FLOPs counted by torch.utils.flop_counter",
         "",
