@@ -20,7 +20,7 @@ computes without the mode.
 
 Inside the engine's per-sample function the same rewriting is the first part of its one function
 mode (:class:`~fisherfunc._engine.modes.Chain`) rather than a mode of its own: every torch call a
-model makes then crosses one Python mode, not two (0.35–0.40 ms of a 15 ms
+model makes then crosses one Python mode, not two (0.2–0.3 ms of a 15 ms
 ``nn.TransformerEncoderLayer`` step on a CPU). :func:`scope` knows it (:func:`chained`) and enters
 nothing.
 

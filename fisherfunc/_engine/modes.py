@@ -1,10 +1,11 @@
 """The per-sample call's function modes, entered as one: a :class:`Chain` of :class:`Part` s.
 
-Three things act on the torch calls a model makes inside the per-sample function: its recurrent
+Four things act on the torch calls a model makes inside the per-sample function: dropout becomes
+an identity under ``dropout="eval"`` (:class:`~fisherfunc.dropout.EvalDropout`), its recurrent
 kernels run as linear recurrences (:class:`~fisherfunc._engine.recurrent.Recurrent`), the probed
 weights' calls get their probes (:class:`~fisherfunc._engine.probes.ProbeMode`), and small CPU
 attention calls take the math kernel (:class:`~fisherfunc._engine.attention.BatchedAttention`).
-Each is a ``TorchFunctionMode`` that works alone. Entered as three modes, torch hands every call
+Each is a ``TorchFunctionMode`` that works alone. Entered as separate modes, torch hands every call
 to each of them in turn, through its Python dispatch — about 2.6 µs per mode and call, 15 ms per
 step of a 32-layer GPT-2, whose forward makes about 1900 torch calls. :class:`Chain` enters them
 as one mode: a part passes a call on to the next part (:meth:`Part.proceed`) instead of back to
