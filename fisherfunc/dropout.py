@@ -51,7 +51,7 @@ from torch import nn
 
 from ._engine.modes import Part
 
-__all__ = ["DropoutMode", "EvalDropout", "evaluation", "scope", "chained", "check_dropout", "vmap_randomness"]
+__all__ = ["DropoutMode", "EvalDropout", "evaluation", "scope", "check_dropout", "vmap_randomness"]
 
 #: ``"eval"``: dropout is an identity (the deterministic network); ``"train"``: the model's own
 #: training-mode dropout, with independent masks per sample.

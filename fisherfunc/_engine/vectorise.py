@@ -100,8 +100,8 @@ def vectorise(
     direct_values = tuple(prepared.leaves[i] for i in direct)
     like = torch.zeros((), dtype=dtype, device=prepared.device)
     randomness = vmap_randomness(loss)
-    # a fisherfunc loss with dropout="eval": its dropout rewriting is the chain's first part, not a second mode
-    eval_dropout = getattr(loss, "dropout", None) == "eval" and hasattr(loss, "model")
+    # a loss with dropout="eval" (fisherfunc's losses): the rewriting is the chain's first part, not a second mode
+    eval_dropout = getattr(loss, "dropout", None) == "eval"
 
     def run(
         call: Callable[[Any, Any], Any], direct_params: tuple[Tensor, ...], probes: tuple[Tensor, ...], sample: Any
