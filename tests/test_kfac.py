@@ -748,18 +748,55 @@ def test_squared_gradients_in_blocks_are_the_sum_of_squared_per_sample_gradients
 
 
 class _Reuses(nn.Module):
-    """``a`` (4 → 5), ``c`` (5 → 5), ``b`` (5 → 3); with ``twice`` the forward calls ``c`` twice."""
+    """``a`` (4 → 5), ``c`` (5 → 5), ``b`` (5 → 3); with ``twice`` the forward calls ``c`` twice.
+
+    ``change`` names another way the forward comes to use ``c`` besides its call: ``"matmul"`` its
+    weight, ``"bias"`` its bias.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.a, self.c, self.b = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
         self.twice = False
+        self.change: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(self.c(torch.tanh(self.a(x))))
         if self.twice:
             h = torch.tanh(self.c(h))
+        if self.change == "matmul":
+            h = h + torch.tanh(h @ self.c.weight.T)
+        elif self.change == "bias":
+            h = h * self.c.bias
         return self.b(h)
+
+
+@pytest.mark.parametrize("change", ["matmul", "bias"])
+def test_kept_layers_used_another_way_are_discovered_again(change: str) -> None:
+    # a covered layer's weight (or folded bias) comes to be used outside its call: its factors from
+    # the kept layers would miss that use, so the call discovers again and agrees with a new loss
+    torch.manual_seed(16)
+    model = _Reuses().double().eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batch = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    loss = ff.losses.classification(model)
+    step = ff.kfac.make_kfac_step(loss, decay=0.5)
+    state = step(params, batch, step.init(params, batch))
+    E = ff.kfac.ekfac(loss, params, batch)
+    before = ff.kfac.kfac(loss, params, batch)
+    assert {x.name: x.bias_name for x in before.layers}["c.weight"] == "c.bias"
+    model.change = change
+    with pytest.raises(ValueError, match="c.weight.*not used the same way"):  # the state's layers: refused
+        step(params, batch, state)
+    with pytest.raises(ValueError, match="c.weight.*not used the same way"):  # the bases' layers: refused
+        ff.kfac.ekfac(loss, params, batch, E)
+    one_shot = ff.kfac.kfac(loss, params, batch)
+    fresh = ff.kfac.kfac(ff.losses.classification(model), params, batch)
+    assert [x.to_json() for x in one_shot.layers] == [x.to_json() for x in fresh.layers]
+    covered = {x.name: x.bias_name for x in fresh.layers}
+    assert covered == ({"a.weight": "a.bias", "b.weight": "b.bias"} if change == "matmul" else
+                       {"a.weight": "a.bias", "b.weight": "b.bias", "c.weight": None})  # fmt: skip
+    assert all(torch.equal(one_shot.A[k], fresh.A[k]) and torch.equal(one_shot.G[k], fresh.G[k]) for k in fresh.A)
 
 
 def test_kept_layers_that_went_stale_are_discovered_again_or_refused() -> None:

@@ -358,25 +358,37 @@ def test_fisher_step_discovers_once_per_shape_and_mode(monkeypatch: pytest.Monke
 
 
 class Repeat(nn.Module):
-    """``x → W x`` (once) or ``x → W (W x)`` (twice), by a flag: its calls change between forwards."""
+    """``x → W x`` once, until ``change`` names another way to use ``W``: its calls change between forwards."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(4, 4, dtype=torch.float64)
         self.head = nn.Linear(4, 3, dtype=torch.float64)
-        self.twice = False
+        self.change: str | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.tanh(self.lin(x))
-        if self.twice:
+    def forward(self, x: Tensor) -> Tensor:  # x: [1, 4]
+        w, b = self.lin.weight, self.lin.bias
+        if self.change == "rows":  # the same F.linear call, with another output shape
+            h = torch.tanh(self.lin(torch.cat([x, 0.5 * x]))).sum(0, keepdim=True)
+        elif self.change == "addmm":  # another probed kind of call: x W (not x Wᵀ), scaled
+            h = torch.tanh(torch.addmm(b, x, w, alpha=2.0))
+        else:
+            h = torch.tanh(self.lin(x))
+        if self.change == "twice":  # called a second time
             h = torch.tanh(self.lin(h))
+        elif self.change == "matmul":  # also used outside any probed call
+            h = h + torch.tanh(x @ w.T)
+        elif self.change == "cat":  # also used inside a list argument
+            h = h + x @ torch.cat([w, 2 * w])[:4].T
         return self.head(h)
 
 
+@pytest.mark.parametrize("change", ["twice", "matmul", "cat", "rows", "addmm"])
 @pytest.mark.parametrize("how", ["one-shot", "step", "per-sample"])
-def test_sites_kept_across_calls_are_rediscovered_when_the_calls_change(how: str) -> None:
-    # discovery saw `lin` called once; the model then calls it twice: the kept sites are stale, the
-    # probe mode refuses them (a second probe would give a wrong G), and the call discovers again
+def test_sites_kept_across_calls_are_rediscovered_when_the_calls_change(how: str, change: str) -> None:
+    # discovery saw `lin` called once by F.linear; the model then uses it another way. The kept
+    # site is stale (its probe alone would give a wrong G: a second use's share missing, or a
+    # probe broadcast over other rows), the probe mode refuses it, and the call discovers again
     torch.manual_seed(0)
     model = Repeat()
     loss = ff.losses.classification(model)
@@ -393,12 +405,46 @@ def test_sites_kept_across_calls_are_rediscovered_when_the_calls_change(how: str
         return {k: v.sum(0) for k, v in ff.per_sample_fisher(loss, params, batch).groups.items()}
 
     assert "lin.weight" in _sites(loss, params, ff.infer_spec(model), batch)  # probed while called once
-    run()
-    model.twice = True
+    before = run()
+    model.change = change
     got = run()
     expected = ff.accumulate(loss, params, batch, path="direct").sums
+    assert not torch.allclose(expected["lin.weight"], before["lin.weight"], rtol=1e-3)  # the change matters
     for name, value in expected.items():
         assert torch.allclose(got[name], value, rtol=1e-12, atol=0), name
+
+
+def test_a_probed_weight_read_without_using_its_values_keeps_its_site(monkeypatch: pytest.MonkeyPatch) -> None:
+    # .shape, .dtype and .detach() mention the weight but use none of its values: no rediscovery
+    class Reads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Repeat()
+
+        def forward(self, x: Tensor) -> Tensor:
+            w = self.inner.lin.weight
+            assert w.shape == (4, 4) and w.dtype == torch.float64 and w.detach().ndim == 2
+            return self.inner(x)
+
+    torch.manual_seed(1)
+    model = Reads()
+    loss = ff.losses.classification(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batch = (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    assert "inner.lin.weight" in _sites(loss, params, ff.infer_spec(model), batch)
+    calls = []
+
+    def counting(*args: object) -> tuple[Site, ...]:
+        calls.append(1)
+        return find_sites(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(group_sums, "find_sites", counting)
+    first = ff.accumulate(loss, params, batch).sums
+    second = ff.accumulate(loss, params, batch).sums
+    assert len(calls) == 1  # discovered once, then kept: the reads did not make it stale
+    expected = ff.accumulate(loss, params, batch, path="direct").sums
+    for name, value in expected.items():
+        assert torch.allclose(first[name], value, rtol=1e-12, atol=0) and torch.equal(first[name], second[name])
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -59,7 +59,7 @@ from .batches import Batch, cast_floating, first_sample, sample_key
 from .kinds import LabelSets
 from .loop import ChunkFns, summed
 from .numerics import Prepared
-from .probes import StaleSites, discover
+from .probes import Call, StaleSites, discover
 from .vectorise import PerSampleLoss, vectorise
 
 __all__ = [
@@ -94,6 +94,8 @@ class Site:
         sums: which sums of ``G ⊙ G`` the weight's rule needs.
         padding_idx: for embeddings, the row whose gradient is always zero.
         uses: how many calls use the weight (``> 1`` only for ``linear`` and ``addmm``).
+        call: each of its calls as discovery saw it, its bias left unnamed (a bias is differentiated
+            directly): a kept site's later calls must match it (see :class:`GroupSums`).
     """
 
     leaf: int
@@ -102,6 +104,7 @@ class Site:
     sums: SquareSums
     padding_idx: int | None = None
     uses: int = 1
+    call: Call | None = None
 
 
 def find_sites(loss: PerSampleLoss, prepared: Prepared, spec: ResolvedSpec, sample: Any) -> tuple[Site, ...]:
@@ -123,7 +126,8 @@ def find_sites(loss: PerSampleLoss, prepared: Prepared, spec: ResolvedSpec, samp
             continue
         call, uses = repeated
         shape = call.out_shape if uses == 1 else (uses, *call.out_shape)
-        sites.append(Site(leaf=i, op=call.op, out_shape=shape, sums=sums, padding_idx=call.padding_idx, uses=uses))
+        site = Site(i, call.op, shape, sums, call.padding_idx, uses, dataclasses.replace(call, bias=None))
+        sites.append(site)
     return tuple(sites)
 
 
@@ -433,6 +437,7 @@ def group_chunk_fns(
             probe_shapes=[_sums_shape(s, spec.shapes[s.leaf]) if r else s.out_shape for s, r in zip(sites, reducing)],
             probe_dtypes=[wide if r else None for r in reducing],
             repeats=[s.uses for s in sites],
+            calls=[s.call for s in sites],
             reducers=[functools.partial(_reducer, s) if r else None for s, r in zip(sites, reducing)],
             reduce=make_reduce(chunk_level, inside),
             labels=labels,
@@ -499,7 +504,8 @@ class GroupSums:
     and is kept across calls: in a :class:`~fisherfunc.FisherStep`'s memo, or for one-shot calls
     in a memo per loss object (:func:`one_shot_memo`), so a notebook's repeated ``ff.fisher(loss,
     ...)`` calls pay it once. What keeps a kept site valid if the model's calls change between two
-    forwards: the probe mode refuses a probed weight called more often than discovery saw.
+    forwards: the probe mode refuses a probed weight used in any way but by the calls discovery saw
+    (:class:`~fisherfunc._engine.probes.ProbeMode`), and the call then discovers again.
 
     Args:
         loss: the per-sample loss.

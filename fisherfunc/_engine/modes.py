@@ -13,7 +13,9 @@ torch, and the torch code a part runs itself — the recurrences' steps, ``nn.Mu
 body — runs under the whole chain again (:attr:`Part.outer`), so the parts after it see those
 calls as the modes below it would. A part names the functions it acts on (:attr:`Part.funcs`);
 every other call — most of a model's, ``view``, ``add``, ``softmax`` — goes straight to torch
-without visiting the parts.
+without visiting the parts; a part that must see every call to stay correct (the probes', which
+refuse any use of a probed weight but its probed calls) also :meth:`~Part.observe` s those calls
+after they ran, which costs one check of the call's arguments instead of a walk through the chain.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class Part(TorchFunctionMode):
 
     funcs: ClassVar[frozenset[Callable[..., Any]] | None] = None
 
+    #: whether the part must also :meth:`observe` the calls it does not act on (see :class:`Chain`)
+    observes: bool = False
+
     def __init__(self) -> None:
         super().__init__()
         self.next: Part | None = None
@@ -57,6 +62,9 @@ class Part(TorchFunctionMode):
     def handle(self, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
         """What the mode does with ``func(*args, **kwargs)`` (default: nothing)."""
         return self.proceed(func, args, kwargs)
+
+    def observe(self, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any], out: Any) -> None:
+        """Look at a call the part does not act on, after it ran (only where :attr:`observes`; may raise)."""
 
     def proceed(self, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
         """The call, handed to the next part (alone, or last: to torch and any mode below)."""
@@ -86,8 +94,13 @@ class Chain(TorchFunctionMode):
         self.relevant: frozenset[Callable[..., Any]] | None = (
             None if any(f is None for f in funcs) else frozenset().union(*funcs)  # type: ignore[arg-type]
         )
+        #: the parts that observe the calls no part acts on
+        self.observers = tuple(part for part in self.parts if part.observes)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
         if not self.parts or (self.relevant is not None and func not in self.relevant):
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            for part in self.observers:
+                part.observe(func, args, kwargs or {}, out)
+            return out
         return self.parts[0].handle(func, args, kwargs or {})

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from types import FunctionType
 from typing import Any, Literal, cast
 
@@ -249,6 +249,26 @@ def _describe(op: Op, weight: Tensor, out: Tensor, args: tuple, kwargs: dict, le
     return Call(op, tuple(out.shape), bias=leaf_of.get(id(bias)), plain=plain, conv=geometry)
 
 
+def _mentions(watched: frozenset[int], values: Any) -> list[int]:
+    """The ids in ``watched`` of the objects in ``values`` (a call's arguments), lists, tuples and dicts included."""
+    hits = []
+    for x in values:
+        if id(x) in watched:
+            hits.append(id(x))
+        elif isinstance(x, (list, tuple)) and not isinstance(x, torch.Size):
+            hits += _mentions(watched, x)
+        elif isinstance(x, dict):
+            hits += _mentions(watched, x.values())
+    return hits
+
+
+def _same_call(expected: Call, seen: Call) -> bool:
+    """Whether a probed call is the one discovery saw (its bias compared only where ``expected`` names one)."""
+    return dataclasses.replace(seen, bias=expected.bias) == expected and (
+        expected.bias is None or seen.bias == expected.bias
+    )
+
+
 class StaleSites(RuntimeError):
     """A forward called a probed weight more (or fewer) times than discovery saw for its sample shape.
 
@@ -296,15 +316,31 @@ class ProbeMode(Part):
         slots: ``{id(weight tensor): slot}`` of the probed weights.
         probes: one probe per slot, added to the call's output; ``None`` for discovery, which
             instead counts the uses of every tensor in ``leaf_of`` and describes the calls.
-        leaf_of: discovery: ``{id(tensor): leaf index}`` of every leaf of the params.
+        leaf_of: ``{id(tensor): leaf index}`` of every leaf of the params: discovery counts their
+            uses; probing names a probed call's bias by it (see ``expect``).
         repeats: how many calls use each slot's weight (default 1). A slot used ``k > 1`` times has a
             probe ``[k, *out_shape]``: its ``i``-th call adds ``probe[i]``, and its inputs are stacked.
         reducers: per slot, ``None`` or a :data:`Reducer` for a once-used ``F.linear``/``torch.addmm``
             weight: its call goes through :class:`ReducingProbe` (the slot's probe has the reducer's
             output shape) and its input is not recorded.
 
+        expect: probing: per slot, the :class:`Call` discovery saw (``None``: not checked). A probed
+            call that differs from it (another op, output shape, geometry, padding row, or a bias
+            other than ``expect.bias`` when that is set) raises :class:`StaleSites`.
+        watch: probing: ids of further tensors (K-FAC's folded biases) that, like the probed
+            weights, may be used by their probed calls only.
+
     After a run, ``inputs[slot]`` holds the slot's input (an embedding's ids; ``[k, ...]`` for a
     repeated slot), ``None`` if the weight was not called or the slot reduces in the backward.
+
+    **Kept sites stay valid, or the run stops.** Sites are discovered once and kept across calls
+    (per loss object and sample shapes), but a model's calls may change between two forwards (a
+    flag, a different code path). A probe is only correct while its weight is used by exactly the
+    calls discovery saw, so a probing mode looks at *every* call: one that uses a probed weight
+    other than as the weight of its probed call (``x @ W.T``, ``torch.cat([W, ...])``), a probed
+    weight called more often than discovery saw, or a probed call that differs from the
+    discovered one raises :class:`StaleSites` before any sum is returned, and the engine
+    discovers again.
     """
 
     def __init__(
@@ -314,9 +350,14 @@ class ProbeMode(Part):
         leaf_of: Mapping[int, int] | None = None,
         repeats: Sequence[int] | None = None,
         reducers: Sequence[Reducer | None] | None = None,
+        expect: Sequence[Call | None] | None = None,
+        watch: Collection[int] = (),
     ) -> None:
         super().__init__()
         self.slots = slots
+        self.expect = tuple(expect) if expect is not None else (None,) * len(slots)
+        #: probing: the tensors only their probed calls may use (the probed weights, and ``watch``)
+        self.watched = frozenset((*slots, *watch))
         self.reducers = tuple(reducers) if reducers is not None else (None,) * len(slots)
         self.probes = probes
         self.leaf_of = leaf_of or {}
@@ -331,9 +372,19 @@ class ProbeMode(Part):
         self.parts: dict[int, tuple[Tensor, ...]] = {}
 
     def acts_on(self) -> frozenset[Callable[..., Any]] | None:  # noqa: D102
-        # probing: the probed calls, and nn.MultiheadAttention's function to see into; discovery
-        # counts every call's uses of the params
+        # probing: the probed calls, and nn.MultiheadAttention's function to see into (every other
+        # call is observed, see observe); discovery counts every call's uses of the params
         return _PROBED if self.probes is not None else None
+
+    @property
+    def observes(self) -> bool:  # type: ignore[override]  # noqa: D102
+        return self.probes is not None
+
+    def observe(self, func: Any, args: tuple, kwargs: dict[str, Any], out: Any) -> None:  # noqa: D102
+        # probing: a call that is not a probed one must not use a probed weight (see _check_uses)
+        seen = _mentions(self.watched, (*args, *kwargs.values())) if self.watched else None
+        if seen:
+            self._check_uses(func, args, kwargs, out, None, None, seen)
 
     def handle(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:  # noqa: D102
         if func is F.multi_head_attention_forward:  # see into it: its projections are F.linear calls
@@ -344,7 +395,13 @@ class ProbeMode(Part):
         found = _weight_of(func, args, kwargs)
         slot = self.slots.get(id(found[1])) if found is not None else None
         out = self.proceed(func, args, kwargs)
-        if self.probes is None and _is_use(func, out):  # discovery: count uses of the params' leaves
+        if self.probes is not None:
+            seen = _mentions(self.watched, (*args, *kwargs.values()))
+            if seen:
+                self._check_uses(func, args, kwargs, out, found, slot, seen)
+            if slot is None:
+                return out
+        elif _is_use(func, out):  # discovery: count uses of the params' leaves
             for x in optree.tree_leaves(cast(Any, (args, kwargs))):
                 leaf = self.leaf_of.get(id(x)) if isinstance(x, Tensor) else None
                 if leaf is not None:
@@ -382,6 +439,36 @@ class ProbeMode(Part):
         if slot not in self.parts:
             self.parts[slot] = self.probes[slot].unbind(0)
         return out + self.parts[slot][use]
+
+    def _check_uses(
+        self, func: Any, args: tuple, kwargs: dict, out: Any, found: tuple[Op, Any] | None, slot: int | None, seen: list
+    ) -> None:
+        """Probing: raise :class:`StaleSites` unless a call that mentions watched tensors is a discovered use.
+
+        ``seen``: the watched ids among the call's arguments. A probed call may mention its weight
+        and its bias; it must be the call discovery saw. Any other call may mention them only
+        without using their values (``.shape``, ``.dtype``, ``.detach()``).
+        """
+        if slot is not None:
+            assert found is not None
+            op, weight = found
+            bias = arg(args, kwargs, 0, "input") if op == "addmm" else arg(args, kwargs, 2, "bias")
+            seen = list(seen)
+            for own in (id(weight), id(bias)):
+                if own in seen:
+                    seen.remove(own)
+            expected = self.expect[slot]
+            seen_call = _describe(op, weight, out, args, kwargs, self.leaf_of) if expected is not None else None
+            if expected is not None and seen_call is not None and not _same_call(expected, seen_call):
+                raise StaleSites(
+                    f"a probed weight's {op} call is not the one discovery saw ({expected}): the model's calls "
+                    "changed between two forwards of samples of one shape"
+                )
+        if seen and _is_use(func, out):
+            raise StaleSites(
+                f"a probed weight was used by {getattr(func, '__name__', func)}, not only by the call discovery saw: "
+                "the model's calls changed between two forwards of samples of one shape"
+            )
 
     def recorded(self, like: Tensor) -> tuple[Tensor, ...]:
         """The recorded inputs (stacked over the uses of a repeated slot), empty like ``like`` if not called."""

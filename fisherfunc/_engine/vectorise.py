@@ -41,7 +41,7 @@ from .batches import cast_floating
 from .kinds import LabelSets
 from .modes import Chain
 from .numerics import Prepared, scope
-from .probes import ProbeMode, Reducer
+from .probes import Call, ProbeMode, Reducer
 from .recurrent import Recurrent
 
 __all__ = ["PerSampleLoss", "Reduce", "Output", "vectorise"]
@@ -63,6 +63,8 @@ def vectorise(
     repeats: Sequence[int] | None = None,
     reducers: Sequence[Reducer | None] | None = None,
     probe_dtypes: Sequence[torch.dtype | None] | None = None,
+    calls: Sequence[Call | None] | None = None,
+    watch: Sequence[int] = (),
     reduce: Reduce,
     labels: LabelSets | None = None,
     keep: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] | None = None,
@@ -81,6 +83,10 @@ def vectorise(
             (:class:`~fisherfunc._engine.probes.ReducingProbe`): its probe has ``s``'s shape, its
             "gradient" ``d`` in ``reduce`` is ``s`` and its recorded input is empty.
         probe_dtypes: per probe, its dtype (``None``: the compute dtype).
+        calls: per probed weight, the :class:`~fisherfunc._engine.probes.Call` discovery saw (each of
+            its calls must be that one, or the run raises ``StaleSites``); ``None``: not checked.
+        watch: leaf indices of further leaves that only the probed calls may use (K-FAC's folded
+            biases); the probed weights are watched always.
         reduce: what leaves ``vmap`` per sample (per label set, weighted, for labelled kinds).
         labels: the label sets of the ``"mc"`` / ``"exact"`` kinds; ``None``: the data's labels.
         keep: also return ``keep(a)`` of the recorded inputs ``a`` of the probed calls (computed inside ``vmap``).
@@ -93,6 +99,8 @@ def vectorise(
     counts = torch.promote_types(dtype, torch.float32)  # token counts: exact integers past bfloat16's 256
     direct = tuple(direct)
     slots = {id(prepared.leaves[i]): k for k, i in enumerate(probed)}
+    leaf_of = {id(x): i for i, x in enumerate(prepared.leaves)}
+    watched = tuple(id(prepared.leaves[i]) for i in watch)
     dtypes = tuple(probe_dtypes) if probe_dtypes is not None else (None,) * len(probe_shapes)
     zeros = tuple(
         torch.zeros(shape, dtype=kind or dtype, device=prepared.device) for shape, kind in zip(probe_shapes, dtypes)
@@ -109,7 +117,11 @@ def vectorise(
         tree = prepared.tree(dict(zip(direct, direct_params)))
         # one function mode: dropout as an identity (dropout="eval"), recurrent kernels as linear steps,
         # then the probes, then the attention kernel
-        mode = ProbeMode(slots, probes, repeats=repeats, reducers=reducers) if slots else None
+        mode = (
+            ProbeMode(slots, probes, leaf_of, repeats=repeats, reducers=reducers, expect=calls, watch=watched)
+            if slots
+            else None
+        )
         first = EvalDropout() if eval_dropout else None
         parts = [first, Recurrent(random=randomness == "different"), mode, batched_attention(prepared.device)]
         with Chain([p for p in parts if p is not None]), chained() if first is not None else contextlib.nullcontext():

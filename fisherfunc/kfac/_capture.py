@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .._engine.kinds import LabelSets
 from .._engine.numerics import Prepared
+from .._engine.probes import Call
 from .._engine.vectorise import vectorise
 from ._layers import Layer
 
@@ -76,6 +77,9 @@ def capture_fn(
         direct=(),
         probed=[layer.weight for layer in layers],
         probe_shapes=[layer.out_shape for layer in layers],
+        # each layer's call must stay the one discovery saw, its folded bias used by it alone
+        calls=[Call(layer.op, layer.out_shape, bias=layer.bias, conv=layer.conv) for layer in layers],
+        watch=[layer.bias for layer in layers if layer.bias is not None],
         reduce=reduce,
         labels=labels,
         keep=rows,
