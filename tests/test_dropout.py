@@ -117,6 +117,25 @@ def test_train_option_draws_independent_masks_per_sample(name: str, path: str) -
     _assert_same_snapshot(before, _snapshot(model))
 
 
+@pytest.mark.parametrize("call", ["per_sample_fisher", "kfac"])
+def test_the_same_seed_draws_the_same_masks_whether_or_not_the_call_discovers(call: str) -> None:
+    # the first call with a loss discovers its sites (or layers) by a forward of one sample, the
+    # next ones keep them; that forward's dropout draws must not shift the masks of the Fisher itself
+    model, batch = _case("mlp")
+    params = dict(model.named_parameters())
+    loss = ff.losses.classification(model, dropout="train")
+
+    def run() -> dict[str, Tensor]:
+        torch.manual_seed(7)
+        if call == "kfac":
+            return dict(ff.kfac.kfac(loss, params, batch).G)
+        return dict(ff.per_sample_fisher(loss, params, batch).groups)
+
+    first, second = run(), run()  # discovers, then keeps
+    for k in first:
+        assert torch.equal(first[k], second[k]), k
+
+
 def test_train_option_runs_in_make_fisher_step_and_leaves_eval_default_deterministic() -> None:
     model, batch = _case("mlp")
     params = dict(model.named_parameters())

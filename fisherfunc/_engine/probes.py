@@ -498,6 +498,10 @@ def discover(run: Callable[[], Any], prepared: Prepared, candidates: Sequence[in
     slots = {id(prepared.leaves[i]): k for k, i in enumerate(candidates)}
     leaf_of = {id(x): i for i, x in enumerate(prepared.leaves)}
     mode = ProbeMode(slots, leaf_of=leaf_of)
-    with torch.no_grad(), scope(prepared), mode, Recurrent():
+    # the random draws of a forward with dropout="train" come from a copy of the generators' state:
+    # whether a call discovered (or found its sites kept) must not change the draws of its Fisher
+    device = prepared.device
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.no_grad(), scope(prepared), mode, Recurrent():
         run()
     return Discovery(uses=tuple(mode.uses), calls={candidates[k]: tuple(calls) for k, calls in mode.calls.items()})
