@@ -14,6 +14,7 @@ the backward by a ``ReducingProbe`` (what layers at scale get: ``group_sums.in_b
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import optree
 import pytest
@@ -349,12 +350,21 @@ def test_fisher_step_discovers_once_per_shape_and_mode(monkeypatch: pytest.Monke
     other = ff.make_fisher_step(loss, decay=0.5)  # a new step starts empty
     other(params, first, other.init(params))
     assert len(calls) == 4
-    ff.accumulate(loss, params, first)  # one-shot calls keep sites per loss object: the first discovers
+    ff.accumulate(loss, params, first)  # one-shot calls keep sites per loss: the first discovers
     ff.accumulate(loss, params, first)
     ff.fisher(loss, params, first)
     assert len(calls) == 5
-    ff.accumulate(copy.copy(loss), params, first)  # another loss object discovers for itself
+    ff.accumulate(copy.copy(loss), params, first)  # the same loss built again: the model's memo, shared
+    assert len(calls) == 5
+    ff.accumulate(dataclasses.replace(loss, ignore_index=-1), params, first)  # other options: its own
     assert len(calls) == 6
+
+    def plain(p: dict[str, Tensor], sample: object) -> tuple[Tensor, Tensor]:
+        return loss(p, sample)
+
+    ff.accumulate(plain, params, first, spec=case.spec)  # a plain callable keeps its own memo
+    ff.accumulate(plain, params, first, spec=case.spec)
+    assert len(calls) == 7
 
 
 class Repeat(nn.Module):

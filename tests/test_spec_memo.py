@@ -71,8 +71,14 @@ def test_one_shot_calls_with_one_loss_infer_once(inferences: list[int]) -> None:
     assert len(inferences) == 1
     for name in first:
         assert torch.equal(first[name], again[name])
-    ff.fisher(ff.losses.classification(model), params, _batch())  # another loss object: its own memo
+    # the same loss built anew (a loop that builds its loss per call): the model's memo for that
+    # description, shared
+    ff.fisher(ff.losses.classification(model), params, _batch())
+    assert len(inferences) == 1
+    ff.fisher(ff.losses.classification(model, dropout="train"), params, _batch())  # other options: its own
     assert len(inferences) == 2
+    ff.fisher(ff.losses.classification(_mlp()), params, _batch())  # another model: its own
+    assert len(inferences) == 3
 
 
 def test_an_edited_spec_is_resolved_again() -> None:

@@ -47,7 +47,7 @@ import dataclasses
 import functools
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -58,6 +58,7 @@ from .._spec.rules import SpecError, SquareSums
 from .batches import Batch, cast_floating, first_sample, sample_key
 from .kinds import LabelSets
 from .loop import ChunkFns, summed
+from .memos import one_shot
 from .numerics import Prepared
 from .probes import Call, StaleSites, discover
 from .vectorise import PerSampleLoss, vectorise
@@ -482,19 +483,17 @@ def group_chunk_fns(
 #: Discovered sites kept across calls (a ``FisherStep``'s memo): at most this many keys, then it starts over.
 _MAX_DISCOVERED = 64
 
-#: One-shot calls' memos of discovered sites, one per loss object (dropped with the loss).
-_ONE_SHOT: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[Site, ...]]] = weakref.WeakKeyDictionary()
+#: One-shot calls' memos of discovered sites, per loss (or per model and built loss, see :mod:`.memos`).
+_ONE_SHOT: weakref.WeakKeyDictionary[Any, dict[Hashable, dict[tuple, tuple[Site, ...]]]] = weakref.WeakKeyDictionary()
 
 
 def one_shot_memo(loss: PerSampleLoss) -> dict[tuple, tuple[Site, ...]] | None:
     """The memo of sites that one-shot calls (``fisher``, ``accumulate``, ...) with ``loss`` share.
 
+    A loss built anew with the same options for the same model shares it (:func:`.memos.one_shot`).
     ``None`` for a loss that cannot be weakly referenced or hashed: each call then discovers.
     """
-    try:
-        return _ONE_SHOT.setdefault(loss, {})
-    except TypeError:
-        return None
+    return one_shot(_ONE_SHOT, loss, dict)
 
 
 class GroupSums:
@@ -532,7 +531,7 @@ class GroupSums:
     def _memo_key(self, key: tuple) -> tuple:
         """Everything discovery depends on but the loss's code and the params' values.
 
-        The loss, the resolved spec (names, rules, shapes), the dtypes and devices of the leaves, the
+        The resolved spec (names, rules, shapes), the dtypes and devices of the leaves, the
         samples' shapes and dtypes, and the training flags of ``loss.model``'s modules (a module may
         call other layers in training mode).
         """
@@ -540,7 +539,7 @@ class GroupSums:
         modes = tuple(m.training for m in model.modules()) if isinstance(model, torch.nn.Module) else ()
         leaves = tuple((x.dtype, x.device) for x in self.prepared.leaves)
         spec = self.spec
-        return (id(self.loss), spec.names, spec.rules, spec.shapes, self.prepared.dtype, leaves, modes, key)
+        return (spec.names, spec.rules, spec.shapes, self.prepared.dtype, leaves, modes, key)
 
     def _sites(self, batch: Batch, key: tuple) -> tuple[Site, ...]:
         if self.discovered is None:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Hashable
 from typing import Any
 
 import optree
 from torch import Tensor, nn
 
+from .._engine.memos import one_shot
 from .infer import infer_spec
 from .resolve import Params, ResolvedSpec, Spec, resolve_spec
 from .rules import is_rule
@@ -88,13 +90,13 @@ def _key(spec: Spec | None, params: Params, model: nn.Module | None) -> tuple | 
     return ("given", treespec, tuple(rules), params_key)
 
 
-#: One-shot calls' memos, one per loss object (dropped with the loss).
-_BY_LOSS: weakref.WeakKeyDictionary[Any, SpecMemo] = weakref.WeakKeyDictionary()
+#: One-shot calls' memos, per loss (or per model and built loss, see :mod:`fisherfunc._engine.memos`).
+_BY_LOSS: weakref.WeakKeyDictionary[Any, dict[Hashable, SpecMemo]] = weakref.WeakKeyDictionary()
 
 
 def spec_memo(loss: Any) -> SpecMemo:
-    """The memo one-shot calls with ``loss`` share (a fresh one for a loss that cannot be weakly referenced)."""
-    try:
-        return _BY_LOSS.setdefault(loss, SpecMemo())
-    except TypeError:
-        return SpecMemo()
+    """The memo one-shot calls with ``loss`` share (a fresh one for a loss that cannot be weakly referenced).
+
+    A loss built anew with the same options for the same model shares it.
+    """
+    return one_shot(_BY_LOSS, loss, SpecMemo) or SpecMemo()

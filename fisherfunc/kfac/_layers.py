@@ -20,13 +20,14 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import weakref
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._engine.batches import cast_floating, first_sample, sample_key
+from .._engine.memos import one_shot
 from .._engine.numerics import Prepared
 from .._engine.probes import Op, discover
 
@@ -172,34 +173,33 @@ def discover_layers(loss: Any, params: Prepared, sample: Any, patterns: Sequence
 #: Sample shapes kept per memo before it is cleared (a memo of a step that sees ever new shapes stays small).
 MAX_REMEMBERED = 64
 
-#: One-shot calls' memos of discovered layers and shapes, one per loss object (dropped with the loss).
-_ONE_SHOT: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[Layer, ...]]] = weakref.WeakKeyDictionary()
+#: One-shot calls' memos of discovered layers and shapes, per loss (or per model and built loss, see
+#: :mod:`fisherfunc._engine.memos`).
+_ONE_SHOT: weakref.WeakKeyDictionary[Any, dict[Hashable, dict[tuple, tuple[Layer, ...]]]] = weakref.WeakKeyDictionary()
 
 
 def one_shot_memo(loss: Any) -> dict[tuple, tuple[Layer, ...]] | None:
     """The memo of layers and shapes that one-shot calls (``kfac``, ``ekfac``) with ``loss`` share.
 
-    As the group Fisher's (:func:`fisherfunc._engine.group_sums.one_shot_memo`): a kept entry is
-    checked on every forward (the probe mode raises :class:`~fisherfunc._engine.probes.StaleSites`
-    for a probed weight called more often than discovery saw), and the call then discovers again.
-    ``None`` for a loss that cannot be weakly referenced or hashed: each call then discovers.
+    As the group Fisher's (:func:`fisherfunc._engine.group_sums.one_shot_memo`): a loss built anew
+    with the same options for the same model shares it, and a kept entry is checked on every forward
+    (the probe mode raises :class:`~fisherfunc._engine.probes.StaleSites` for a covered weight used
+    in any way but the call discovery saw), and the call then discovers again. ``None`` for a loss
+    that cannot be weakly referenced or hashed: each call then discovers.
     """
-    try:
-        return _ONE_SHOT.setdefault(loss, {})
-    except TypeError:
-        return None
+    return one_shot(_ONE_SHOT, loss, dict)
 
 
 def context_key(loss: Any, params: Prepared) -> tuple:
     """What discovery depends on besides the samples, the loss's code and the params' values.
 
-    The loss (by identity), the params' names, shapes, dtypes and devices, and the training flags
+    The params' names, shapes, dtypes and devices, and the training flags
     of ``loss.model``'s modules (a module may route calls differently in training mode).
     """
     model = getattr(loss, "model", None)
     modes = tuple(m.training for m in model.modules()) if isinstance(model, torch.nn.Module) else ()
     leaves = tuple((tuple(x.shape), x.dtype, x.device) for x in params.leaves)
-    return (id(loss), params.names, leaves, modes)
+    return (params.names, leaves, modes)
 
 
 def find_layers(
