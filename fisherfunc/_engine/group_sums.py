@@ -501,9 +501,10 @@ class GroupSums:
 
     Discovery (one sample's forward) runs once per sample shape, spec, dtypes and training modes
     and is kept across calls: in a :class:`~fisherfunc.FisherStep`'s memo, or for one-shot calls
-    in a memo per loss object (:func:`one_shot_memo`), so a notebook's repeated ``ff.fisher(loss,
-    ...)`` calls pay it once. What keeps a kept site valid if the model's calls change between two
-    forwards: the probe mode refuses a probed weight used in any way but by the calls discovery saw
+    in a memo per loss (:func:`one_shot_memo`; a loss built anew with the same options for the
+    same model shares it), so a notebook's repeated ``ff.fisher(loss, ...)`` calls pay it once.
+    What keeps a kept site valid if the model's calls change between two forwards: the probe mode
+    refuses a probed weight used in any way but by the calls discovery saw
     (:class:`~fisherfunc._engine.probes.ProbeMode`), and the call then discovers again.
 
     Args:

@@ -264,8 +264,13 @@ def _mentions(watched: frozenset[int], values: Any) -> list[int]:
 
 def _same_call(expected: Call, seen: Call) -> bool:
     """Whether a probed call is the one discovery saw (its bias compared only where ``expected`` names one)."""
-    return dataclasses.replace(seen, bias=expected.bias) == expected and (
-        expected.bias is None or seen.bias == expected.bias
+    return (
+        seen.op == expected.op
+        and seen.out_shape == expected.out_shape
+        and seen.padding_idx == expected.padding_idx
+        and seen.plain == expected.plain
+        and seen.conv == expected.conv
+        and (expected.bias is None or seen.bias == expected.bias)
     )
 
 
@@ -334,7 +339,7 @@ class ProbeMode(Part):
     repeated slot), ``None`` if the weight was not called or the slot reduces in the backward.
 
     **Kept sites stay valid, or the run stops.** Sites are discovered once and kept across calls
-    (per loss object and sample shapes), but a model's calls may change between two forwards (a
+    (per loss and sample shapes), but a model's calls may change between two forwards (a
     flag, a different code path). A probe is only correct while its weight is used by exactly the
     calls discovery saw, so a probing mode looks at *every* call: one that uses a probed weight
     other than as the weight of its probed call (``x @ W.T``, ``torch.cat([W, ...])``), a probed

@@ -3,8 +3,8 @@
 Resolving a spec walks the params and validates every rule; inferring one (``spec=None``) reads
 every module of the model and places its attention heads — 23 ms per call on a 32-layer GPT-2,
 more than a small language model's forward and backward on a GPU. A :class:`SpecMemo` (one per
-:class:`~fisherfunc.FisherStep`, one per loss object for one-shot calls) keeps its last result and
-returns it again while all of this is unchanged, compared on every call:
+:class:`~fisherfunc.FisherStep`, one per loss for one-shot calls: :mod:`fisherfunc._engine.memos`)
+keeps its last result and returns it again while all of this is unchanged, compared on every call:
 
 - the params' tree structure and every leaf's shape and dtype;
 - the spec's tree structure and its rules, equal (rules are frozen values, so ``spec=ff.Channel()``
