@@ -771,6 +771,39 @@ class _Reuses(nn.Module):
         return self.b(h)
 
 
+class _GradDependent(nn.Module):
+    """Uses ``a``'s weight a second time only when gradients are enabled (discovery runs without)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        if torch.is_grad_enabled():
+            h = h + 0.5 * x @ self.a.weight.T
+        return self.b(torch.tanh(h))
+
+
+@pytest.mark.parametrize("call", ["kfac", "kfac over an iterator", "ekfac"])
+def test_layers_stale_right_after_discovery_are_refused_by_name(call: str) -> None:
+    # the vectorised forward uses a.weight outside its layer's call, which discovery never saw:
+    # K-FAC has no direct path to fall back on, so it refuses, naming the weight and the way out
+    torch.manual_seed(17)
+    model = _GradDependent().double().eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batch = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    loss = ff.losses.classification(model)
+    run = {
+        "kfac": lambda layers: ff.kfac.kfac(loss, params, batch, layers=layers),
+        "kfac over an iterator": lambda layers: ff.kfac.kfac(loss, params, iter([batch]), layers=layers),
+        "ekfac": lambda layers: ff.kfac.ekfac(loss, params, batch, layers=layers),
+    }[call]
+    with pytest.raises(ValueError, match="cannot cover 'a.weight'.*layers="):
+        run(None)
+    assert [x.name for x in run(["b.*"]).layers] == ["b.weight"]  # left out: the rest is covered
+
+
 @pytest.mark.parametrize("change", ["matmul", "bias"])
 def test_kept_layers_used_another_way_are_discovered_again(change: str) -> None:
     # a covered layer's weight (or folded bias) comes to be used outside its call: its factors from

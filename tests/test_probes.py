@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import optree
 import pytest
@@ -422,6 +423,49 @@ def test_sites_kept_across_calls_are_rediscovered_when_the_calls_change(how: str
     assert not torch.allclose(expected["lin.weight"], before["lin.weight"], rtol=1e-3)  # the change matters
     for name, value in expected.items():
         assert torch.allclose(got[name], value, rtol=1e-12, atol=0), name
+
+
+class GradDependent(nn.Module):
+    """Uses ``lin``'s weight a second time only when gradients are enabled (discovery runs without)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4, dtype=torch.float64)
+        self.head = nn.Linear(4, 3, dtype=torch.float64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.lin(x)
+        if torch.is_grad_enabled():
+            h = h + 0.5 * x @ self.lin.weight.T
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("how", ["one-shot", "step"])
+def test_sites_stale_right_after_discovery_fall_back_to_the_direct_path(how: str) -> None:
+    # discovery (no gradients) sees lin called once; the vectorised forward also multiplies by its
+    # weight: rediscovery cannot help, so those samples take the direct path, exact, with a warning
+    torch.manual_seed(2)
+    model = GradDependent()
+    loss = ff.losses.classification(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batch = (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    step = ff.make_fisher_step(loss, decay=0.0)
+    state = step.init(params)
+
+    def run() -> dict[str, Tensor]:
+        if how == "one-shot":
+            return ff.accumulate(loss, params, batch).sums
+        return step.batch_sums(params, batch, state).sums
+
+    with pytest.warns(RuntimeWarning, match="direct path"):
+        got = run()
+    expected = ff.accumulate(loss, params, batch, path="direct").sums
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # kept: the next call warns no more
+        again = run()
+    for name, value in expected.items():
+        assert torch.allclose(got[name], value, rtol=1e-12, atol=0), name
+        assert torch.equal(again[name], got[name]), name
 
 
 def test_a_probed_weight_read_without_using_its_values_keeps_its_site(monkeypatch: pytest.MonkeyPatch) -> None:

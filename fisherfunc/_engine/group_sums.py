@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal, TypeVar
@@ -563,13 +564,31 @@ class GroupSums:
         """``compute`` of ``batch``'s per-chunk computation; if its kept sites went stale, discovered again once.
 
         :class:`~fisherfunc._engine.probes.StaleSites` is raised during a forward, before any sum
-        of the batch is returned, so the second run starts from nothing.
+        of the batch is returned, so the second run starts from nothing. Sites that are stale the
+        moment they were discovered mean the model calls its weights differently in discovery's
+        forward (one sample, no gradients) than under ``vmap`` and ``grad``: the probes cannot be
+        trusted for it, so its samples of that shape take the direct path (exact; kept, with a
+        warning once).
         """
         try:
             return compute(self(batch))
         except StaleSites:  # the model's calls changed since its sites were discovered: discover again
             self.forget(batch)
+        try:
             return compute(self(batch))
+        except StaleSites as exc:
+            warnings.warn(
+                f"{exc}; this happened right after discovery, so the model calls its weights differently "
+                "with gradients (or under vmap) than without: its samples of this shape take the direct "
+                "path (exact, slower)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            key = sample_key(batch)
+            if self.discovered is not None:
+                self.discovered[self._memo_key(key)] = ()
+            self._fns[key] = group_chunk_fns(self.loss, self.prepared, self.spec, (), labels=self.labels)
+            return compute(self._fns[key])
 
     def __call__(self, batch: Batch) -> ChunkFns:
         """The per-chunk computation for ``batch``'s sample shapes."""

@@ -73,6 +73,7 @@ from .recurrent import Recurrent
 
 __all__ = [
     "StaleSites",
+    "uncoverable",
     "Op",
     "Call",
     "Discovery",
@@ -262,6 +263,29 @@ def _mentions(watched: frozenset[int], values: Any) -> list[int]:
     return hits
 
 
+def _name(func: Any) -> str:
+    """A torch function's name for a message (``Tensor.T`` for a property's getter)."""
+    owner = getattr(func, "__self__", None)
+    if getattr(func, "__name__", None) == "__get__" and owner is not None:
+        return f"Tensor.{getattr(owner, '__name__', owner)}"
+    return str(getattr(func, "__qualname__", None) or getattr(func, "__name__", func))
+
+
+def uncoverable(exc: StaleSites, names: Sequence[str]) -> ValueError:
+    """K-FAC's error for layers stale right after discovery: the model calls them differently with gradients.
+
+    Args:
+        exc: the error of the run right after discovery.
+        names: the params' leaf names (``exc.leaf`` indexes them).
+    """
+    which = f"'{names[exc.leaf]}'" if exc.leaf is not None else "a covered weight"
+    return ValueError(
+        f"K-FAC cannot cover {which}: {exc}. This happened right after discovery (one sample's forward without "
+        "gradients), so the model calls that weight differently with gradients or under vmap; pass layers= "
+        "patterns that leave its layer out"
+    )
+
+
 def _same_call(expected: Call, seen: Call) -> bool:
     """Whether a probed call is the one discovery saw (its bias compared only where ``expected`` names one)."""
     return (
@@ -275,11 +299,18 @@ def _same_call(expected: Call, seen: Call) -> bool:
 
 
 class StaleSites(RuntimeError):
-    """A forward called a probed weight more (or fewer) times than discovery saw for its sample shape.
+    """A forward used a probed weight otherwise than discovery saw for its sample shape.
 
     The model's calls changed since discovery (a flag, a different code path): the probes would
     give a wrong gradient, so the computation stops; the engine then discovers again.
+
+    Attributes:
+        leaf: index of the weight (or watched bias) among the params' leaves, where known.
     """
+
+    def __init__(self, message: str, leaf: int | None = None) -> None:
+        super().__init__(message)
+        self.leaf = leaf
 
 
 class ReducingProbe(torch.autograd.Function):
@@ -427,7 +458,8 @@ class ProbeMode(Part):
             if self.called[slot]:
                 raise StaleSites(
                     "a probed weight was called more than the 1 time discovery saw: the model's calls changed "
-                    "between two forwards of samples of one shape"
+                    "between two forwards of samples of one shape",
+                    self.leaf_of.get(id(weight)),
                 )
             self.called[slot] = True
             if reducer is not None:
@@ -438,7 +470,8 @@ class ProbeMode(Part):
         if use >= self.repeats[slot]:
             raise StaleSites(
                 f"a probed weight was called more than the {self.repeats[slot]} times discovery saw: the model's "
-                "calls changed between two forwards of samples of one shape"
+                "calls changed between two forwards of samples of one shape",
+                self.leaf_of.get(id(weight)),
             )
         self.steps[slot].append(a)
         if slot not in self.parts:
@@ -467,12 +500,14 @@ class ProbeMode(Part):
             if expected is not None and seen_call is not None and not _same_call(expected, seen_call):
                 raise StaleSites(
                     f"a probed weight's {op} call is not the one discovery saw ({expected}): the model's calls "
-                    "changed between two forwards of samples of one shape"
+                    "changed between two forwards of samples of one shape",
+                    self.leaf_of.get(id(weight)),
                 )
         if seen and _is_use(func, out):
             raise StaleSites(
-                f"a probed weight was used by {getattr(func, '__name__', func)}, not only by the call discovery saw: "
-                "the model's calls changed between two forwards of samples of one shape"
+                f"a probed weight was used by {_name(func)}, not only by the call discovery saw: the model's calls "
+                "changed between two forwards of samples of one shape",
+                self.leaf_of.get(seen[0]),
             )
 
     def recorded(self, like: Tensor) -> tuple[Tensor, ...]:

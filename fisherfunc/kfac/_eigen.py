@@ -26,7 +26,7 @@ from .._engine.batches import Batch
 from .._engine.kinds import FisherKind, as_kind, label_sets
 from .._engine.nonfinite import NonFiniteError, NonFinitePolicy
 from .._engine.numerics import prepare, scope
-from .._engine.probes import StaleSites
+from .._engine.probes import StaleSites, uncoverable
 from .._estimate import check_options, precheck
 from ._capture import capture_fn
 from ._factors import KFAC, Approx, kfac_and_shapes
@@ -215,7 +215,10 @@ def ekfac(
             parts, tokens = run()
         except StaleSites:  # the model's calls changed since the shapes were kept: discover again
             shapes.forget(batch)
-            parts, tokens = run()
+            try:
+                parts, tokens = run()
+            except StaleSites as exc:  # stale right after discovery: the model calls the layers differently
+                raise uncoverable(exc, prepared.names) from exc
         return parts, tokens, size
 
     totals = loop.fold(batches, compute, nonfinite=nonfinite)

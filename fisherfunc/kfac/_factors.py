@@ -43,7 +43,7 @@ from .._engine.batches import Batch, BatchError, as_tree, batch_size, iter_batch
 from .._engine.kinds import FisherKind, LabelSets, as_kind, label_sets
 from .._engine.nonfinite import NonFiniteError, NonFinitePolicy
 from .._engine.numerics import Prepared, prepare, scope
-from .._engine.probes import StaleSites
+from .._engine.probes import StaleSites, uncoverable
 from .._estimate import check_options, precheck
 from .._state.ema import bias_correction, check_decay, ema
 from ._capture import capture_fn
@@ -314,7 +314,10 @@ def _fold(
             if not rediscover:
                 raise
             plan.shapes.forget(batch)
-            sums, tokens = run()
+            try:
+                sums, tokens = run()
+            except StaleSites as exc:  # stale right after discovery: the model calls the layers differently
+                raise uncoverable(exc, plan.params.names) from exc
         return sums, tokens, size
 
     return loop.fold(batches, compute, nonfinite=nonfinite)
