@@ -32,6 +32,10 @@ __all__ = ["one_shot", "describe"]
 M = TypeVar("M")
 
 
+#: Descriptions already made, by loss object (a loss reused across calls is described once).
+_DESCRIBED: weakref.WeakKeyDictionary[Any, Hashable | None] = weakref.WeakKeyDictionary()
+
+
 def describe(loss: Any) -> Hashable | None:
     """A built loss's options as a hashable value (``None``: not a built loss; it keeps its own memo).
 
@@ -40,6 +44,19 @@ def describe(loss: Any) -> Hashable | None:
     mapping or sequence by its items; never by a reference to the model, so a memo kept on the
     model does not keep the model alive.
     """
+    try:
+        return _DESCRIBED[loss]
+    except (KeyError, TypeError):  # not described yet, or not weakly referenceable
+        pass
+    described = _describe(loss)
+    try:
+        _DESCRIBED[loss] = described
+    except TypeError:
+        pass
+    return described
+
+
+def _describe(loss: Any) -> Hashable | None:
     if not dataclasses.is_dataclass(loss) or isinstance(loss, type):
         return None
     if not isinstance(getattr(loss, "model", None), nn.Module):

@@ -208,6 +208,8 @@ def _is_use(func: Callable, out: Any) -> bool:
         return False
     if isinstance(out, Tensor):  # the common case, without a tree walk
         return out.is_floating_point()
+    if isinstance(out, (bool, int, float, torch.dtype, torch.device)):  # metadata: no tree walk either
+        return False
     return any(isinstance(x, Tensor) and x.is_floating_point() for x in optree.tree_leaves(out))
 
 
@@ -419,7 +421,7 @@ class ProbeMode(Part):
     def observe(self, func: Any, args: tuple, kwargs: dict[str, Any], out: Any) -> None:  # noqa: D102
         # probing: a call that is not a probed one must not use a probed weight (see _check_uses)
         seen = _mentions(self.watched, (*args, *kwargs.values())) if self.watched else None
-        if seen:
+        if seen and _is_use(func, out):  # (most mentions are reads: .dtype, .is_floating_point())
             self._check_uses(func, args, kwargs, out, None, None, seen)
 
     def handle(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:  # noqa: D102
