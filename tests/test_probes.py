@@ -21,6 +21,8 @@ import optree
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import fisherfunc as ff
@@ -423,6 +425,97 @@ def test_sites_kept_across_calls_are_rediscovered_when_the_calls_change(how: str
     assert not torch.allclose(expected["lin.weight"], before["lin.weight"], rtol=1e-3)  # the change matters
     for name, value in expected.items():
         assert torch.allclose(got[name], value, rtol=1e-12, atol=0), name
+
+
+_USES = ("once", "twice", "matmul", "cat", "rows", "addmm", "unused", "reads")
+
+
+class Program(nn.Module):
+    """Three 4-wide linear layers, each used as ``uses[i]`` says — set between calls (see the property below)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4, dtype=torch.float64) for _ in range(3))
+        self.head = nn.Linear(4, 3, dtype=torch.float64)
+        self.uses: tuple[str, ...] = ("once",) * 3
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [1, 4]
+        for layer, use in zip(self.layers, self.uses):
+            w, b = layer.weight, layer.bias
+            if use == "unused":
+                continue
+            if use == "rows":
+                h = layer(torch.cat([x, 0.5 * x])).sum(0, keepdim=True)
+            elif use == "addmm":
+                h = torch.addmm(b, x, w, alpha=2.0)
+            else:
+                h = layer(x)
+            if use == "twice":
+                h = layer(torch.tanh(h))
+            elif use == "matmul":
+                h = h + x @ w.T
+            elif use == "cat":
+                h = h + x @ torch.cat([w, w])[2:6].T
+            elif use == "reads":
+                assert w.shape == (4, 4) and w.dtype == torch.float64 and not w.detach().requires_grad
+            x = torch.tanh(h)
+        return self.head(x)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    first=st.tuples(*[st.sampled_from(_USES)] * 3),
+    then=st.tuples(*[st.sampled_from(_USES)] * 3),
+    how=st.sampled_from(["one-shot", "step", "kfac"]),
+)
+def test_kept_sites_never_give_a_stale_number(first: tuple[str, ...], then: tuple[str, ...], how: str) -> None:
+    # Property: whatever the model does with its weights on one call and on the next (each layer
+    # used once, twice, also by a matmul or inside a cat, over two rows, as a scaled addmm, not at
+    # all, or only read), the second call — which finds the first call's sites or layers kept —
+    # equals a computation that keeps nothing
+    torch.manual_seed(3)
+    model = Program()
+    loss = ff.losses.classification(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batch = (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    step = ff.make_fisher_step(loss, decay=0.0)
+    state = step.init(params)
+
+    def fresh_loss(p: dict[str, Tensor], sample: object) -> tuple[Tensor, Tensor]:
+        return loss(p, sample)  # a new callable: nothing kept for it
+
+    def run(fresh: bool) -> dict[str, Tensor]:
+        if how == "kfac":
+            k = ff.kfac.kfac(fresh_loss if fresh else copy.copy(loss), params, batch)
+            return {f"{n}/{part}": v for part, values in (("A", k.A), ("G", k.G)) for n, v in values.items()}
+        if fresh:
+            return ff.accumulate(loss, params, batch, path="direct").sums
+        if how == "step":
+            return step.batch_sums(params, batch, state).sums
+        return ff.accumulate(loss, params, batch).sums
+
+    model.uses = first
+    try:
+        run(fresh=False)
+    except ValueError:
+        if how != "kfac":
+            raise
+        return  # K-FAC found no layer it covers: nothing was kept
+    model.uses = then
+    try:
+        expected = run(fresh=True)
+    except ValueError:  # K-FAC covers no layer now: the kept layers must not be used either
+        assert how == "kfac"
+        with pytest.raises(ValueError):
+            run(fresh=False)
+        return
+    got = run(fresh=False)
+    if how == "kfac":  # kept layers are re-checked, never extended: a layer the first call could not
+        assert got.keys() <= expected.keys()  # cover (used twice) stays out while the rest holds
+    else:
+        assert got.keys() == expected.keys()
+    for name, value in got.items():
+        assert torch.allclose(value, expected[name], rtol=1e-10, atol=1e-12), name
 
 
 class GradDependent(nn.Module):

@@ -404,6 +404,7 @@ class ProbeMode(Part):
         self.calls: dict[int, list[Call]] = {}
         self.inputs: list[Tensor | None] = [None] * len(slots)
         self.called = [False] * len(slots)  # whether a once-used slot was called
+        self.slot_ids = {k: i for i, k in slots.items()}  # slot -> id of its weight
         self.steps: list[list[Tensor]] = [[] for _ in slots]  # the inputs of repeated slots, in call order
         # a repeated slot's probe split once into its uses (one unbind, whose backward is one stack;
         # indexing the probe per use would materialise a full-size gradient per use)
@@ -513,10 +514,21 @@ class ProbeMode(Part):
             )
 
     def recorded(self, like: Tensor) -> tuple[Tensor, ...]:
-        """The recorded inputs (stacked over the uses of a repeated slot), empty like ``like`` if not called."""
+        """The recorded inputs: stacked over a repeated slot's uses, empty like ``like`` for a reducing slot.
+
+        Raises:
+            StaleSites: a slot was called fewer times than discovery saw (not at all, for a once-used one).
+        """
         empty = like.new_zeros(0)
         out = []
         for slot, (x, steps) in enumerate(zip(self.inputs, self.steps)):
+            if self.repeats[slot] == 1 and not self.called[slot]:
+                # its weight's gradient is zero now, but its probe alone would not say so (an empty input)
+                raise StaleSites(
+                    "a probed weight was not called, but discovery saw it called once: the model's calls changed "
+                    "between two forwards of samples of one shape",
+                    self.leaf_of.get(self.slot_ids[slot]),
+                )
             if self.repeats[slot] > 1 and len(steps) != self.repeats[slot]:
                 raise StaleSites(
                     f"a probed weight was called {len(steps)} times, but discovery saw {self.repeats[slot]}: the "

@@ -59,9 +59,7 @@ def capture_fn(
         raise ValueError("a labelled kind needs a per-sample statistic")
 
     def rows(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        missing = [layers[k].name for k, x in enumerate(inputs) if x.numel() == 0]
-        if missing:
-            raise RuntimeError(f"layer(s) {missing} were not called for this sample; K-FAC found them in another")
+        # every layer was called (a layer not called raised StaleSites: the probe mode's recorded())
         return tuple(layer.input_rows(x) for x, layer in zip(inputs, layers))
 
     def reduce(g: tuple[Tensor, ...], d: tuple[Tensor, ...], inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
