@@ -462,13 +462,16 @@ class Program(nn.Module):
         return self.head(x)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     first=st.tuples(*[st.sampled_from(_USES)] * 3),
     then=st.tuples(*[st.sampled_from(_USES)] * 3),
-    how=st.sampled_from(["one-shot", "step", "kfac"]),
+    how=st.sampled_from(["one-shot", "step", "per-sample", "kfac"]),
+    elementwise=st.booleans(),
 )
-def test_kept_sites_never_give_a_stale_number(first: tuple[str, ...], then: tuple[str, ...], how: str) -> None:
+def test_kept_sites_never_give_a_stale_number(
+    first: tuple[str, ...], then: tuple[str, ...], how: str, elementwise: bool
+) -> None:
     # Property: whatever the model does with its weights on one call and on the next (each layer
     # used once, twice, also by a matmul or inside a cat, over two rows, as a scaled addmm, not at
     # all, or only read), the second call — which finds the first call's sites or layers kept —
@@ -478,7 +481,8 @@ def test_kept_sites_never_give_a_stale_number(first: tuple[str, ...], then: tupl
     loss = ff.losses.classification(model)
     params = {k: v.detach() for k, v in model.named_parameters()}
     batch = (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
-    step = ff.make_fisher_step(loss, decay=0.0)
+    spec = ff.Elementwise() if elementwise else None  # full squares, or per-channel sums
+    step = ff.make_fisher_step(loss, spec=spec, decay=0.0)
     state = step.init(params)
 
     def fresh_loss(p: dict[str, Tensor], sample: object) -> tuple[Tensor, Tensor]:
@@ -489,10 +493,12 @@ def test_kept_sites_never_give_a_stale_number(first: tuple[str, ...], then: tupl
             k = ff.kfac.kfac(fresh_loss if fresh else copy.copy(loss), params, batch)
             return {f"{n}/{part}": v for part, values in (("A", k.A), ("G", k.G)) for n, v in values.items()}
         if fresh:
-            return ff.accumulate(loss, params, batch, path="direct").sums
+            return ff.accumulate(loss, params, batch, spec=spec, path="direct").sums
         if how == "step":
             return step.batch_sums(params, batch, state).sums
-        return ff.accumulate(loss, params, batch).sums
+        if how == "per-sample":
+            return {k: v.sum(0) for k, v in ff.per_sample_fisher(loss, params, batch, spec=spec).groups.items()}
+        return ff.accumulate(loss, params, batch, spec=spec).sums
 
     model.uses = first
     try:
