@@ -8,6 +8,7 @@ hand-written forward whose intermediates are differentiated directly. Everything
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -771,6 +772,15 @@ class _Reuses(nn.Module):
         return self.b(h)
 
 
+def _keeps_nothing(loss: Any) -> Any:
+    """``loss`` as a plain callable, which finds nothing kept by earlier calls (no memo is shared with it)."""
+
+    def plain(params: Any, sample: Any) -> Any:
+        return loss(params, sample)
+
+    return plain
+
+
 class _GradDependent(nn.Module):
     """Uses ``a``'s weight a second time only when gradients are enabled (discovery runs without)."""
 
@@ -807,7 +817,8 @@ def test_layers_stale_right_after_discovery_are_refused_by_name(call: str) -> No
 @pytest.mark.parametrize("change", ["matmul", "bias"])
 def test_kept_layers_used_another_way_are_discovered_again(change: str) -> None:
     # a covered layer's weight (or folded bias) comes to be used outside its call: its factors from
-    # the kept layers would miss that use, so the call discovers again and agrees with a new loss
+    # the kept layers would miss that use, so the call discovers again and agrees with a loss that
+    # keeps nothing (a plain callable: a loss built anew would share the model's memo)
     torch.manual_seed(16)
     model = _Reuses().double().eval()
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -824,7 +835,7 @@ def test_kept_layers_used_another_way_are_discovered_again(change: str) -> None:
     with pytest.raises(ValueError, match="c.weight.*not used the same way"):  # the bases' layers: refused
         ff.kfac.ekfac(loss, params, batch, E)
     one_shot = ff.kfac.kfac(loss, params, batch)
-    fresh = ff.kfac.kfac(ff.losses.classification(model), params, batch)
+    fresh = ff.kfac.kfac(_keeps_nothing(loss), params, batch)
     assert [x.to_json() for x in one_shot.layers] == [x.to_json() for x in fresh.layers]
     covered = {x.name: x.bias_name for x in fresh.layers}
     assert covered == ({"a.weight": "a.bias", "b.weight": "b.bias"} if change == "matmul" else
@@ -844,7 +855,7 @@ def test_kept_layers_that_went_stale_are_discovered_again_or_refused() -> None:
     assert {x.name for x in ff.kfac.kfac(loss, params, batch).layers} == {"a.weight", "b.weight", "c.weight"}
     model.twice = True  # c is now used twice: one probe would give a wrong G, so it may not be covered
     one_shot = ff.kfac.kfac(loss, params, batch)  # kept layers went stale: this call discovered again
-    fresh = ff.kfac.kfac(ff.losses.classification(model), params, batch)  # a new loss: nothing kept
+    fresh = ff.kfac.kfac(_keeps_nothing(loss), params, batch)  # nothing kept
     assert [x.name for x in one_shot.layers] == [x.name for x in fresh.layers]
     assert {x.name for x in fresh.layers} == {"a.weight", "b.weight"}
     assert all(torch.equal(one_shot.A[k], fresh.A[k]) and torch.equal(one_shot.G[k], fresh.G[k]) for k in fresh.A)

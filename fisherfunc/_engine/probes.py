@@ -361,7 +361,6 @@ class ProbeMode(Part):
         reducers: per slot, ``None`` or a :data:`Reducer` for a once-used ``F.linear``/``torch.addmm``
             weight: its call goes through :class:`ReducingProbe` (the slot's probe has the reducer's
             output shape) and its input is not recorded.
-
         expect: probing: per slot, the :class:`Call` discovery saw (``None``: not checked). A probed
             call that differs from it (another op, output shape, geometry, padding row, or a bias
             other than ``expect.bias`` when that is set) raises :class:`StaleSites`.
@@ -376,7 +375,7 @@ class ProbeMode(Part):
     flag, a different code path). A probe is only correct while its weight is used by exactly the
     calls discovery saw, so a probing mode looks at *every* call: one that uses a probed weight
     other than as the weight of its probed call (``x @ W.T``, ``torch.cat([W, ...])``), a probed
-    weight called more often than discovery saw, or a probed call that differs from the
+    weight called more (or fewer) times than discovery saw, or a probed call that differs from the
     discovered one raises :class:`StaleSites` before any sum is returned, and the engine
     discovers again.
     """
@@ -482,7 +481,14 @@ class ProbeMode(Part):
         return out + self.parts[slot][use]
 
     def _check_uses(
-        self, func: Any, args: tuple, kwargs: dict, out: Any, found: tuple[Op, Any] | None, slot: int | None, seen: list
+        self,
+        func: Any,
+        args: tuple,
+        kwargs: dict,
+        out: Any,
+        found: tuple[Op, Any] | None,
+        slot: int | None,
+        seen: list[int],
     ) -> None:
         """Probing: raise :class:`StaleSites` unless a call that mentions watched tensors is a discovered use.
 
@@ -498,9 +504,8 @@ class ProbeMode(Part):
             for own in (id(weight), id(bias)):
                 if own in seen:
                     seen.remove(own)
-            expected = self.expect[slot]
-            seen_call = _describe(op, weight, out, args, kwargs, self.leaf_of) if expected is not None else None
-            if expected is not None and seen_call is not None and not _same_call(expected, seen_call):
+            expected, leaf_of = self.expect[slot], self.leaf_of
+            if expected is not None and not _same_call(expected, _describe(op, weight, out, args, kwargs, leaf_of)):
                 raise StaleSites(
                     f"a probed weight's {op} call is not the one discovery saw ({expected}): the model's calls "
                     "changed between two forwards of samples of one shape",
