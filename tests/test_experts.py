@@ -339,6 +339,28 @@ def test_paths_router_is_factorised_experts_are_direct() -> None:
     assert not any(".experts." in name for name in sites)
 
 
+def test_an_experts_module_replaced_between_calls_runs_dense_too() -> None:
+    # the verified layouts are kept per model; an experts module swapped for another object after a
+    # first call must be found and run in its dense form as well (patching only the old one would
+    # leave the new one in its fused form: double-precision grouped products refuse, and a number
+    # computed by a form the engine did not verify would not be ours to trust)
+    model = build("mixtral")
+    batch = padded_batch("right")
+    spec = moe_spec(model, experts_whole=False)
+    loss = ff.hf.causal_lm(model)
+    before = ff.fisher(loss, dict(model.named_parameters()), batch, spec=spec)
+    block = model.model.layers[0].mlp
+    replacement = copy.deepcopy(block.experts)  # the same weights in a new module object ...
+    if hasattr(replacement, "config"):
+        replacement.config = model.config  # ... reading the model's config, as one built from it would
+    block.experts = replacement
+    after = ff.fisher(loss, dict(model.named_parameters()), batch, spec=spec)
+    expected, tokens = reference_groups(model, batch, experts_whole=False)
+    for name, ref in expected.items():
+        assert rel_err(after[name], ref.sum(0) / tokens.sum()) <= TOL, name
+        assert rel_err(after[name], before[name]) <= TOL, name
+
+
 def test_padding_does_not_change_the_fisher() -> None:
     model = build("qwen2_moe")
     params = dict(model.named_parameters())
