@@ -361,6 +361,27 @@ def test_an_experts_module_replaced_between_calls_runs_dense_too() -> None:
         assert rel_err(after[name], before[name]) <= TOL, name
 
 
+def test_an_experts_module_resized_in_place_is_verified_again() -> None:
+    # a layout is verified for its module's shapes: experts resized in place (a smaller inner size,
+    # the module's own forward following) must not be run with the layout found before
+    model = build("mixtral")
+    batch = padded_batch("right")
+    spec = moe_spec(model, experts_whole=False)
+    loss = ff.hf.causal_lm(model)
+    ff.fisher(loss, dict(model.named_parameters()), batch, spec=spec)
+    experts = model.model.layers[0].mlp.experts
+    inner = experts.intermediate_dim // 2
+    generator = torch.Generator().manual_seed(5)
+    experts.intermediate_dim = inner
+    experts.gate_up_proj = nn.Parameter(0.2 * torch.randn(E, 2 * inner, H, generator=generator, dtype=torch.float64))
+    experts.down_proj = nn.Parameter(0.2 * torch.randn(E, H, inner, generator=generator, dtype=torch.float64))
+    spec = moe_spec(model, experts_whole=False)
+    after = ff.fisher(loss, dict(model.named_parameters()), batch, spec=spec)
+    expected, tokens = reference_groups(model, batch, experts_whole=False)
+    for name, ref in expected.items():
+        assert rel_err(after[name], ref.sum(0) / tokens.sum()) <= TOL, name
+
+
 def test_padding_does_not_change_the_fisher() -> None:
     model = build("qwen2_moe")
     params = dict(model.named_parameters())

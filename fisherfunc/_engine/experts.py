@@ -36,10 +36,8 @@ from .._spec.experts import fused_experts
 
 __all__ = ["dense_experts", "verified_experts", "check_jitter"]
 
-#: Verified ``(name, module, layout)`` of every fused-experts module, per model, kept while the model lives.
-_MODELS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, nn.Module, ExpertLayout], ...]] = (
-    weakref.WeakKeyDictionary()
-)
+#: ``(name, module)`` of every fused-experts module, per model, kept while the model lives.
+_MODELS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, nn.Module], ...]] = weakref.WeakKeyDictionary()
 #: Attributes by which mixture-of-experts layers scale their inputs by random noise in training mode.
 _JITTER = ("jitter_noise", "input_jitter_noise")
 
@@ -47,16 +45,17 @@ _JITTER = ("jitter_noise", "input_jitter_noise")
 def verified_experts(model: nn.Module) -> tuple[tuple[nn.Module, ExpertLayout], ...]:
     """The fused-experts modules of ``model`` with their verified layouts (empty for a dense model).
 
-    Kept per model, and found again when a kept module is no longer where it was found (an experts
-    module replaced since: patching the old one would leave the new one in its fused form).
+    The modules are kept per model, and found again when a kept one is no longer where it was found
+    (an experts module replaced since: patching the old one would leave the new one in its fused
+    form); each one's layout is kept per module (:func:`~fisherfunc._spec.expert_layout.expert_layout`).
 
     Raises:
         SpecError: naming the first module whose layout fails its self-test.
     """
     kept = _MODELS.get(model)
-    if kept is None or any(_at(model, name) is not module for name, module, _ in kept):
-        kept = _MODELS[model] = tuple((name, m, expert_layout(m, name)) for name, m in fused_experts(model))
-    return tuple((module, layout) for _, module, layout in kept)
+    if kept is None or any(_at(model, name) is not module for name, module in kept):
+        kept = _MODELS[model] = tuple(fused_experts(model))
+    return tuple((module, expert_layout(module, name)) for name, module in kept)
 
 
 def _at(model: nn.Module, name: str) -> nn.Module | None:
