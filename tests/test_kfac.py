@@ -772,6 +772,15 @@ class _Reuses(nn.Module):
         return self.b(h)
 
 
+def _small_problem(cls: type[nn.Module], seed: int) -> tuple[nn.Module, dict[str, Tensor], Any, Any]:
+    """A float64 eval-mode ``cls()``, its params, a batch of 6 and its classification loss (seeded)."""
+    torch.manual_seed(seed)
+    model = cls().double().eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batch = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    return model, params, batch, ff.losses.classification(model)
+
+
 def _keeps_nothing(loss: Any) -> Any:
     """``loss`` as a plain callable, which finds nothing kept by earlier calls (no memo is shared with it)."""
 
@@ -799,11 +808,7 @@ class _GradDependent(nn.Module):
 def test_layers_stale_right_after_discovery_are_refused_by_name(call: str) -> None:
     # the vectorised forward uses a.weight outside its layer's call, which discovery never saw:
     # K-FAC has no direct path to fall back on, so it refuses, naming the weight and the way out
-    torch.manual_seed(17)
-    model = _GradDependent().double().eval()
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    batch = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
-    loss = ff.losses.classification(model)
+    model, params, batch, loss = _small_problem(_GradDependent, seed=17)
     run = {
         "kfac": lambda layers: ff.kfac.kfac(loss, params, batch, layers=layers),
         "kfac over an iterator": lambda layers: ff.kfac.kfac(loss, params, iter([batch]), layers=layers),
@@ -819,11 +824,7 @@ def test_kept_layers_used_another_way_are_discovered_again(change: str) -> None:
     # a covered layer's weight (or folded bias) comes to be used outside its call: its factors from
     # the kept layers would miss that use, so the call discovers again and agrees with a loss that
     # keeps nothing (a plain callable: a loss built anew would share the model's memo)
-    torch.manual_seed(16)
-    model = _Reuses().double().eval()
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    batch = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
-    loss = ff.losses.classification(model)
+    model, params, batch, loss = _small_problem(_Reuses, seed=16)
     step = ff.kfac.make_kfac_step(loss, decay=0.5)
     state = step(params, batch, step.init(params, batch))
     E = ff.kfac.ekfac(loss, params, batch)
@@ -844,11 +845,7 @@ def test_kept_layers_used_another_way_are_discovered_again(change: str) -> None:
 
 
 def test_kept_layers_that_went_stale_are_discovered_again_or_refused() -> None:
-    torch.manual_seed(15)
-    model = _Reuses().double().eval()
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    batch = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
-    loss = ff.losses.classification(model)
+    model, params, batch, loss = _small_problem(_Reuses, seed=15)
     step = ff.kfac.make_kfac_step(loss, decay=0.5)
     state = step(params, batch, step.init(params, batch))
     E = ff.kfac.ekfac(loss, params, batch)

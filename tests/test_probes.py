@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+from typing import Any
 
 import optree
 import pytest
@@ -396,19 +397,24 @@ class Repeat(nn.Module):
         return self.head(h)
 
 
+def _small_problem(cls: type[nn.Module], seed: int) -> tuple[nn.Module, Any, dict[str, Tensor], Any, Any, Any]:
+    """``cls()`` (seeded), its classification loss, params, a batch of 5, and a decay-0 step with its state."""
+    torch.manual_seed(seed)
+    model = cls()
+    loss = ff.losses.classification(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batch = (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    step = ff.make_fisher_step(loss, decay=0.0)
+    return model, loss, params, batch, step, step.init(params)
+
+
 @pytest.mark.parametrize("change", ["twice", "matmul", "cat", "rows", "addmm"])
 @pytest.mark.parametrize("how", ["one-shot", "step", "per-sample"])
 def test_sites_kept_across_calls_are_rediscovered_when_the_calls_change(how: str, change: str) -> None:
     # discovery saw `lin` called once by F.linear; the model then uses it another way. The kept
     # site is stale (its probe alone would give a wrong G: a second use's share missing, or a
     # probe broadcast over other rows), the probe mode refuses it, and the call discovers again
-    torch.manual_seed(0)
-    model = Repeat()
-    loss = ff.losses.classification(model)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    batch = (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
-    step = ff.make_fisher_step(loss, decay=0.0)
-    state = step.init(params)
+    model, loss, params, batch, step, state = _small_problem(Repeat, seed=0)
 
     def run() -> dict[str, Tensor]:
         if how == "one-shot":
@@ -543,13 +549,7 @@ class GradDependent(nn.Module):
 def test_sites_stale_right_after_discovery_fall_back_to_the_direct_path(how: str) -> None:
     # discovery (no gradients) sees lin called once; the vectorised forward also multiplies by its
     # weight: rediscovery cannot help, so those samples take the direct path, exact, with a warning
-    torch.manual_seed(2)
-    model = GradDependent()
-    loss = ff.losses.classification(model)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    batch = (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
-    step = ff.make_fisher_step(loss, decay=0.0)
-    state = step.init(params)
+    model, loss, params, batch, step, state = _small_problem(GradDependent, seed=2)
 
     def run() -> dict[str, Tensor]:
         if how == "one-shot":
