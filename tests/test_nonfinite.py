@@ -14,10 +14,12 @@ from typing import Any
 import optree
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor
 
 import fisherfunc as ff
-from fisherfunc._engine.nonfinite import NonFiniteWarning
+from fisherfunc._engine.nonfinite import NonFiniteWarning, _screen_all
 from fisherfunc.testing import cases
 from fisherfunc.testing.cases import Case
 
@@ -241,3 +243,30 @@ def test_float16_storage_is_never_half_updated() -> None:
     state = fisher_step(PARAMS, batch(seed=1), fisher_step.init(PARAMS, dtype=torch.float16))
     after = fisher_step(PARAMS, planted("a", [2]), state)
     assert after.skipped == 1 and after.ema is state.ema
+
+
+@given(
+    sizes=st.lists(st.integers(0, 5), min_size=1, max_size=4),
+    bad=st.one_of(st.none(), st.sampled_from([math.nan, math.inf, -math.inf])),
+    where=st.integers(0, 10**6),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=60, deadline=None)
+def test_the_chunk_screen_flags_exactly_the_lists_with_a_non_finite_entry(
+    sizes: list[int], bad: float | None, where: int, dtype: torch.dtype, seed: int
+) -> None:
+    # the screen of a chunk's sums (one norm over the list): any NaN/±Inf entry anywhere flags it;
+    # finite values of ordinary size never do (a false alarm needs a total past the dtype's range)
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, 3, generator=gen, dtype=dtype) * 1e3 for n in sizes]
+    cells = sum(x.numel() for x in xs)
+    if bad is not None and cells:
+        flat = where % cells
+        for x in xs:
+            if flat < x.numel():
+                x.view(-1)[flat] = bad
+                break
+            flat -= x.numel()
+    expected = any(not bool(torch.isfinite(x).all()) for x in xs)
+    assert bool(_screen_all(xs)) == expected
