@@ -349,6 +349,35 @@ def test_ema_in_place_on_owned_scratch_equals_the_copying_form(
     assert torch.equal(strided, x.t())
 
 
+@pytest.mark.parametrize("divisor", [1.0, 7.0])
+@pytest.mark.parametrize("decay", [0.0, 0.9])
+@pytest.mark.parametrize("stored", [torch.float32, torch.float64, torch.bfloat16, torch.float16, None])
+@pytest.mark.parametrize("owned", [True, False])
+def test_ema_of_a_list_equals_ema_of_each_pair(
+    divisor: float, decay: float, stored: torch.dtype | None, owned: bool
+) -> None:
+    # ema_all (the step's update: torch._foreach_* over the list where every pair qualifies) gives
+    # what ema gives pair by pair, bit for bit; stored=None mixes storages (the pair-by-pair form)
+    from fisherfunc._state.codec import decode, encode
+    from fisherfunc._state.ema import ema, ema_all
+
+    gen = torch.Generator().manual_seed(1)
+    kinds = [stored] * 4 if stored is not None else [torch.float32, torch.float16, torch.float64, torch.float32]
+    shapes = [(4, 5), (3,), (), (2, 3, 2)]
+    ms = [encode(torch.rand(s, generator=gen, dtype=torch.float64) * 9, dtype=k) for s, k in zip(shapes, kinds)]
+    wide = [torch.float64 if k == torch.float64 else torch.float32 for k in kinds]
+    xs = [torch.rand(s, generator=gen, dtype=w) * 5 for s, w in zip(shapes, wide)]
+    before = [decode(m).clone() for m in ms]
+    expected = [ema(m, x.clone(), decay, divisor) for m, x in zip(ms, xs)]
+    got = ema_all(ms, [x.clone() for x in xs], decay, divisor, owned=owned)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert torch.equal(decode(g), decode(e)) and decode(g).dtype == decode(e).dtype
+    # the state's own tensors are never written
+    for m, b in zip(ms, before):
+        assert torch.equal(decode(m), b)
+
+
 # --- FisherState is a pytree ----------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ are pytree nodes for optree and ``torch.utils._pytree``; every update returns a 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import optree
 import torch
@@ -21,7 +21,7 @@ from torch import Tensor
 from .._engine.kinds import FisherKind, kind_name
 from .._spec.resolve import ResolvedSpec, named_rules, resolve_spec
 from .codec import check_storage_dtype, decode, stored_device, stored_dtype, stored_shape, zeros
-from .ema import bias_correction, check_decay, ema
+from .ema import bias_correction, check_decay, ema_all
 
 __all__ = ["FisherState", "init_state", "estimate", "ema_update", "clear", "metadata"]
 
@@ -121,8 +121,10 @@ def ema_update(
 
     The arithmetic and storage are those of :func:`~fisherfunc._state.ema.ema`.
     """
+    ms, tree = optree.tree_flatten(state.ema)
+    fs = cast(list[Tensor], tree.flatten_up_to(batch_fisher))  # the batch's group tensors, the state's layout
     return state._replace(
-        ema=optree.tree_map(lambda m, f: ema(m, f, state.decay, divisor, owned=owned), state.ema, batch_fisher),
+        ema=optree.tree_unflatten(tree, ema_all(ms, fs, state.decay, divisor, owned=owned)),
         step=state.step + 1,
         tokens=state.tokens + float(tokens),
         samples=state.samples + int(samples),
