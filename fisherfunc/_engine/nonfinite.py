@@ -19,6 +19,7 @@ overflows (float32 sums above 3.4e38) is refused the same way.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -149,14 +150,17 @@ def _screen(x: Tensor) -> Tensor:
 def _screen_all(xs: Sequence[Tensor]) -> Tensor:
     """``True`` (a 0-d bool tensor) if any of ``xs`` (floating, one device) may hold NaN/Inf.
 
-    ``Σ_i ‖x_i‖₁`` is NaN or +Inf as soon as one entry is, and finite otherwise unless it overflows
-    (a false alarm, resolved exactly as for :func:`_screen`): one fused norm over the list, one
-    sum and one ``isfinite`` — a handful of kernels for a chunk's dozens of values, where a screen
-    per value costs four or five each (about 5 µs apiece on a CPU).
+    ``Σ_i Σ x_i`` — the values' totals, stacked and summed — is NaN or ±Inf as soon as one entry
+    is, and finite otherwise unless it overflows (a false alarm, resolved exactly as for
+    :func:`_screen`): one reduction per value and three kernels for the chunk, where a screen per
+    value costs four or five kernels each (about 5 µs apiece on a CPU; 74 against 24 µs for a
+    chunk of 14 small values). (``torch._foreach_norm(xs, 1)`` is as cheap on small values but
+    ten times slower than a sum on large ones, measured on a ``[785, 785]`` K-FAC factor.)
     """
     if len({x.device for x in xs}) != 1:
         return torch.stack([_screen(x).to(xs[0].device) for x in xs]).any()
-    return ~torch.isfinite(torch.stack(torch._foreach_norm(list(xs), 1)).sum())
+    dtype = functools.reduce(torch.promote_types, (x.dtype for x in xs))
+    return ~torch.isfinite(torch.stack([x.sum(dtype=dtype) for x in xs]).sum())
 
 
 class FiniteCheck:
@@ -184,7 +188,7 @@ class FiniteCheck:
         """Record a chunk: ``part[i]`` is its sum over samples for parameter ``i``, ``tokens`` is ``[chunk]``."""
         device = part[0].device
         # one flag per chunk: a flagged chunk is recomputed per sample, which names values and samples
-        self._flags.append(_screen_all([*part, tokens.to(device=device, dtype=part[0].dtype)]))
+        self._flags.append(_screen_all([*part, tokens.to(device)]))
         start = self._bounds[-1][1] if self._bounds else 0
         self._bounds.append((start, start + tokens.shape[0]))
 
