@@ -7,8 +7,9 @@ With one global decay ``β`` and one step counter for all tensors of a state::
 
 ``X_t`` is the batch's token-normalised group Fisher (:class:`~fisherfunc.FisherState`) or its
 K-FAC factors (:class:`~fisherfunc.kfac.KFACState`). The arithmetic runs in float32 (float64 for
-float64 storage) on ``X_t``'s device — the compute device — one tensor at a time; the result is
-stored back where and how ``m`` was stored (:mod:`~fisherfunc._state.codec`).
+float64 storage) on ``X_t``'s device — the compute device — one tensor at a time (a step's own
+sums: one ``torch._foreach_*`` call per pass over the list, :func:`ema_all`); the result is stored
+back where and how ``m`` was stored (:mod:`~fisherfunc._state.codec`).
 """
 
 from __future__ import annotations
