@@ -485,10 +485,7 @@ def main() -> None:
                 fn()
                 sync()
                 elapsed = time.perf_counter() - t0
-                if group is groups[0]:
-                    times[m].append(elapsed)
-                    faults[m].append(_minor_faults() - f0)
-                elif m == "forward+backward":
+                if m == "forward+backward" and group is not groups[0]:
                     heavy_base.append(elapsed)
                 else:
                     times[m].append(elapsed)
