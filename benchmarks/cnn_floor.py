@@ -151,7 +151,9 @@ def measure(repeats: int) -> list[tuple[str, float]]:
     # gradient is the per-sample output gradient d), its weight's per-sample gradients formed from x
     # and d by the patches form outside vmap: what factorising that layer could give at best
     first, rest = model[0], torch.nn.Sequential(*list(model)[1:])
-    rest_params = {f"{int(k.split('.')[0]) - 1}.{k.split('.', 1)[1]}": v for k, v in params.items() if k[:2] != "0."}
+    # the rest's parameters by their names in `rest` ("3.weight" of the model is "2.weight" there)
+    renamed = {k: f"{int(k.split('.')[0]) - 1}.{k.split('.', 1)[1]}" for k in params if not k.startswith("0.")}
+    rest_params = {renamed[k]: params[k] for k in renamed}
 
     def probed_loss(
         p: dict[str, torch.Tensor], probe: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor
@@ -163,14 +165,15 @@ def measure(repeats: int) -> list[tuple[str, float]]:
         probe = torch.zeros(1, first.out_channels, *x.shape[2:])
         p = {"0.bias": params["0.bias"], "rest": rest_params}
         g, d = vmap(grad(probed_loss, argnums=(0, 1)), in_dims=(None, None, 0, 0))(p, probe, x, y)
-        flat = {"0.bias": g["0.bias"], **{f"r.{k}": v for k, v in g["rest"].items()}}
+        flat = {"0.bias": g["0.bias"], **{k: g["rest"][renamed[k]] for k in renamed}}
         out = {k: v.square().reshape(v.shape[0], v.shape[1], -1).sum((0, 2)) for k, v in flat.items()}
         g0 = _as_patches(x, d.reshape(x.shape[0], first.out_channels, *x.shape[2:]), params["0.weight"])
         out["0.weight"] = g0.square().reshape(g0.shape[0], g0.shape[1], -1).sum((0, 2))
         return out
 
     ref, mine = direct(), first_probed()
-    assert torch.allclose(ref["0.weight"], mine["0.weight"], rtol=1e-4), "the probed first convolution disagrees"
+    for k in ref:
+        assert torch.allclose(ref[k], mine[k], rtol=1e-4), f"the probed method disagrees on {k}"
 
     # the convolutions' inputs, and output gradients of their shapes
     convs = [m for m in model if isinstance(m, torch.nn.Conv2d)]
